@@ -1,0 +1,178 @@
+"""Every setting of a SimDiffRec run in one flat dataclass.
+
+Flat on purpose: a Ray Tune trial hands us a flat dict, the CLI has one flag per field and the
+YAML file is one mapping, so one shape serves all three.  Defaults follow the paper (Section
+5.1.4) where it speaks and the authors' code or CaDiRec where it does not; docs/method.md says
+which is which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "loss": ("ce", "bce"),
+    "noise": ("similarity", "gaussian"),
+    "positions": ("confidence", "random"),
+    "schedule": ("cosine", "linear", "sqrt"),
+    "mix": ("convex", "vp"),
+    "rounding": ("z0", "pred"),
+    "tau_schedule": ("constant", "linear", "cosine"),
+}
+
+
+@dataclass
+class Config:
+    # data
+    max_len: int | None = None  # None: the dataset's default (50; 200 for ml-1m)
+    kcore: int = 5
+    # SASRec encoder
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    inner: int = 256
+    dropout: float = 0.5
+    attn_dropout: float = 0.5
+    # diffusion (Section 4.2)
+    steps: int = 1000
+    schedule: str = "cosine"
+    mix: str = "convex"
+    denoiser_layers: int = 1
+    denoiser_heads: int = 2
+    restore_steps: int = 1
+    rounding: str = "z0"
+    # SimDiffRec (Sections 4.1, 4.3, 4.4, Eq. 18)
+    alpha: float = 0.4
+    beta: float = 0.4
+    k_noise: int = 25
+    k_sample: int = 2
+    tau: float = 1.0
+    tau_end: float | None = None
+    tau_schedule: str = "constant"
+    aug_ratio: float = 0.2
+    loss: str = "ce"
+    # ablation switches (Table 3)
+    noise: str = "similarity"
+    positions: str = "confidence"
+    hard_negative: bool = True
+    exclude_original: bool = True
+    # optimisation
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    epochs: int = 200
+    eval_every: int = 1
+    patience: int = 10
+    seed: int = 42
+    device: str = "auto"
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad parameter."""
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")
+        if self.max_len is not None and (isinstance(self.max_len, bool) or not isinstance(self.max_len, int)
+                                         or self.max_len < 1):
+            raise ValueError(f"max_len={self.max_len!r}: must be a positive integer (or unset)")
+        positive_ints = ("hidden", "layers", "heads", "inner", "steps", "denoiser_layers",
+                         "denoiser_heads", "restore_steps", "k_noise", "k_sample", "batch_size",
+                         "epochs", "eval_every", "patience")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        if not isinstance(self.kcore, int) or self.kcore < 0:
+            raise ValueError(f"kcore={self.kcore!r}: must be an integer >= 0 (0 disables filtering)")
+        if self.hidden % self.heads or self.hidden % self.denoiser_heads:
+            raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads} "
+                             f"and denoiser_heads={self.denoiser_heads}")
+        if self.restore_steps > self.steps:
+            raise ValueError(f"restore_steps={self.restore_steps} exceeds steps={self.steps}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be in [0, 1)")
+        if not 0.0 < self.aug_ratio <= 1.0:
+            raise ValueError(f"aug_ratio={self.aug_ratio!r}: must be in (0, 1]")
+        for name in ("alpha", "beta", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr!r}: must be > 0")
+        if self.tau <= 0:
+            raise ValueError(f"tau={self.tau!r}: must be > 0")
+        if self.tau_schedule != "constant" and (self.tau_end is None or self.tau_end <= 0):
+            raise ValueError(f"tau_end={self.tau_end!r}: a {self.tau_schedule} tau schedule needs tau_end > 0")
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "Config":
+        """Build from a mapping; unknown keys and wrong types name `source` and the key."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown parameter(s) {', '.join(unknown)}")
+        clean = {}
+        for key, value in values.items():
+            clean[key] = _coerce(known[key], value, source)
+        try:
+            return cls(**clean)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load_yaml(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of parameter: value")
+        return cls.from_dict(values, source=str(path))
+
+
+def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
+    """Accept what YAML and Ray hand us (numpy scalars, ints for floats), reject the rest."""
+    default = field.default
+    if value is None and default is None:
+        return None
+    if field.name == "max_len":
+        default = 0
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()  # numpy scalar from a search space
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{source}: {field.name}={value!r} must be true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError(f"{source}: {field.name}={value!r} must be an integer")
+        return value
+    if isinstance(default, float) or field.name == "tau_end":
+        if value is None and field.name == "tau_end":
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{source}: {field.name}={value!r} must be a number")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"{source}: {field.name}={value!r} must be a string")
+    return value

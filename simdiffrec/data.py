@@ -1,0 +1,387 @@
+"""From interaction sequences to the tensors that training and evaluation read.
+
+`SequenceData.from_sequences` takes one chronological item list per user (ids 1..n_items, 0 is
+padding) and applies the leave-one-out split: the last item is the test target, the
+second-to-last the validation target, the rest is training.  Everything is a tensor so the whole
+dataset can live on the GPU and batches are cut by index, with no host work per step.
+
+Getting there from a file is `load_data`: a reader turns the file into a frame of (user, item,
+time) rows in chronological order per user (ties keep the file's order), `kcore` filters it,
+`to_sequences` renumbers the ids and `SequenceData.from_sequences` splits.  Every problem with
+the input is a `DataError` that names the file and line, so a bad file never ends in a pandas
+traceback.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+MIN_LENGTH = 3  # one training item, one validation target, one test target
+
+
+def left_pad(sequences: Sequence[np.ndarray], width: int) -> np.ndarray:
+    """Keep the last `width` items of each sequence, right-aligned, zeros on the left."""
+    out = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        tail = seq[-width:]
+        if len(tail):
+            out[row, width - len(tail):] = tail
+    return out
+
+
+def _flat(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    ptr = np.zeros(len(sequences) + 1, dtype=np.int64)
+    ptr[1:] = np.cumsum([len(s) for s in sequences])
+    items = np.concatenate(sequences) if len(sequences) else np.zeros(0, dtype=np.int64)
+    return items.astype(np.int64), ptr
+
+
+@dataclass
+class EvalSplit:
+    """Inputs, targets and the full history to mask, for one evaluation split.
+
+    `history_ptr` stays on the CPU: it gives the slice of `history_items` for a block of users
+    without asking the device anything.
+    """
+
+    inputs: torch.Tensor  # (U, max_len) left-padded
+    targets: torch.Tensor  # (U,)
+    history_items: torch.Tensor  # (sum of history lengths,)
+    history_ptr: np.ndarray  # (U + 1,) on the host
+
+    def to(self, device: torch.device | str) -> "EvalSplit":
+        return replace(self, inputs=self.inputs.to(device), targets=self.targets.to(device),
+                       history_items=self.history_items.to(device))
+
+
+@dataclass
+class SequenceData:
+    """A leave-one-out split of user sequences, as tensors (see module docstring)."""
+
+    n_items: int
+    max_len: int
+    train_input: torch.Tensor  # (U_train, max_len): items[:-3], left-padded
+    train_target: torch.Tensor  # (U_train, max_len): items[1:-2], 0 where there is no target
+    train_lengths: np.ndarray  # (U_train,) real positions per training row, on the host
+    valid: EvalSplit
+    test: EvalSplit
+    item_ids: np.ndarray | None = None  # index i -> the user's original item id (0 = padding)
+    user_ids: np.ndarray | None = None  # row u -> the user's original user id
+
+    @property
+    def n_users(self) -> int:
+        return int(self.valid.targets.shape[0])
+
+    @classmethod
+    def from_sequences(cls, sequences: Sequence[Sequence[int]], n_items: int | None = None,
+                       max_len: int = 50, item_ids: np.ndarray | None = None,
+                       user_ids: np.ndarray | None = None) -> "SequenceData":
+        """Leave-one-out split of chronological sequences with ids in 1..n_items.
+
+        Users with fewer than three items cannot be split and must be removed beforehand
+        (k-core filtering with k >= 3 does it); they are rejected here rather than dropped, so
+        no data disappears silently.
+        """
+        seqs = [np.asarray(s, dtype=np.int64) for s in sequences]
+        if not seqs:
+            raise ValueError("no user sequences: nothing to train on")
+        short = [u for u, s in enumerate(seqs) if len(s) < MIN_LENGTH]
+        if short:
+            raise ValueError(f"{len(short)} user(s) have fewer than {MIN_LENGTH} interactions "
+                             f"(first: row {short[0]}); leave-one-out needs at least {MIN_LENGTH}")
+        top = max(int(s.max()) for s in seqs)
+        low = min(int(s.min()) for s in seqs)
+        if low < 1:
+            raise ValueError(f"item ids must be >= 1 (0 is padding), found {low}")
+        n_items = top if n_items is None else n_items
+        if top > n_items:
+            raise ValueError(f"item id {top} exceeds n_items={n_items}")
+
+        train = [s[:-2] for s in seqs]
+        keep = [u for u, t in enumerate(train) if len(t) >= 2]
+        train_input = left_pad([train[u][:-1] for u in keep], max_len)
+        train_target = left_pad([train[u][1:] for u in keep], max_len)
+
+        def split(history_len: int) -> EvalSplit:
+            histories = [s[:len(s) - history_len] for s in seqs]
+            items, ptr = _flat(histories)
+            return EvalSplit(inputs=torch.from_numpy(left_pad(histories, max_len)),
+                             targets=torch.from_numpy(np.array([h_s[len(h)] for h_s, h in zip(seqs, histories)])),
+                             history_items=torch.from_numpy(items), history_ptr=ptr)
+
+        return cls(n_items=n_items, max_len=max_len,
+                   train_input=torch.from_numpy(train_input),
+                   train_target=torch.from_numpy(train_target),
+                   train_lengths=np.minimum([len(train[u]) - 1 for u in keep], max_len).astype(np.int64),
+                   valid=split(2), test=split(1), item_ids=item_ids, user_ids=user_ids)
+
+    def to(self, device: torch.device | str) -> "SequenceData":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved.update(train_input=self.train_input.to(device), train_target=self.train_target.to(device),
+                     valid=self.valid.to(device), test=self.test.to(device))
+        return SequenceData(**moved)
+
+
+DEFAULT_MAX_LEN = 50
+COLUMNS = ["user", "item", "time"]
+# An id written as a plain integer that fits in int64.  Leading zeros do not count, so "007"
+# stays text and can never merge with "7".
+_INTEGER = r"-?(?:0|[1-9][0-9]{0,17})"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line where one applies, and the fault."""
+
+
+# --- readers: file -> (user, item, time) rows, chronological within each user ----------------
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8-sig").split("\n")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read: {err}") from err
+
+
+def _parse_int(token: str, where: str) -> int:
+    try:
+        return int(token)
+    except ValueError:
+        raise DataError(f"{where}: {token!r} is not an integer id") from None
+
+
+def read_sequence_file(path: str | Path) -> pd.DataFrame:
+    """Read `user_id item item ...` lines, already chronological; `time` is the 0-based position
+    of the item in its line.  Blank lines are skipped."""
+    path = Path(path)
+    users: list[int] = []
+    items: list[int] = []
+    times: list[int] = []
+    first_line: dict[int, int] = {}
+    for lineno, line in enumerate(_read_lines(path), 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        where = f"{path}:{lineno}"
+        user, *seq = [_parse_int(token, where) for token in tokens]
+        if not seq:
+            raise DataError(f"{where}: user {user} has no items")
+        if user in first_line:
+            raise DataError(f"{where}: user {user} already has a line (line {first_line[user]})")
+        first_line[user] = lineno
+        users.extend([user] * len(seq))
+        items.extend(seq)
+        times.extend(range(len(seq)))
+    if not users:
+        raise DataError(f"{path}: empty file, expected lines of 'user_id item item ...'")
+    return pd.DataFrame({"user": users, "item": items, "time": times})
+
+
+def _as_ids(values: pd.Series) -> pd.Series:
+    """Integers when every id is written as a plain integer, else the text as read."""
+    if pd.api.types.infer_dtype(values) == "string" and values.str.fullmatch(_INTEGER).all():
+        return values.astype(np.int64)
+    return values
+
+
+def _parse_time(values: pd.Series, where: Callable[[int], str], dates: bool) -> pd.Series:
+    """Numbers as numbers; with `dates`, a column where no value is a number as dates.  Names
+    the first value that does not fit."""
+    if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_datetime64_any_dtype(values):
+        return values
+    parsed, expected = pd.to_numeric(values, errors="coerce"), "a number"
+    if dates and parsed.isna().all():
+        parsed, expected = pd.to_datetime(values, errors="coerce"), "a date"
+    bad = np.flatnonzero(parsed.isna().to_numpy())
+    if bad.size:
+        raise DataError(f"{where(int(bad[0]))}: time {values.iloc[bad[0]]!r} is not {expected}")
+    return parsed
+
+
+def _tidy(frame: pd.DataFrame, names: Sequence[str], where: Callable[[int], str],
+          dates: bool) -> pd.DataFrame:
+    """Reject gaps, type ids and times, sort by time.  `frame` has COLUMNS, which the file
+    calls `names`; `where(row)` locates a row in the file for error messages.
+
+    A stable sort keeps the file's order among equal times, as S3-Rec's preprocessing does."""
+    gaps = frame[COLUMNS].isna().to_numpy()
+    if gaps.any():
+        row = int(np.flatnonzero(gaps.any(axis=1))[0])
+        missing = [name for name, gap in zip(names, gaps[row]) if gap]
+        raise DataError(f"{where(row)}: no value for {', '.join(missing)}")
+    frame = frame.assign(user=_as_ids(frame["user"]), item=_as_ids(frame["item"]),
+                         time=_parse_time(frame["time"], where, dates))
+    return frame.sort_values("time", kind="stable", ignore_index=True)
+
+
+def read_inter(path: str | Path) -> pd.DataFrame:
+    """Read a RecBole atomic `.inter` file: tab-separated, header fields `name:type`; the
+    `user_id`, `item_id` and `timestamp` columns are used, rows sorted by timestamp."""
+    path = Path(path)
+    lines = _read_lines(path)
+    if not lines[0].strip():
+        raise DataError(f"{path}: empty file, expected a header such as "
+                        "'user_id:token<TAB>item_id:token<TAB>timestamp:float'")
+    header = lines[0].split("\t")
+    names = [field.split(":")[0] for field in header]
+    wanted = ("user_id", "item_id", "timestamp")
+    for name in wanted:
+        if name not in names:
+            raise DataError(f"{path}: no {name} column in header {lines[0]!r}")
+    picks = [names.index(name) for name in wanted]
+    rows: list[list[str]] = []
+    line_numbers: list[int] = []
+    for lineno, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise DataError(f"{path}:{lineno}: expected {len(header)} tab-separated fields "
+                            f"as in the header, found {len(fields)}")
+        rows.append([fields[i] for i in picks])
+        line_numbers.append(lineno)
+    if not rows:
+        raise DataError(f"{path}: no interactions after the header")
+    frame = pd.DataFrame(rows, columns=COLUMNS).replace("", np.nan)
+    return _tidy(frame, wanted, lambda row: f"{path}:{line_numbers[row]}", dates=False)
+
+
+def read_table(path: str | Path, user_col: str = "user_id", item_col: str = "item_id",
+               time_col: str = "timestamp") -> pd.DataFrame:
+    """Read a `.csv` or `.parquet` table of interactions, rows sorted by time, which may be
+    numbers or date strings.  CSV ids are read as text, then typed by the `.inter` rule."""
+    path = Path(path)
+    names = [user_col, item_col, time_col]
+    csv = path.suffix.lower() == ".csv"
+    try:
+        table = pd.read_csv(path, dtype={user_col: str, item_col: str}) if csv else pd.read_parquet(path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read: {err}") from err
+    missing = [name for name in names if name not in table.columns]
+    if missing:
+        raise DataError(f"{path}: no column {', '.join(map(repr, missing))}; "
+                        f"available: {', '.join(map(repr, table.columns))}")
+    if table.empty:
+        raise DataError(f"{path}: no interactions")
+    frame = table[names].set_axis(COLUMNS, axis=1)
+    if csv:
+        return _tidy(frame, names, lambda row: f"{path}:{row + 2}", dates=True)
+    return _tidy(frame, names, lambda row: f"{path}: row {row} (from 0)", dates=True)
+
+
+def read_file(path: str | Path, user_col: str = "user_id", item_col: str = "item_id",
+              time_col: str = "timestamp") -> pd.DataFrame:
+    """Pick the reader by suffix: `.txt` sequence file, `.inter`, `.csv` or `.parquet`."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return read_sequence_file(path)
+    if suffix == ".inter":
+        return read_inter(path)
+    if suffix in (".csv", ".parquet"):
+        return read_table(path, user_col, item_col, time_col)
+    raise DataError(f"{path}: unknown file type {suffix!r}; expected .txt (one line per user: "
+                    "user_id item item ...), .inter, .csv or .parquet")
+
+
+# --- filtering and renumbering ------------------------------------------------------------------
+
+def kcore(df: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Drop users and items with fewer than `k` rows until every one left has `k` (k <= 0: off).
+
+    It repeats because one pass is not enough: dropping an item can take a user below `k`.
+    The result does not depend on the removal order (it is the graph's unique k-core)."""
+    if k <= 0:
+        return df
+    while True:
+        keep = ((df["user"].map(df["user"].value_counts()) >= k)
+                & (df["item"].map(df["item"].value_counts()) >= k))
+        if keep.all():
+            return df
+        df = df[keep]
+
+
+def _encode(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Codes 0..n-1 in the order of the distinct ids (numeric when all are integers, else as
+    strings), and those ids."""
+    if pd.api.types.infer_dtype(values) != "integer":
+        values = values.astype(str)
+    codes, uniques = pd.factorize(values, sort=True)
+    return codes, np.asarray(uniques)
+
+
+def to_sequences(df: pd.DataFrame) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Renumber items to 1..n (0 is padding) and users to rows 0..U-1, both in the order of the
+    original ids, so data that is already numbered 1..n keeps its numbers.
+
+    Returns (one item array per user, ordered by time with ties in row order; item_ids where
+    item_ids[i] is the original id of item i and item_ids[0] a placeholder, 0 or None;
+    user_ids where user_ids[row] is the original id of that row's user)."""
+    user_codes, user_ids = _encode(df["user"])
+    item_codes, item_ids = _encode(df["item"])
+    by_time = np.argsort(df["time"].to_numpy(), kind="stable")
+    order = by_time[np.argsort(user_codes[by_time], kind="stable")]
+    items = item_codes[order].astype(np.int64) + 1
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(user_codes, minlength=len(user_ids)))])
+    pad = np.array([0 if item_ids.dtype.kind in "iu" else None], dtype=item_ids.dtype)
+    return ([items[a:b] for a, b in zip(ptr[:-1], ptr[1:])],
+            np.concatenate([pad, item_ids]), user_ids)
+
+
+def _drop_short(df: pd.DataFrame, k: int, source: object) -> pd.DataFrame:
+    """k-core, then drop users too short for leave-one-out, with a warning.  Repeats, since with
+    k < MIN_LENGTH dropping a user can take an item below k again."""
+    dropped = 0
+    while True:
+        df = kcore(df, k)
+        short = df["user"].map(df["user"].value_counts()) < MIN_LENGTH
+        if not short.any():
+            break
+        dropped += df.loc[short, "user"].nunique()
+        df = df[~short]
+    if dropped:
+        warnings.warn(f"{source}: dropped {dropped} user(s) with fewer than {MIN_LENGTH} "
+                      f"interactions (leave-one-out needs {MIN_LENGTH})", stacklevel=3)
+    if df.empty:
+        raise DataError(f"{source}: nothing left after filtering (k={k})")
+    return df
+
+
+def load_data(source: str | Path, max_len: int | None = None, kcore: int = 5,
+              user_col: str = "user_id", item_col: str = "item_id", time_col: str = "timestamp",
+              cache_dir: str | Path | None = None, download: bool = True) -> SequenceData:
+    """A file (see `read_file`) or a dataset name (see `simdiffrec.datasets`) as leave-one-out
+    tensors: read, k-core filter, drop users with fewer than 3 interactions, renumber, split.
+
+    `max_len=None` is the dataset's default (50; 200 for ml-1m).  Named datasets arrive 5-core
+    filtered already, so `kcore` only matters there when it is larger than 5."""
+    from simdiffrec import datasets  # imports this module, so it cannot be imported at the top
+
+    name = str(source).lower()
+    if Path(source).is_file():
+        frame = read_file(source, user_col, item_col, time_col)
+        default_len = DEFAULT_MAX_LEN
+    elif name in datasets.NAMES:
+        frame = datasets.prepare(name, cache_dir, download)
+        default_len = datasets.default_max_len(name)
+    else:
+        raise DataError(f"{source}: no such file, and not a dataset name either "
+                        f"(known: {', '.join(datasets.NAMES)})")
+    sequences, item_ids, user_ids = to_sequences(_drop_short(frame, kcore, source))
+    return SequenceData.from_sequences(sequences, n_items=len(item_ids) - 1,
+                                       max_len=default_len if max_len is None else max_len,
+                                       item_ids=item_ids, user_ids=user_ids)
+
+
+def describe(data: SequenceData) -> dict[str, float]:
+    """The paper's Table 1 statistics; actions count every interaction, held-out ones too."""
+    users, items = data.n_users, data.n_items
+    actions = int(data.test.history_ptr[-1]) + users  # full histories plus the test targets
+    return {"users": users, "items": items, "actions": actions,
+            "avg_length": actions / users, "sparsity": 1 - actions / (users * items)}

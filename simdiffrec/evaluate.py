@@ -1,0 +1,65 @@
+"""Full-ranking evaluation: every item is a candidate, the user's history is masked.
+
+The target's rank is the number of items scored strictly higher.  Items the user already
+interacted with are removed from the candidates, except the target itself (repeat purchases
+exist in the Amazon data and must stay findable).  Metrics are summed on the device and read
+once at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .data import EvalSplit
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]  # (b, w) left-padded inputs -> (b, n_items) scores
+KS = (5, 10, 20)
+
+
+def metric_names(ks: tuple[int, ...] = KS) -> list[str]:
+    return [f"{m}@{k}" for m in ("HR", "NDCG") for k in ks] + ["MRR"]
+
+
+def target_ranks(score: Scorer, split: EvalSplit, batch_size: int = 4096) -> torch.Tensor:
+    """0-based rank of each user's target among all items not in their history, on the device."""
+    n_users, max_len = split.inputs.shape
+    device = split.inputs.device
+    lengths = np.diff(split.history_ptr)
+    ranks = []
+    for start in range(0, n_users, batch_size):
+        stop = min(start + batch_size, n_users)
+        width = int(min(max_len, max(1, lengths[start:stop].max())))
+        scores = score(split.inputs[start:stop, max_len - width:]).float()
+        targets = (split.targets[start:stop] - 1)[:, None]
+        target_scores = scores.gather(1, targets)
+        lo, hi = split.history_ptr[start], split.history_ptr[stop]
+        rows = torch.repeat_interleave(torch.arange(stop - start, device=device),
+                                       torch.from_numpy(lengths[start:stop]).to(device))
+        scores[rows, split.history_items[lo:hi] - 1] = float("-inf")
+        scores.scatter_(1, targets, target_scores)
+        ranks.append((scores > target_scores).sum(1))
+    return torch.cat(ranks)
+
+
+def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """HR@k, NDCG@k (one relevant item: 1/log2(rank+2) inside the top k) and MRR."""
+    ranks = ranks.double()
+    gains = 1.0 / torch.log2(ranks + 2)
+    values = [(ranks < k).double().mean() for k in ks]
+    values += [torch.where(ranks < k, gains, 0.0).mean() for k in ks]
+    values.append((1.0 / (ranks + 1)).mean())
+    return dict(zip(metric_names(ks), torch.stack(values).tolist()))
+
+
+def evaluate(score: Scorer, split: EvalSplit, ks: tuple[int, ...] = KS, batch_size: int = 4096) -> dict[str, float]:
+    return metrics_from_ranks(target_ranks(score, split, batch_size), ks)
+
+
+def popularity_scorer(split: EvalSplit, n_items: int) -> Scorer:
+    """The most-popular baseline: every user gets the item counts of all histories of `split`
+    (everything that happened before that split's targets) as scores."""
+    counts = torch.bincount(split.history_items, minlength=n_items + 1)[1:].float()
+    return lambda inputs: counts.expand(inputs.shape[0], -1).clone()

@@ -1,0 +1,285 @@
+"""SimDiffRec: a SASRec encoder trained with L = L_sr + α·L_cl + β·L_d (Eq. 18).
+
+One training step, top to bottom in `SimDiffRec.losses`:
+item ids → encoder → L_sr; item embeddings z_0 → similarity noise (Eq. 6-7) → z_t (Eq. 9) →
+denoiser → L_d (Eq. 13); z_T → restore → item distribution → confidence (Eq. 14-16) → positive
+and hard-negative views → encoder → L_cl (Eq. 17).
+
+Item scores cover ids 1..n (column j is item j + 1): padding is never a candidate.  Everything
+that scores the item table works on the real (non-padding) positions only, given as flat indices
+`real` into the (B, w) batch, which the training loop computes per epoch on the host so that a
+step never waits for the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .diffusion import coefficients, q_sample, restore
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer layer; the attention mask makes it causal or bidirectional."""
+
+    def __init__(self, hidden: int, heads: int, inner: int, dropout: float, attn_dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.attn_dropout = attn_dropout
+        self.norm1 = nn.LayerNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden)
+        self.ff1 = nn.Linear(hidden, inner)
+        self.ff2 = nn.Linear(inner, hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """mask: boolean, broadcastable to (B, heads, L, L), True where a query may attend."""
+        B, L, H = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(attn.transpose(1, 2).reshape(B, L, H)))
+        return x + self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.norm2(x))))))
+
+
+class Encoder(nn.Module):
+    """SASRec: item + learned position embeddings, causal self-attention, final layer norm.
+
+    Sequences are left-padded and may be trimmed on the left to the batch's longest sequence;
+    positions count from the right end and padding is masked out of attention (each position
+    may always see itself, so no row is empty), so the output for real items does not depend
+    on how much padding a batch has.
+    """
+
+    def __init__(self, n_items: int, max_len: int, cfg: Config):
+        super().__init__()
+        self.items = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
+        self.positions = nn.Embedding(max_len, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg.hidden, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout)
+                                    for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.hidden)
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        w = seq.shape[1]
+        keep = seq > 0
+        causal = torch.ones(w, w, dtype=torch.bool, device=seq.device).tril()
+        mask = (causal & keep[:, None, None, :]) | torch.eye(w, dtype=torch.bool, device=seq.device)
+        x = self.drop(self.items(seq) + self.positions.weight[-w:])
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps, (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-torch.arange(half, device=t.device, dtype=torch.float32)
+                      * (torch.log(torch.tensor(10000.0)) / half))
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class Denoiser(nn.Module):
+    """f_θ(z_t, t) -> ẑ_0: a small bidirectional Transformer over the noised sequence."""
+
+    def __init__(self, max_len: int, cfg: Config):
+        super().__init__()
+        h = cfg.hidden
+        self.positions = nn.Embedding(max_len, h)
+        self.time = nn.Sequential(nn.Linear(h, 4 * h), nn.SiLU(), nn.Linear(4 * h, h))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(h, cfg.denoiser_heads, cfg.inner, cfg.dropout, cfg.attn_dropout)
+                                    for _ in range(cfg.denoiser_layers))
+        self.norm = nn.LayerNorm(h)
+        self.out = nn.Linear(h, h)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """z: (B, w, d) noised embeddings, t: (B,) timesteps, keep: (B, w) real positions."""
+        time = self.time(timestep_embedding(t, z.shape[-1]).to(z.dtype))
+        x = self.drop(z + self.positions.weight[-z.shape[1]:] + time[:, None])
+        mask = keep[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.out(self.norm(x))
+
+
+class SimDiffRec(nn.Module):
+    def __init__(self, cfg: Config, n_items: int, max_len: int):
+        super().__init__()
+        self.cfg = cfg
+        self.n_items = n_items
+        self.encoder = Encoder(n_items, max_len, cfg)
+        self.denoiser = Denoiser(max_len, cfg)
+        a, b = coefficients(cfg.steps, cfg.schedule, cfg.mix)
+        self.register_buffer("a", a.float(), persistent=False)
+        self.register_buffer("b", b.float(), persistent=False)
+        # A k larger than the candidates (all items but the item itself) cannot be honoured.
+        self.k_noise = min(cfg.k_noise, n_items - 1)
+        self.k_sample = min(cfg.k_sample, n_items - 1)
+        self.apply(_init)
+
+    # --- scoring -------------------------------------------------------------------------
+    def item_table(self) -> torch.Tensor:
+        """Embeddings of items 1..n (row j is item j + 1)."""
+        return self.encoder.items.weight[1:]
+
+    def item_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Eq. 2 / Eq. 14: dot products with every item, (..., d) -> (..., n_items)."""
+        return h @ self.item_table().T
+
+    def represent(self, seq: torch.Tensor) -> torch.Tensor:
+        """The sequence representation: the encoder output at the last position."""
+        return self.encoder(seq)[:, -1]
+
+    def score(self, seq: torch.Tensor) -> torch.Tensor:
+        """Next-item scores for each sequence, (B, w) -> (B, n_items)."""
+        return self.item_logits(self.represent(seq))
+
+    # --- losses --------------------------------------------------------------------------
+    def losses(self, seq: torch.Tensor, target: torch.Tensor, real: torch.Tensor,
+               tau: float) -> dict[str, torch.Tensor]:
+        """The three losses for one batch; `real` holds the flat indices of non-padding positions."""
+        cfg = self.cfg
+        h = self.encoder(seq)
+        items = seq.reshape(-1)[real]
+        out = {"sr": self.sr_loss(h.reshape(-1, h.shape[-1])[real], target.reshape(-1)[real])}
+        if cfg.alpha == 0 and cfg.beta == 0:
+            return out
+        z0 = self.encoder.items(seq)
+        noise = self.noise(z0, items, real)
+        keep = seq > 0
+        if cfg.beta > 0:
+            out["d"] = self.diffusion_loss(z0, noise, keep, items, real)
+        if cfg.alpha > 0:
+            out["cl"] = self.contrastive_loss(h[:, -1], seq, z0, noise, items, real, tau)
+        return out
+
+    def sr_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """L_sr at every real position: full softmax (ce) or Eq. 3 with one negative (bce)."""
+        if self.cfg.loss == "ce":
+            return F.cross_entropy(self.item_logits(h).float(), targets - 1)
+        neg = sample_negatives(targets, self.n_items)
+        table = self.encoder.items.weight
+        pos_logit = (h * table[targets]).sum(-1).float()
+        neg_logit = (h * table[neg]).sum(-1).float()
+        return (F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit))
+                + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit)))
+
+    def noise(self, z0: torch.Tensor, items: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Eq. 6-7: mean embedding of each item's k_noise most similar other items (pads: 0)."""
+        B, w, d = z0.shape
+        if self.cfg.noise == "gaussian":
+            # The ablation: isotropic noise at the scale of the item embeddings.
+            scale = self.item_table().detach().pow(2).mean().sqrt()
+            noise_real = torch.randn(real.shape[0], d, device=z0.device, dtype=z0.dtype) * scale
+        else:
+            table = self.item_table()
+            with torch.no_grad():
+                sim = self.item_logits(z0.reshape(-1, d)[real])
+                sim.scatter_(1, (items - 1)[:, None], float("-inf"))  # self-masking
+                top = sim.topk(self.k_noise, dim=1).indices
+            noise_real = table[top].mean(1)
+        return z0.new_zeros(B * w, d).index_put((real,), noise_real.to(z0.dtype)).view(B, w, d)
+
+    def diffusion_loss(self, z0: torch.Tensor, noise: torch.Tensor, keep: torch.Tensor,
+                       items: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Eq. 13 with one random t per sequence.
+
+        The forward process is deterministic, so z_0 = e and the t ≥ 2 and t = 1 terms are the
+        same squared error; the rounding term -log p(s | z_0) is a softmax over the item table.
+        """
+        d = z0.shape[-1]
+        t = torch.randint(1, self.cfg.steps + 1, (z0.shape[0],), device=z0.device)
+        z0_hat = self.denoiser(q_sample(z0, noise, t, self.a, self.b), t, keep)
+        pred = z0_hat.reshape(-1, d)[real]
+        true = z0.reshape(-1, d)[real]
+        mse = (pred.float() - true.float()).pow(2).sum(-1).mean()
+        rounded = true if self.cfg.rounding == "z0" else pred
+        return mse + F.cross_entropy(self.item_logits(rounded).float(), items - 1)
+
+    @torch.no_grad()
+    def augment(self, seq: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor, items: torch.Tensor,
+                real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positive and hard-negative views (Sections 4.3-4.4).
+
+        Restore the fully noised sequence, score every item at each real position, take the
+        most confident positions (a ratio of the sequence's real length, at least one) and
+        put there the top-ranked item (positive view) or the k_sample-th (negative view).
+        """
+        cfg = self.cfg
+        B, w, d = z0.shape
+        keep = seq > 0
+        T = torch.full((B,), cfg.steps, device=seq.device, dtype=torch.long)
+        z_T = q_sample(z0, noise, T, self.a, self.b)
+        z0_hat = restore(lambda z, t: self.denoiser(z, t, keep), z_T, self.a, self.b, cfg.restore_steps)
+        logits = self.item_logits(z0_hat.reshape(-1, d)[real]).float()
+        if cfg.positions == "confidence":
+            conf_real = (logits.max(1).values - logits.logsumexp(1)).exp()  # Eq. 15-16
+        else:
+            conf_real = torch.rand(real.shape[0], device=seq.device)
+        conf = torch.full((B * w,), -1.0, device=seq.device).index_put((real,), conf_real).view(B, w)
+        chosen = select_positions(conf, keep, cfg.aug_ratio).reshape(-1)[real]
+        best, kth = ranked_items(logits, items, self.k_sample, cfg.exclude_original)
+        flat = seq.reshape(-1)
+        positive = flat.index_put((real,), torch.where(chosen, best, items)).view(B, w)
+        negative = flat.index_put((real,), torch.where(chosen, kth, items)).view(B, w)
+        return positive, negative
+
+    def contrastive_loss(self, u: torch.Tensor, seq: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor,
+                         items: torch.Tensor, real: torch.Tensor, tau: float) -> torch.Tensor:
+        """Eq. 17: InfoNCE on cosine similarity; candidates are every sequence's positive view
+        and (hard_negative) every sequence's negative view, the own positive being the label."""
+        positive, negative = self.augment(seq, z0.detach(), noise.detach(), items, real)
+        views = [self.represent(positive)]
+        if self.cfg.hard_negative:
+            views.append(self.represent(negative))
+        candidates = F.normalize(torch.cat(views).float(), dim=-1)
+        logits = F.normalize(u.float(), dim=-1) @ candidates.T / tau
+        return F.cross_entropy(logits, torch.arange(u.shape[0], device=u.device))
+
+
+def sample_negatives(targets: torch.Tensor, n_items: int) -> torch.Tensor:
+    """One uniform random item per target, never the target itself (a draw equal to the
+    target moves to the next id), without a per-row rejection loop."""
+    neg = torch.randint(1, n_items + 1, targets.shape, device=targets.device)
+    return torch.where(neg == targets, neg % n_items + 1, neg)
+
+
+def select_positions(conf: torch.Tensor, keep: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The most confident real positions of each row: floor(ratio · length), at least one.
+
+    conf: (B, w) scores, keep: (B, w) real positions -> (B, w) bool.  Padding is never chosen.
+    """
+    B, w = conf.shape
+    count = (keep.sum(1) * ratio).long().clamp(min=1)
+    order = conf.masked_fill(~keep, float("-inf")).argsort(dim=1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(w, device=conf.device).expand(B, w))
+    return (rank < count[:, None]) & keep
+
+
+def ranked_items(logits: torch.Tensor, items: torch.Tensor, k_sample: int,
+                 exclude_original: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-ranked and the k_sample-th ranked item ids per position (logits: (n, n_items)).
+
+    With `exclude_original` the position's own item is not a candidate, so the positive view
+    always changes the sequence there (a restored original would make it a copy).
+    """
+    if exclude_original:
+        logits = logits.scatter(1, (items - 1)[:, None], float("-inf"))
+    ranked = logits.topk(k_sample, dim=1).indices + 1
+    return ranked[:, 0], ranked[:, -1]
+
+
+def _init(module: nn.Module) -> None:
+    """Normal(0, 0.02) weights as in RecBole's SASRec; the padding row stays zero."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            module.weight.data[module.padding_idx].zero_()

@@ -1,0 +1,268 @@
+"""The training loop: `train(config, data, report=...)`, the one function the CLI and the tuner wrap.
+
+One training row per user (its training part, loss at every position): under causal attention
+this is the signal of training on every prefix, at a fraction of the work.  The whole dataset
+lives on the device; each epoch's batch plan (shuffled rows, trimmed width, flat indices of the
+real positions) is computed once on the host and uploaded in one copy, so a step neither
+waits for the device nor does host work beyond launching kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config
+from .data import SequenceData
+from .evaluate import evaluate
+from .model import SimDiffRec
+
+SELECT_BY = "NDCG@10"
+# Settings that may differ between a checkpoint and the run resuming it.
+RESUMABLE_CHANGES = {"epochs", "patience", "eval_every", "device"}
+
+
+@dataclass
+class Batch:
+    rows: torch.Tensor  # (B,) training rows
+    width: int  # columns kept: the longest sequence in the batch
+    real: torch.Tensor  # flat indices of real positions in the (B, width) batch
+
+
+def plan_epoch(lengths: np.ndarray, batch_size: int, device: torch.device) -> list[Batch]:
+    """Shuffle rows (torch's CPU generator, so checkpoints capture it) and cut batches."""
+    perm = torch.randperm(len(lengths)).numpy()
+    plans, reals = [], []
+    for start in range(0, len(perm), batch_size):
+        rows = perm[start:start + batch_size]
+        lens = lengths[rows]
+        width = int(lens.max())
+        first = np.arange(len(rows)) * width + width - lens  # flat index of each row's first item
+        offsets = np.cumsum(lens) - lens
+        reals.append(np.arange(lens.sum()) - np.repeat(offsets - first, lens))
+        plans.append((start, start + len(rows), width, lens.sum()))
+    perm_dev = torch.from_numpy(perm).to(device)
+    real_dev = torch.from_numpy(np.concatenate(reals)).to(device)
+    batches, at = [], 0
+    for start, stop, width, count in plans:
+        batches.append(Batch(perm_dev[start:stop], width, real_dev[at:at + count]))
+        at += count
+    return batches
+
+
+def temperature(cfg: Config, epoch: int) -> float:
+    """τ for an epoch (1-based): constant, or annealed from τ to τ_end over cfg.epochs."""
+    if cfg.tau_schedule == "constant":
+        return cfg.tau
+    progress = (epoch - 1) / max(cfg.epochs - 1, 1)
+    if cfg.tau_schedule == "cosine":
+        progress = (1 - math.cos(math.pi * progress)) / 2
+    return cfg.tau + (cfg.tau_end - cfg.tau) * progress
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: CUDA is not available on this machine")
+    return device
+
+
+def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (when cfg.amp); full precision elsewhere."""
+    if cfg.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
+
+    epoch: int = 0
+    best_score: float = -1.0
+    best_epoch: int = 0
+    best_valid: dict[str, float] = field(default_factory=dict)
+    bad_evals: int = 0
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.train_seconds / max(self.epoch, 1)
+
+
+@dataclass
+class Evaluation:
+    """What `report` receives after each validation pass."""
+
+    epoch: int
+    valid: dict[str, float]
+    losses: dict[str, float]
+    best_epoch: int
+    best_valid: dict[str, float]
+    seconds_per_epoch: float
+    stopping: bool  # early stopping ends the run after this evaluation
+    save: Callable[[str | Path], None]  # write a resumable checkpoint of this moment
+
+
+@dataclass
+class TrainResult:
+    model: SimDiffRec  # holding the best (by valid NDCG@10) weights
+    valid: dict[str, float]
+    test: dict[str, float]
+    best_epoch: int
+    seconds_per_epoch: float
+    eval_seconds: float  # one pass over one split
+    history: list[dict[str, Any]]
+
+
+def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] | None = None,
+          resume: str | Path | None = None, progress: bool = False) -> TrainResult:
+    """Train SimDiffRec, early-stopping on valid NDCG@10; return the best model and its metrics."""
+    if cfg.max_len is None:
+        cfg = cfg.replace(max_len=data.max_len)
+    elif cfg.max_len != data.max_len:
+        raise ValueError(f"max_len={cfg.max_len} but the data was prepared with max_len={data.max_len}")
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    data = data.to(device)
+    model = SimDiffRec(cfg, data.n_items, data.max_len).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=device.type == "cuda")
+    state = TrainState()
+    best_weights = _copy_weights(model)
+    if resume is not None:
+        state, best_weights = load_checkpoint(resume, cfg, model, optimizer)
+
+    def score(seq: torch.Tensor) -> torch.Tensor:
+        with autocast(cfg, device):
+            return model.score(seq)
+
+    bar = tqdm(total=cfg.epochs, initial=state.epoch, desc="epochs", unit="ep", disable=not progress)
+    eval_seconds = 0.0
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        started = time.perf_counter()
+        losses = _run_epoch(cfg, model, optimizer, data, temperature(cfg, epoch), device, progress)
+        state.train_seconds += time.perf_counter() - started
+        state.epoch = epoch
+        bar.update(1)
+        if epoch % cfg.eval_every and epoch != cfg.epochs:
+            continue
+        model.eval()
+        started = time.perf_counter()
+        with torch.no_grad():
+            valid = evaluate(score, data.valid)
+        eval_seconds = time.perf_counter() - started
+        model.train()
+        if valid[SELECT_BY] > state.best_score:
+            state.best_score, state.best_epoch, state.best_valid = valid[SELECT_BY], epoch, valid
+            state.bad_evals = 0
+            best_weights = _copy_weights(model)
+        else:
+            state.bad_evals += 1
+        state.history.append({"epoch": epoch, **losses, **{f"valid/{k}": v for k, v in valid.items()}})
+        stopping = state.bad_evals >= cfg.patience
+        bar.set_postfix({"loss": f"{sum(losses.values()):.3f}", SELECT_BY: f"{valid[SELECT_BY]:.4f}",
+                         "best": state.best_epoch})
+        if report is not None:
+            snapshot = (state, best_weights)
+            report(Evaluation(epoch=epoch, valid=valid, losses=losses, best_epoch=state.best_epoch,
+                              best_valid=state.best_valid, seconds_per_epoch=state.seconds_per_epoch,
+                              stopping=stopping,
+                              save=lambda path: save_checkpoint(path, cfg, model, optimizer, *snapshot)))
+        if stopping:
+            break
+    bar.close()
+
+    model.load_state_dict(best_weights)
+    model.eval()
+    with torch.no_grad():
+        valid, test = evaluate(score, data.valid), evaluate(score, data.test)
+    return TrainResult(model=model, valid=valid, test=test, best_epoch=state.best_epoch,
+                       seconds_per_epoch=state.seconds_per_epoch, eval_seconds=eval_seconds,
+                       history=state.history)
+
+
+def _run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, data: SequenceData,
+               tau: float, device: torch.device, progress: bool) -> dict[str, float]:
+    """One pass over the training rows; returns the mean of each loss (one device sync)."""
+    model.train()
+    totals: dict[str, torch.Tensor] = {}
+    batches = plan_epoch(data.train_lengths, cfg.batch_size, device)
+    for batch in tqdm(batches, desc="batches", leave=False, disable=not progress):
+        cut = data.max_len - batch.width
+        seq = data.train_input[batch.rows, cut:]
+        target = data.train_target[batch.rows, cut:]
+        with autocast(cfg, device):
+            parts = model.losses(seq, target, batch.real, tau)
+        loss = parts["sr"] + cfg.alpha * parts.get("cl", 0.0) + cfg.beta * parts.get("d", 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for name, value in parts.items():
+            totals[name] = totals.get(name, 0.0) + value.detach()
+    names = list(totals)
+    means = (torch.stack([totals[n] for n in names]) / len(batches)).tolist()
+    return {f"loss_{n}": v for n, v in zip(names, means)}
+
+
+def _copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+def save_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer,
+                    state: TrainState, best_weights: dict[str, torch.Tensor]) -> None:
+    """Write a resumable checkpoint atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "config": cfg.to_dict(),
+        "n_items": model.n_items,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "best_model": best_weights,
+        "state": asdict(state),
+        "rng": {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec,
+                    optimizer: torch.optim.Optimizer) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Restore weights, optimizer, loop state and RNG states from `save_checkpoint`'s file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    payload = torch.load(path, map_location=next(model.parameters()).device, weights_only=False)
+    saved = Config.from_dict(payload["config"], source=str(path))
+    changed = sorted(k for k, v in saved.to_dict().items()
+                     if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v)
+    if changed or payload["n_items"] != model.n_items:
+        detail = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ValueError(f"checkpoint {path} was made with other settings or data ({detail or 'n_items'}); "
+                         "only " + ", ".join(sorted(RESUMABLE_CHANGES)) + " may change on resume")
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["rng"]["cpu"].cpu())
+    if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in payload["rng"]["cuda"]])
+    return TrainState(**payload["state"]), payload["best_model"]
+

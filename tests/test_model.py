@@ -1,0 +1,214 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simdiffrec.config import Config
+from simdiffrec.diffusion import coefficients, q_sample, restore, restore_times, step_coefficients
+from simdiffrec.model import SimDiffRec, ranked_items, sample_negatives, select_positions
+from simdiffrec.train import plan_epoch
+
+
+def make_model(n_items: int = 40, max_len: int = 8, **overrides) -> SimDiffRec:
+    torch.manual_seed(0)
+    cfg = Config(max_len=max_len, hidden=16, inner=32, dropout=0.0, attn_dropout=0.0, steps=50, **overrides)
+    model = SimDiffRec(cfg, n_items, max_len)
+    with torch.no_grad():  # a spread-out table, so similarities are distinct
+        model.encoder.items.weight[1:].normal_()
+    return model
+
+
+def batch(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (B, width) ids and the flat indices of their real positions."""
+    seq = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, items in enumerate(rows):
+        seq[r, width - len(items):] = torch.tensor(items)
+    return seq, (seq.reshape(-1) > 0).nonzero().squeeze(1)
+
+
+def test_shapes_and_finite_losses():
+    model = make_model()
+    seq, real = batch([[1, 2, 3], [4, 5, 6, 7, 8], [9]], width=5)
+    target = seq.roll(-1, 1) * (seq > 0)
+    target[:, -1] = torch.tensor([4, 9, 10])
+    assert model.encoder(seq).shape == (3, 5, 16)
+    assert model.score(seq).shape == (3, 40)
+    losses = model.losses(seq, target, real, tau=0.5)
+    assert set(losses) == {"sr", "d", "cl"}
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
+    assert set(make_model(alpha=0.0, beta=0.0).losses(seq, target, real, 0.5)) == {"sr"}
+
+
+def test_left_trimming_keeps_positions():
+    """Trimming padding columns must not change what the encoder computes for real items."""
+    model = make_model().eval()
+    seq, _ = batch([[3, 4, 5], [6, 7]], width=8)
+    assert torch.allclose(model.encoder(seq)[:, -3:], model.encoder(seq[:, -3:]), atol=1e-5)
+
+
+def test_similarity_noise_is_brute_force_topk_mean_without_self():
+    model = make_model(k_noise=3)
+    seq, real = batch([[1, 2, 3, 4], [5, 6]], width=4)
+    z0 = model.encoder.items(seq)
+    noise = model.noise(z0, seq.reshape(-1)[real], real)
+    table = model.encoder.items.weight.detach()
+    for b in range(seq.shape[0]):
+        for p in range(seq.shape[1]):
+            item = int(seq[b, p])
+            if item == 0:
+                assert torch.all(noise[b, p] == 0)
+                continue
+            sims = {j: float(table[item] @ table[j]) for j in range(1, 41) if j != item}
+            top = sorted(sims, key=sims.get, reverse=True)[:3]
+            assert item not in top
+            assert torch.allclose(noise[b, p], table[top].mean(0), atol=1e-6)
+
+
+def test_gaussian_noise_ablation_has_embedding_scale():
+    model = make_model(noise="gaussian")
+    seq, real = batch([[1, 2, 3, 4]] * 64, width=4)
+    noise = model.noise(model.encoder.items(seq), seq.reshape(-1)[real], real)
+    rms = model.item_table().pow(2).mean().sqrt()
+    assert math.isclose(float(noise.pow(2).mean().sqrt()), float(rms), rel_tol=0.1)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "sqrt"])
+@pytest.mark.parametrize("mix", ["convex", "vp"])
+def test_forward_process_matches_closed_form(schedule, mix):
+    """Iterating Eq. 8 step by step gives Eq. 9's closed form at every t; z_T is the noise."""
+    steps = 1000
+    a, b = coefficients(steps, schedule, mix)
+    alpha, beta = step_coefficients(a, b)
+    assert a[0] == 1 and b[0] == 0 and a[-1] == 0 and b[-1] == 1
+    assert torch.all(a[1:] <= a[:-1]) and torch.all(b[1:] >= b[:-1])
+    z0, noise = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    z = z0.clone()
+    for t in range(1, steps + 1):
+        z = alpha[t - 1] * z + beta[t - 1] * noise
+        if t in (1, 10, 500, 999, 1000):
+            closed = q_sample(z0, noise, torch.tensor([t, t]), a, b)
+            assert torch.allclose(z, closed, atol=1e-9), t
+    assert torch.allclose(z, noise, atol=1e-9)
+
+
+def test_restore_with_an_oracle_denoiser_returns_z0_in_any_number_of_steps():
+    a, b = (c.float() for c in coefficients(1000, "cosine", "convex"))
+    z0, noise = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    seen = []
+
+    def oracle(z, t):
+        seen.append(int(t[0]))
+        return z0
+
+    for n in (1, 3, 7):
+        seen.clear()
+        z_T = q_sample(z0, noise, torch.tensor([1000, 1000]), a, b)
+        assert torch.allclose(restore(oracle, z_T, a, b, n), z0)
+        assert seen == restore_times(1000, n) and seen[0] == 1000 and len(seen) == n
+
+
+def test_select_positions_never_picks_padding_and_takes_the_most_confident():
+    torch.manual_seed(1)
+    seq, _ = batch([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3], [4, 5, 6, 7, 8]], width=10)
+    keep = seq > 0
+    conf = torch.rand(3, 10)
+    conf[~keep] = 2.0  # padding looks most confident: it must still never be chosen
+    chosen = select_positions(conf, keep, ratio=0.3)
+    assert not torch.any(chosen & ~keep)
+    assert chosen.sum(1).tolist() == [3, 1, 1]  # floor(0.3 * length), at least one
+    for r in range(3):
+        real_conf = conf[r][keep[r]]
+        assert torch.equal(conf[r][chosen[r]].sort().values, real_conf.topk(int(chosen[r].sum())).values.sort().values)
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_hard_negative_is_the_k_sample_th_ranked_item(exclude):
+    torch.manual_seed(2)
+    logits = torch.randn(6, 30)
+    items = torch.tensor([1, 5, 9, 13, 17, 30])
+    logits[torch.arange(6), items - 1] = 10.0  # the original item ranks first
+    best, kth = ranked_items(logits, items, k_sample=4, exclude_original=exclude)
+    for r in range(6):
+        order = [int(i) + 1 for i in logits[r].argsort(descending=True)]
+        if exclude:
+            order.remove(int(items[r]))
+        assert int(best[r]) == order[0] and int(kth[r]) == order[3]
+        assert (int(best[r]) == int(items[r])) != exclude
+
+
+def test_views_differ_from_the_original_only_at_chosen_positions():
+    model = make_model(aug_ratio=0.5, k_sample=3)
+    seq, real = batch([[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]], width=6)
+    items = seq.reshape(-1)[real]
+    z0 = model.encoder.items(seq)
+    positive, negative = model.augment(seq, z0, model.noise(z0, items, real), items, real)
+    for view in (positive, negative):
+        assert torch.equal(view == 0, seq == 0)  # padding untouched
+        changed = (view != seq).sum(1)
+        assert changed.tolist() == [3, 1, 1]  # exclude_original: every chosen position changes
+    assert torch.all((positive != seq) == (negative != seq))
+
+
+def test_contrastive_loss_is_infonce_over_positive_and_negative_views():
+    model = make_model(tau=0.5)
+    seq, real = batch([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]], width=3)
+    items = seq.reshape(-1)[real]
+    z0 = model.encoder.items(seq)
+    noise = model.noise(z0, items, real)
+    u = model.encoder(seq)[:, -1]
+    torch.manual_seed(3)
+    loss = model.contrastive_loss(u, seq, z0, noise, items, real, tau=0.5)
+    torch.manual_seed(3)
+    positive, negative = model.augment(seq, z0, noise, items, real)
+    p, n = model.represent(positive), model.represent(negative)
+    expected = 0.0
+    for i in range(4):
+        sims = torch.stack([F.cosine_similarity(u[i], c, dim=0) for c in [*p, *n]]) / 0.5
+        expected += -(sims[i] - torch.logsumexp(sims, 0)) / 4
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_plan_epoch_covers_every_row_once_with_exact_real_positions():
+    torch.manual_seed(0)
+    lengths = torch.randint(1, 9, (37,)).numpy()
+    seen = []
+    for b in plan_epoch(lengths, batch_size=8, device=torch.device("cpu")):
+        rows = b.rows.numpy()
+        seen += rows.tolist()
+        assert b.width == lengths[rows].max()
+        mask = torch.zeros(len(rows), b.width, dtype=torch.bool)
+        for r, n in enumerate(lengths[rows]):
+            mask[r, b.width - n:] = True
+        assert torch.equal(b.real, mask.reshape(-1).nonzero().squeeze(1))
+    assert sorted(seen) == list(range(37))
+
+
+def test_bce_negatives_are_items_other_than_the_target():
+    torch.manual_seed(0)
+    targets = torch.randint(1, 4, (5000,))
+    neg = sample_negatives(targets, n_items=3)
+    assert torch.all(neg != targets) and neg.min() == 1 and neg.max() == 3
+    assert set(torch.bincount(neg, minlength=4)[1:].tolist()) != {0}
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_sequential_loss_matches_its_definition(loss):
+    model = make_model(loss=loss, alpha=0.0, beta=0.0)
+    seq, real = batch([[1, 2, 3], [4, 5]], width=3)
+    target = torch.tensor([[2, 3, 4], [0, 5, 6]])
+    h = model.encoder(seq).reshape(-1, 16)[real]
+    t = target.reshape(-1)[real]
+    torch.manual_seed(5)
+    value = model.losses(seq, target, real, 1.0)["sr"]
+    table = model.encoder.items.weight
+    if loss == "ce":
+        expected = F.cross_entropy(h @ table[1:].T, t - 1)
+    else:
+        torch.manual_seed(5)
+        neg = sample_negatives(t, 40)
+        expected = (-F.logsigmoid((h * table[t]).sum(-1)).mean()
+                    - F.logsigmoid(-(h * table[neg]).sum(-1)).mean())
+    assert torch.allclose(value, expected, atol=1e-5)

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from simdiffrec.config import Config
+from simdiffrec.data import SequenceData, load_data
+from simdiffrec.evaluate import evaluate, popularity_scorer
+from simdiffrec.train import Evaluation, temperature, train
+
+from .conftest import shared_file
+
+SMALL = dict(hidden=32, inner=64, dropout=0.1, attn_dropout=0.1, batch_size=32, k_noise=3, k_sample=2,
+             steps=100, tau=0.5, lr=3e-3)
+
+
+def test_every_loss_falls_and_the_model_learns_the_pattern(tiny_data):
+    cfg = Config(epochs=16, patience=100, **SMALL)
+    result = train(cfg, tiny_data)
+    first, last = result.history[0], result.history[-1]
+    for name in ("loss_sr", "loss_cl", "loss_d"):
+        assert last[name] < 0.9 * first[name], name
+    popular = evaluate(popularity_scorer(tiny_data.test, tiny_data.n_items), tiny_data.test)
+    assert result.test["HR@10"] > max(0.8, 2 * popular["HR@10"])
+
+
+def test_early_stopping_keeps_the_best_epoch(tiny_data):
+    cfg = Config(epochs=30, patience=2, lr=0.3, alpha=0.0, beta=0.0, **{k: v for k, v in SMALL.items() if k != "lr"})
+    result = train(cfg, tiny_data)
+    scores = [h["valid/NDCG@10"] for h in result.history]
+    assert result.best_epoch == 1 + scores.index(max(scores))
+    assert len(scores) < 30 and len(scores) - result.best_epoch == 2
+    assert result.valid["NDCG@10"] == pytest.approx(max(scores))
+
+
+def test_checkpoint_resume_continues_exactly(tiny_data, tmp_path):
+    cfg = Config(epochs=4, patience=100, **SMALL)
+    straight = train(cfg, tiny_data)
+
+    def stop_after_two(ev: Evaluation) -> None:
+        if ev.epoch == 2:
+            ev.save(tmp_path / "ckpt.pt")
+            raise KeyboardInterrupt  # the process dies here
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tiny_data, report=stop_after_two)
+    resumed = train(cfg, tiny_data, resume=tmp_path / "ckpt.pt")
+    assert resumed.history == straight.history
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_other_settings(tiny_data, tmp_path):
+    cfg = Config(epochs=1, **SMALL)
+    train(cfg, tiny_data, report=lambda ev: ev.save(tmp_path / "ckpt.pt"))
+    with pytest.raises(ValueError, match="k_noise: 3 -> 5"):
+        train(cfg.replace(k_noise=5), tiny_data, resume=tmp_path / "ckpt.pt")
+    longer = train(cfg.replace(epochs=2), tiny_data, resume=tmp_path / "ckpt.pt")
+    assert [h["epoch"] for h in longer.history] == [1, 2]
+
+
+def test_temperature_schedules():
+    cfg = Config(tau=1.0, tau_end=0.1, tau_schedule="linear", epochs=11)
+    assert [round(temperature(cfg, e), 6) for e in (1, 6, 11)] == [1.0, 0.55, 0.1]
+    cos = cfg.replace(tau_schedule="cosine")
+    assert temperature(cos, 1) == 1.0 and temperature(cos, 11) == pytest.approx(0.1)
+    assert temperature(cos, 3) > temperature(cfg, 3)  # cosine lingers near the start
+    assert temperature(Config(tau=0.3), 50) == 0.3
+
+
+def test_two_epochs_on_toys_beat_popularity():
+    """The paper's settings, two epochs on the real Toys data: test HR@10 above most-popular (0.0090)."""
+    data = load_data(shared_file("Toys_and_Games.txt"))
+    popular = evaluate(popularity_scorer(data.test, data.n_items), data.test)
+    result = train(Config(epochs=2, alpha=0.1, beta=0.1), data)
+    assert result.test["HR@10"] > popular["HR@10"] >= 0.0089
