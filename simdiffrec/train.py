@@ -113,6 +113,7 @@ class Evaluation:
     best_valid: dict[str, float]
     seconds_per_epoch: float
     stopping: bool  # early stopping ends the run after this evaluation
+    model: SimDiffRec  # the weights of this epoch (read-only: training continues with them)
     save: Callable[[str | Path], None]  # write a resumable checkpoint of this moment
 
 
@@ -181,7 +182,7 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
             snapshot = (state, best_weights)
             report(Evaluation(epoch=epoch, valid=valid, losses=losses, best_epoch=state.best_epoch,
                               best_valid=state.best_valid, seconds_per_epoch=state.seconds_per_epoch,
-                              stopping=stopping,
+                              stopping=stopping, model=model,
                               save=lambda path: save_checkpoint(path, cfg, model, optimizer, *snapshot)))
         if stopping:
             break
