@@ -21,6 +21,30 @@ from .config import Config
 from .diffusion import coefficients, q_sample, restore
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, except on the CPU: there a uniform-threshold mask is used, because PyTorch's
+    CPU Bernoulli sampler made dropout a third of a CPU training step (tests and CI run there)."""
+    if not training or p == 0.0:
+        return x
+    if x.is_cuda:
+        return F.dropout(x, p, True)
+    return x * (torch.rand_like(x) >= p) * (1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """Scaled dot-product attention with dropout `p` (0 when not training).  The fused kernel,
+    except for CPU training, where its dropout goes through the slow Bernoulli sampler."""
+    if q.is_cuda or p == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+    weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+    return dropout(weights, p, True) @ v
+
+
 class Block(nn.Module):
     """Pre-norm Transformer layer; the attention mask makes it causal or bidirectional."""
 
@@ -34,14 +58,13 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(hidden)
         self.ff1 = nn.Linear(hidden, inner)
         self.ff2 = nn.Linear(inner, hidden)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """mask: boolean, broadcastable to (B, heads, L, L), True where a query may attend."""
         B, L, H = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        attn = attention(q, k, v, mask, self.attn_dropout if self.training else 0.0)
         x = x + self.drop(self.proj(attn.transpose(1, 2).reshape(B, L, H)))
         return x + self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.norm2(x))))))
 
@@ -59,7 +82,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.items = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
         self.positions = nn.Embedding(max_len, cfg.hidden)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg.hidden, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout)
                                     for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.hidden)
@@ -92,7 +115,7 @@ class Denoiser(nn.Module):
         h = cfg.hidden
         self.positions = nn.Embedding(max_len, h)
         self.time = nn.Sequential(nn.Linear(h, 4 * h), nn.SiLU(), nn.Linear(4 * h, h))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(h, cfg.denoiser_heads, cfg.inner, cfg.dropout, cfg.attn_dropout)
                                     for _ in range(cfg.denoiser_layers))
         self.norm = nn.LayerNorm(h)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from simdiffrec.config import Config
 from simdiffrec.diffusion import coefficients, q_sample, restore, restore_times, step_coefficients
-from simdiffrec.model import SimDiffRec, ranked_items, sample_negatives, select_positions
+from simdiffrec.model import SimDiffRec, attention, dropout, ranked_items, sample_negatives, select_positions
 from simdiffrec.train import plan_epoch
 
 
@@ -212,3 +212,17 @@ def test_sequential_loss_matches_its_definition(loss):
         expected = (-F.logsigmoid((h * table[t]).sum(-1)).mean()
                     - F.logsigmoid(-(h * table[neg]).sum(-1)).mean())
     assert torch.allclose(value, expected, atol=1e-5)
+
+
+def test_cpu_attention_and_dropout_paths_match_the_fused_kernel():
+    torch.manual_seed(4)
+    q, k, v = torch.randn(3, 2, 2, 5, 8).unbind(0)
+    mask = torch.rand(2, 1, 5, 5) > 0.4
+    mask |= torch.eye(5, dtype=torch.bool)
+    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(attention(q, k, v, mask, p=1e-12), fused, atol=1e-6)
+    x = torch.ones(200_000)
+    dropped = dropout(x, 0.3, training=True)
+    assert abs(float((dropped == 0).float().mean()) - 0.3) < 0.01
+    assert abs(float(dropped.mean()) - 1.0) < 0.01
+    assert dropout(x, 0.3, training=False) is x
