@@ -47,14 +47,17 @@ def _flat(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 class EvalSplit:
     """Inputs, targets and the full history to mask, for one evaluation split.
 
-    `history_ptr` stays on the CPU: it gives the slice of `history_items` for a block of users
-    without asking the device anything.
+    Rows are ordered by history length (`users` maps a row back to its user), so that a block
+    of rows has similar lengths and evaluation trims most of the padding away.  `history_ptr`
+    stays on the CPU: it gives the slice of `history_items` for a block of rows without asking
+    the device anything.
     """
 
     inputs: torch.Tensor  # (U, max_len) left-padded
     targets: torch.Tensor  # (U,)
     history_items: torch.Tensor  # (sum of history lengths,)
     history_ptr: np.ndarray  # (U + 1,) on the host
+    users: np.ndarray | None = None  # row -> user row of SequenceData (None: the same order)
 
     def to(self, device: torch.device | str) -> "EvalSplit":
         return replace(self, inputs=self.inputs.to(device), targets=self.targets.to(device),
@@ -109,12 +112,14 @@ class SequenceData:
         train_input = left_pad([train[u][:-1] for u in keep], max_len)
         train_target = left_pad([train[u][1:] for u in keep], max_len)
 
+        order = np.argsort([len(s) for s in seqs], kind="stable")
+
         def split(history_len: int) -> EvalSplit:
-            histories = [s[:len(s) - history_len] for s in seqs]
+            histories = [seqs[u][:len(seqs[u]) - history_len] for u in order]
             items, ptr = _flat(histories)
             return EvalSplit(inputs=torch.from_numpy(left_pad(histories, max_len)),
-                             targets=torch.from_numpy(np.array([h_s[len(h)] for h_s, h in zip(seqs, histories)])),
-                             history_items=torch.from_numpy(items), history_ptr=ptr)
+                             targets=torch.from_numpy(np.array([seqs[u][-history_len] for u in order])),
+                             history_items=torch.from_numpy(items), history_ptr=ptr, users=order)
 
         return cls(n_items=n_items, max_len=max_len,
                    train_input=torch.from_numpy(train_input),

@@ -60,12 +60,15 @@ class Block(nn.Module):
         self.ff2 = nn.Linear(inner, hidden)
         self.drop = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """mask: boolean, broadcastable to (B, heads, L, L), True where a query may attend."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """mask: boolean, broadcastable to (B, heads, L, L), True where a query may attend.
+        `last_only` computes the output of the last position alone (all it reads as keys)."""
         B, L, H = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+        if last_only:
+            q, mask, x = q[:, :, -1:], mask[..., -1:, :], x[:, -1:]
         attn = attention(q, k, v, mask, self.attn_dropout if self.training else 0.0)
-        x = x + self.drop(self.proj(attn.transpose(1, 2).reshape(B, L, H)))
+        x = x + self.drop(self.proj(attn.transpose(1, 2).reshape(B, x.shape[1], H)))
         return x + self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.norm2(x))))))
 
 
@@ -87,14 +90,15 @@ class Encoder(nn.Module):
                                     for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.hidden)
 
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+    def forward(self, seq: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, w) ids -> (B, w, d) outputs, or (B, 1, d) for the last position with `last_only`."""
         w = seq.shape[1]
         keep = seq > 0
         causal = torch.ones(w, w, dtype=torch.bool, device=seq.device).tril()
         mask = (causal & keep[:, None, None, :]) | torch.eye(w, dtype=torch.bool, device=seq.device)
         x = self.drop(self.items(seq) + self.positions.weight[-w:])
-        for block in self.blocks:
-            x = block(x, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last_only and i == len(self.blocks) - 1)
         return self.norm(x)
 
 
@@ -157,7 +161,7 @@ class SimDiffRec(nn.Module):
 
     def represent(self, seq: torch.Tensor) -> torch.Tensor:
         """The sequence representation: the encoder output at the last position."""
-        return self.encoder(seq)[:, -1]
+        return self.encoder(seq, last_only=True)[:, -1]
 
     def score(self, seq: torch.Tensor) -> torch.Tensor:
         """Next-item scores for each sequence, (B, w) -> (B, n_items)."""

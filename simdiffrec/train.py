@@ -156,7 +156,8 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
     eval_seconds = 0.0
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
-        losses = _run_epoch(cfg, model, optimizer, data, temperature(cfg, epoch), device, progress)
+        batches = plan_epoch(data.train_lengths, cfg.batch_size, device)
+        losses = run_epoch(cfg, model, optimizer, data, batches, temperature(cfg, epoch), progress)
         state.train_seconds += time.perf_counter() - started
         state.epoch = epoch
         bar.update(1)
@@ -197,12 +198,12 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
                        history=state.history)
 
 
-def _run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, data: SequenceData,
-               tau: float, device: torch.device, progress: bool) -> dict[str, float]:
-    """One pass over the training rows; returns the mean of each loss (one device sync)."""
+def run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, data: SequenceData,
+              batches: list[Batch], tau: float, progress: bool = False) -> dict[str, float]:
+    """One pass over `batches`; returns the mean of each loss (the epoch's one device sync)."""
     model.train()
+    device = data.train_input.device
     totals: dict[str, torch.Tensor] = {}
-    batches = plan_epoch(data.train_lengths, cfg.batch_size, device)
     for batch in tqdm(batches, desc="batches", leave=False, disable=not progress):
         cut = data.max_len - batch.width
         seq = data.train_input[batch.rows, cut:]

@@ -226,5 +226,7 @@ def test_real_benchmarks_match_table_1(name, counts):
     # ids 1..n are kept, and each user's last item is the test target
     assert data.item_ids.tolist() == list(range(counts[1] + 1))
     first = [int(t) for t in path.read_text().split("\n", 1)[0].split()]
-    assert data.user_ids[0] == first[0] and int(data.test.targets[0]) == first[-1]
-    assert data.test.history_items[:len(first) - 2].tolist() == first[1:-1]
+    row = int(np.flatnonzero(data.test.users == 0)[0])  # evaluation rows are sorted by length
+    lo, hi = data.test.history_ptr[row], data.test.history_ptr[row + 1]
+    assert data.user_ids[0] == first[0] and int(data.test.targets[row]) == first[-1]
+    assert data.test.history_items[lo:hi].tolist() == first[1:-1]

@@ -42,6 +42,12 @@ def test_shapes_and_finite_losses():
     assert set(make_model(alpha=0.0, beta=0.0).losses(seq, target, real, 0.5)) == {"sr"}
 
 
+def test_representation_is_the_last_position_of_the_full_encoder():
+    model = make_model().eval()
+    seq, _ = batch([[3, 4, 5], [6, 7], [1, 2, 3, 4, 5, 6, 7, 8]], width=8)
+    assert torch.allclose(model.represent(seq), model.encoder(seq)[:, -1], atol=1e-6)
+
+
 def test_left_trimming_keeps_positions():
     """Trimming padding columns must not change what the encoder computes for real items."""
     model = make_model().eval()
