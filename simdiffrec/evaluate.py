@@ -37,7 +37,8 @@ def target_ranks(score: Scorer, split: EvalSplit, batch_size: int = 4096) -> tor
         target_scores = scores.gather(1, targets)
         lo, hi = split.history_ptr[start], split.history_ptr[stop]
         rows = torch.repeat_interleave(torch.arange(stop - start, device=device),
-                                       torch.from_numpy(lengths[start:stop]).to(device))
+                                       torch.from_numpy(lengths[start:stop]).to(device),
+                                       output_size=int(hi - lo))  # known here: no device sync
         scores[rows, split.history_items[lo:hi] - 1] = float("-inf")
         scores.scatter_(1, targets, target_scores)
         ranks.append((scores > target_scores).sum(1))

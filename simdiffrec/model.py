@@ -13,6 +13,8 @@ step never waits for the device.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,8 +107,7 @@ class Encoder(nn.Module):
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of integer timesteps, (B,) -> (B, dim)."""
     half = dim // 2
-    freqs = torch.exp(-torch.arange(half, device=t.device, dtype=torch.float32)
-                      * (torch.log(torch.tensor(10000.0)) / half))
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000.0) / half))
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
