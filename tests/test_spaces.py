@@ -1,0 +1,127 @@
+"""Search space files: the shipped ones load, the define-by-run space samples what the file
+says, and every kind of mistake is an error naming the file and the key.  No Ray here."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import yaml
+
+from simdiffrec.config import Config
+from tuner import spaces
+
+DATASETS = ("beauty", "toys", "sports", "yelp", "ml-1m")
+MINIMAL = {"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
+           "asha": {"max_epochs": 10, "grace_period": 2, "reduction_factor": 3}}
+
+
+def write(tmp_path, content: dict):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_every_dataset_has_a_space_with_the_papers_ranges():
+    assert set(spaces.shipped()) == {*DATASETS, "default"}
+    for name in (*DATASETS, "default"):
+        space = spaces.load(name)
+        by_name = {p.name: p for p in space.params}
+        assert (by_name["alpha"].low, by_name["alpha"].high) == (0.1, 0.5)
+        assert (by_name["beta"].low, by_name["beta"].high) == (0.1, 0.5)
+        assert by_name["k_noise"].choices == (1, 5, 10, 25, 50, 100)
+        assert by_name["k_sample"].choices == (2, 3, 5, 10, 20, 50)
+        assert (by_name["tau"].low, by_name["tau"].high, by_name["tau"].log) == (0.05, 1.0, True)
+        assert by_name["tau_schedule"].choices == ("constant", "linear", "cosine")
+        assert by_name["tau_end"].when == ("tau_schedule", ("linear", "cosine"))
+        assert space.asha.grace_period <= space.asha.max_epochs
+    best = {name: spaces.load(name).points[0] for name in ("beauty", "toys", "sports")}
+    assert (best["beauty"]["alpha"], best["beauty"]["beta"]) == (0.4, 0.4)
+    assert (best["toys"]["alpha"], best["toys"]["beta"]) == (0.1, 0.1)
+    assert (best["sports"]["alpha"], best["sports"]["beta"]) == (0.1, 0.1)
+
+
+def test_define_by_run_samples_conditional_parameters_only_when_active():
+    space = spaces.load("default")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    for _ in range(40):
+        trial = study.ask()
+        space(trial)
+        params = trial.params
+        assert ("tau_end" in params) == (params["tau_schedule"] != "constant")
+        assert 0.1 <= params["alpha"] <= 0.5 and params["k_noise"] in (1, 5, 10, 25, 50, 100)
+        assert round(params["dropout"] * 10) == pytest.approx(params["dropout"] * 10)  # step 0.1
+        cfg = space.config(params, epochs=7)
+        assert isinstance(cfg, Config) and cfg.epochs == 7 and cfg.device == "auto"
+        study.tell(trial, params["alpha"])
+
+
+def test_points_to_evaluate_come_first_through_optuna():
+    space = spaces.load("beauty")
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
+    for point in space.points:
+        study.enqueue_trial(point)
+    trial = study.ask()
+    space(trial)
+    assert trial.params == space.points[0]
+
+
+def test_fixed_settings_and_max_epochs_reach_the_config(tmp_path):
+    space = spaces.load(write(tmp_path, {**MINIMAL, "fixed": {"hidden": 32, "heads": 2}}))
+    cfg = space.config({"alpha": 0.2}, epochs=space.asha.max_epochs)
+    assert (cfg.hidden, cfg.alpha, cfg.epochs) == (32, 0.2, 10)
+    shorter = space.with_max_epochs(1)
+    assert (shorter.asha.max_epochs, shorter.asha.grace_period) == (1, 1)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"parameters": {"alpah": {"type": "float", "low": 0.1, "high": 0.5}}}, "parameters.alpah"),
+    ({"parameters": {"alpha": {"type": "float", "low": 0.5, "high": 0.1}}}, "parameters.alpha"),
+    ({"parameters": {"alpha": {"type": "float", "low": 0.5, "high": 0.5}}}, "parameters.alpha"),
+    ({"parameters": {"tau": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}}, "parameters.tau"),
+    ({"parameters": {"alpha": {"type": "float", "low": "a", "high": 0.5}}}, "parameters.alpha.low"),
+    ({"parameters": {"alpha": {"type": "normal", "low": 0.1, "high": 0.5}}}, "parameters.alpha.type"),
+    ({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5, "sigma": 1}}}, "parameters.alpha.sigma"),
+    ({"parameters": {"k_noise": {"type": "float", "low": 1.0, "high": 5.5}}}, "k_noise"),
+    ({"parameters": {"k_noise": {"type": "int", "low": 1.5, "high": 5}}}, "parameters.k_noise.low"),
+    ({"parameters": {"dropout": {"type": "float", "low": 0.1, "high": 1.0}}}, "dropout"),
+    ({"parameters": {"k_sample": {"type": "categorical", "choices": []}}}, "parameters.k_sample.choices"),
+    ({"parameters": {"tau_schedule": {"type": "categorical", "choices": ["constant", "cyclic"]}}}, "tau_schedule"),
+    ({"parameters": {"tau_end": {"type": "float", "low": 0.1, "high": 1.0, "when": {"tau_schedule": ["linear"]}}}},
+     "parameters.tau_end.when"),
+    ({"parameters": {"epochs": {"type": "int", "low": 1, "high": 5}}}, "parameters.epochs"),
+    ({"parameters": {"max_len": {"type": "int", "low": 10, "high": 50}}}, "parameters.max_len"),
+    ({"fixed": {"hiddden": 32}}, "hiddden"),
+    ({"fixed": {"hidden": "big"}}, "hidden"),
+    ({"fixed": {"device": "cuda"}}, "fixed.device"),
+    ({"fixed": {"alpha": 0.3}}, "parameters.alpha"),
+    ({"points_to_evaluate": [{"alpha": 0.9}]}, "points_to_evaluate[0].alpha"),
+    ({"points_to_evaluate": [{"beta": 0.2}]}, "points_to_evaluate[0].beta"),
+    ({"asha": {"max_epochs": 10, "grace_period": 20, "reduction_factor": 3}}, "asha.grace_period"),
+    ({"asha": {"max_epochs": 10, "grace_period": 2, "reduction_factor": 1}}, "asha.reduction_factor"),
+    ({"asha": {"max_epochs": 10, "grace_period": 2}}, "asha.reduction_factor"),
+    ({"searcher": "tpe"}, "searcher"),
+])
+def test_mistakes_name_the_file_and_the_key(tmp_path, change, key):
+    path = write(tmp_path, {**MINIMAL, **change})
+    with pytest.raises(ValueError) as err:
+        spaces.load(path)
+    assert str(path) in str(err.value) and key in str(err.value)
+
+
+def test_a_schedule_needing_tau_end_without_one_is_caught(tmp_path):
+    path = write(tmp_path, {**MINIMAL, "parameters": {
+        "tau_schedule": {"type": "categorical", "choices": ["constant", "linear"]}}})
+    with pytest.raises(ValueError, match="tau_end"):
+        spaces.load(path)
+
+
+def test_unknown_space_names_the_shipped_ones():
+    with pytest.raises(FileNotFoundError, match="beauty"):
+        spaces.load("no-such-space")
+
+
+def test_not_yaml_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("parameters: {alpha: [")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        spaces.load(path)

@@ -1,0 +1,282 @@
+"""A search space YAML file -> an Optuna define-by-run space, the points to try first, ASHA settings.
+
+    parameters:            # each a simdiffrec.config.Config field, with its Optuna distribution
+      alpha:   {type: float, low: 0.1, high: 0.5}
+      tau:     {type: float, low: 0.05, high: 1.0, log: true}
+      dropout: {type: float, low: 0.1, high: 0.5, step: 0.1}
+      k_noise: {type: categorical, choices: [1, 5, 10, 25, 50, 100]}
+      tau_end: {type: float, low: 0.05, high: 1.0, log: true, when: {tau_schedule: [linear, cosine]}}
+    fixed: {batch_size: 256}                  # settings every trial shares
+    points_to_evaluate: [{alpha: 0.4, beta: 0.4}]   # tried first, in order; the rest is sampled
+    asha: {max_epochs: 100, grace_period: 5, reduction_factor: 3}
+
+`type` is float, int or categorical; `log` and `step` mean what they mean to Optuna's
+`suggest_float` / `suggest_int`.  `when` makes a parameter conditional on an earlier categorical
+one, which is why the space is define-by-run.  Every mistake is a ValueError naming the file and
+the key, raised when the file is read, never halfway through a search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simdiffrec.config import Config
+
+# Settings a trial never samples: the tuner owns epochs (ASHA's max) and device (Ray's GPU);
+# max_len and kcore shape the prepared data, which all trials share.
+NOT_SEARCHABLE = {"epochs": "set by asha.max_epochs", "device": "Ray assigns the device",
+                  "max_len": "it shapes the shared data: put it under fixed",
+                  "kcore": "it shapes the shared data: put it under fixed"}
+NOT_FIXABLE = {"epochs": "set asha.max_epochs instead", "device": "Ray assigns the device"}
+TYPE_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
+             "categorical": {"choices"}}
+TOP_KEYS = {"parameters", "fixed", "points_to_evaluate", "asha"}
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str  # float | int | categorical
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    step: float | None = None
+    choices: tuple = ()
+    when: tuple[str, tuple] | None = None  # (earlier categorical parameter, values that enable this one)
+
+    def active(self, values: dict[str, Any]) -> bool:
+        return self.when is None or values.get(self.when[0]) in self.when[1]
+
+    def suggest(self, trial: Any) -> Any:
+        if self.type == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and not float(value).is_integer():
+            return False
+        return self.low <= value <= self.high
+
+    def extremes(self) -> tuple:
+        return self.choices if self.type == "categorical" else (self.low, self.high)
+
+
+@dataclass(frozen=True)
+class Asha:
+    max_epochs: int
+    grace_period: int
+    reduction_factor: float
+
+
+@dataclass(frozen=True)
+class Space:
+    source: str  # the file, named in every error
+    params: tuple[Param, ...]
+    asha: Asha
+    fixed: dict[str, Any] = field(default_factory=dict)
+    points: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def __call__(self, trial: Any) -> None:
+        """Optuna's define-by-run: sample each parameter whose condition holds, in file order."""
+        values: dict[str, Any] = {}
+        for param in self.params:
+            if param.active(values):
+                values[param.name] = param.suggest(trial)
+
+    def config(self, params: dict[str, Any], epochs: int) -> Config:
+        """The trial's settings: fixed ones, then the sampled ones, for at most `epochs` epochs."""
+        return Config.from_dict({**self.fixed, **params, "epochs": epochs, "device": "auto"},
+                                source=self.source)
+
+    def with_max_epochs(self, epochs: int | None) -> "Space":
+        """Override asha.max_epochs (from --max-epochs); the grace period is capped at it."""
+        if epochs is None:
+            return self
+        if epochs < 1:
+            raise ValueError(f"max epochs {epochs}: must be at least 1")
+        asha = Asha(epochs, min(self.asha.grace_period, epochs), self.asha.reduction_factor)
+        return dataclasses.replace(self, asha=asha)
+
+
+def shipped() -> dict[str, Path]:
+    """The YAML files shipped in search_spaces/, by name (beauty, toys, ..., default)."""
+    folder = resources.files("search_spaces")
+    return {Path(f.name).stem: Path(str(f)) for f in folder.iterdir() if f.name.endswith(".yaml")}
+
+
+def find(space: str | Path) -> Path:
+    """`--space` as given: a path to a YAML file, or the name of a shipped one."""
+    path = Path(space)
+    if path.is_file():
+        return path.resolve()
+    known = shipped()
+    if str(space) in known:
+        return known[str(space)]
+    raise FileNotFoundError(f"search space {space}: no such file, and not a shipped space either "
+                            f"(known: {', '.join(sorted(known))})")
+
+
+def load(space: str | Path) -> Space:
+    path = find(space)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    return parse(raw, str(path))
+
+
+def parse(raw: Any, source: str) -> Space:
+    """Check a parsed YAML mapping and build the Space; errors name `source` and the key."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a mapping with keys {', '.join(sorted(TOP_KEYS))}")
+    _no_unknown(raw, TOP_KEYS, source, "")
+    for key in ("parameters", "asha"):
+        if key not in raw:
+            raise ValueError(f"{source}: {key}: missing")
+    fixed = _mapping(raw.get("fixed") or {}, source, "fixed")
+    for name, why in NOT_FIXABLE.items():
+        if name in fixed:
+            raise ValueError(f"{source}: fixed.{name}: cannot be fixed ({why})")
+    Config.from_dict(fixed, source=f"{source}: fixed")
+    params: list[Param] = []
+    for name, spec in _mapping(raw["parameters"], source, "parameters").items():
+        if name in fixed:
+            raise ValueError(f"{source}: parameters.{name}: also under fixed; keep one")
+        params.append(_param(name, spec, params, source))
+    if not params:
+        raise ValueError(f"{source}: parameters: empty; give at least one parameter to search")
+    space = Space(source=source, params=tuple(params), asha=_asha(raw["asha"], source), fixed=fixed,
+                  points=_points(raw.get("points_to_evaluate") or [], params, source))
+    _check_against_config(space)
+    return space
+
+
+def _param(name: str, spec: Any, earlier: list[Param], source: str) -> Param:
+    where = f"{source}: parameters.{name}"
+    if name not in CONFIG_FIELDS:
+        raise ValueError(f"{where}: unknown parameter (not a simdiffrec setting)")
+    if name in NOT_SEARCHABLE:
+        raise ValueError(f"{where}: cannot be searched ({NOT_SEARCHABLE[name]})")
+    spec = _mapping(spec, source, f"parameters.{name}")
+    kind = spec.get("type")
+    if kind not in TYPE_KEYS:
+        raise ValueError(f"{where}.type: {kind!r}; expected one of {', '.join(TYPE_KEYS)}")
+    _no_unknown(spec, TYPE_KEYS[kind] | {"type", "when"}, source, f"parameters.{name}.")
+    when = _when(spec["when"], earlier, where) if "when" in spec else None
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ValueError(f"{where}.choices: expected a non-empty list")
+        if any(c is not None and not isinstance(c, (bool, int, float, str)) for c in choices):
+            raise ValueError(f"{where}.choices: only numbers, strings, booleans and null can be choices")
+        if len(set(map(repr, choices))) != len(choices):
+            raise ValueError(f"{where}.choices: {choices} repeats a value")
+        return Param(name, kind, choices=tuple(choices), when=when)
+    number = int if kind == "int" else (int, float)
+    for key in ("low", "high"):
+        value = spec.get(key)
+        if isinstance(value, bool) or not isinstance(value, number):
+            raise ValueError(f"{where}.{key}: {value!r} must be {'an integer' if kind == 'int' else 'a number'}")
+    low, high, log, step = spec["low"], spec["high"], spec.get("log", False), spec.get("step")
+    if low >= high:
+        raise ValueError(f"{where}: low={low} must be below high={high}")
+    if not isinstance(log, bool):
+        raise ValueError(f"{where}.log: {log!r} must be true or false")
+    if log and low <= 0:
+        raise ValueError(f"{where}: a log scale needs low > 0, got low={low}")
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, number) or step <= 0:
+            raise ValueError(f"{where}.step: {step!r} must be a positive {'integer' if kind == 'int' else 'number'}")
+        if log and (kind == "float" or step != 1):
+            raise ValueError(f"{where}: step and log cannot be combined (Optuna samples one or the other)")
+    return Param(name, kind, low=low, high=high, log=log, step=step, when=when)
+
+
+def _when(spec: Any, earlier: list[Param], where: str) -> tuple[str, tuple]:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError(f"{where}.when: expected one 'parameter: [values]' pair")
+    (parent, values), = spec.items()
+    by_name = {p.name: p for p in earlier}
+    if parent not in by_name or by_name[parent].type != "categorical":
+        raise ValueError(f"{where}.when: {parent!r} must be a categorical parameter listed above this one")
+    values = values if isinstance(values, list) else [values]
+    outside = [v for v in values if v not in by_name[parent].choices]
+    if outside:
+        raise ValueError(f"{where}.when: {outside} not among the choices of {parent}")
+    return parent, tuple(values)
+
+
+def _asha(spec: Any, source: str) -> Asha:
+    spec = _mapping(spec, source, "asha")
+    keys = {f.name for f in dataclasses.fields(Asha)}
+    _no_unknown(spec, keys, source, "asha.")
+    missing = sorted(keys - set(spec))
+    if missing:
+        raise ValueError(f"{source}: asha.{missing[0]}: missing")
+    for key in ("max_epochs", "grace_period"):
+        if isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 1:
+            raise ValueError(f"{source}: asha.{key}: {spec[key]!r} must be a positive integer")
+    factor = spec["reduction_factor"]
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
+        raise ValueError(f"{source}: asha.reduction_factor: {factor!r} must be a number above 1")
+    if spec["grace_period"] > spec["max_epochs"]:
+        raise ValueError(f"{source}: asha.grace_period: {spec['grace_period']} exceeds max_epochs {spec['max_epochs']}")
+    return Asha(spec["max_epochs"], spec["grace_period"], factor)
+
+
+def _points(raw: Any, params: list[Param], source: str) -> tuple[dict[str, Any], ...]:
+    if not isinstance(raw, list):
+        raise ValueError(f"{source}: points_to_evaluate: expected a list of parameter: value mappings")
+    by_name = {p.name: p for p in params}
+    points = []
+    for i, point in enumerate(raw):
+        point = _mapping(point, source, f"points_to_evaluate[{i}]")
+        for name, value in point.items():
+            if name not in by_name:
+                raise ValueError(f"{source}: points_to_evaluate[{i}].{name}: not a parameter of this space")
+            if not by_name[name].contains(value):
+                raise ValueError(f"{source}: points_to_evaluate[{i}].{name}: {value!r} is outside its distribution")
+        points.append(point)
+    return tuple(points)
+
+
+def _check_against_config(space: Space) -> None:
+    """Every extreme value of every parameter, and every point, must make a valid Config; this
+    catches a float range for an integer setting or a dropout of 1.0 before any trial runs."""
+    base = {p.name: p.extremes()[0] for p in space.params}
+    for param in space.params:
+        for value in param.extremes():
+            values = {**base, param.name: value}
+            active = {p.name: values[p.name] for p in space.params if p.active(values)}
+            Config.from_dict({**space.fixed, **active}, source=f"{space.source}: parameters.{param.name}")
+    for i, point in enumerate(space.points):
+        Config.from_dict({**space.fixed, **base, **point}, source=f"{space.source}: points_to_evaluate[{i}]")
+
+
+def _mapping(value: Any, source: str, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{source}: {key}: expected a mapping, got {value!r}")
+    return value
+
+
+def _no_unknown(spec: dict, allowed: set[str], source: str, prefix: str) -> None:
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(f"{source}: {prefix}{unknown[0]}: unknown key (expected {', '.join(sorted(allowed))})")
