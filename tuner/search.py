@@ -1,0 +1,113 @@
+"""A Ray Tune search: seeded Optuna TPE over a Space, ASHA per epoch, GPUs shared by trials.
+
+Works with any function trainable that reports `trainable.METRIC`, `trainable.BEST` and `epoch`,
+so the plumbing can be tested on a cheap objective.  The experiment lives at
+`SearchSettings.experiment`, a local folder or a cloud URI (s3://...): there Ray keeps every
+trial's results and checkpoints and the searcher's state, which is what `resume` restores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from .spaces import Space
+from .trainable import BEST, METRIC, MODE
+
+GPU_CHOICES = ("auto", "always", "never")
+
+
+@dataclass
+class SearchSettings:
+    experiment: str  # local folder or URI of the Ray experiment
+    num_samples: int = 20
+    trials_per_gpu: int = 1  # each trial asks for 1/trials_per_gpu of a GPU
+    cpus_per_trial: float = 1.0
+    gpu: str = "auto"  # auto: GPU trials when the cluster has GPUs now; always: also on an autoscaler still at 0
+    max_concurrent: int = 8
+    seed: int = 0
+    optuna_storage: str | None = None  # e.g. sqlite:///study.db, for optuna-dashboard; None: in memory
+    max_failures: int = 2  # retries of a failed trial, from its latest checkpoint
+    keep_checkpoints: int = 2  # per trial, the best by METRIC (Ray also keeps the latest)
+
+    def __post_init__(self) -> None:
+        self.experiment = absolute(self.experiment)
+        if self.gpu not in GPU_CHOICES:
+            raise ValueError(f"gpu={self.gpu!r}: must be one of {', '.join(GPU_CHOICES)}")
+        for name in ("num_samples", "trials_per_gpu", "max_concurrent", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.cpus_per_trial <= 0:
+            raise ValueError(f"cpus_per_trial={self.cpus_per_trial}: must be above 0")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures={self.max_failures}: must be at least 0")
+
+
+def absolute(experiment: str) -> str:
+    """A URI as it is, a local folder made absolute (Ray reads relative paths as URIs)."""
+    return experiment.rstrip("/") if "://" in experiment else str(Path(experiment).resolve())
+
+
+def experiment_location(experiment: str) -> tuple[str, str]:
+    """(storage_path, name), as Ray's RunConfig wants them."""
+    storage, _, name = absolute(experiment).rpartition("/")
+    return storage, name
+
+
+def trial_resources(settings: SearchSettings) -> dict[str, float]:
+    """CPUs and a GPU share per trial; CPU-only trials when no GPU is (or will be) there."""
+    gpus = settings.gpu == "always" or (settings.gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    return {"cpu": settings.cpus_per_trial, "gpu": 1 / settings.trials_per_gpu if gpus else 0}
+
+
+def make_searcher(space: Space, settings: SearchSettings) -> OptunaSearch:
+    """Seeded TPE learning from each trial's best valid NDCG@10; the space's points come first."""
+    storage, study = None, settings.experiment  # the experiment's path or URI: unique per search
+    if settings.optuna_storage:
+        storage = optuna.storages.get_storage(settings.optuna_storage)
+        if study in optuna.study.get_all_study_names(storage):
+            raise ValueError(f"{settings.optuna_storage} already holds a study {study!r}: "
+                             "resume that search (--resume) or give the new one another name")
+    return OptunaSearch(space, metric=BEST, mode=MODE, points_to_evaluate=list(space.points),
+                        seed=settings.seed, study_name=study, storage=storage)
+
+
+def make_scheduler(space: Space) -> ASHAScheduler:
+    """ASHA on this epoch's valid NDCG@10 (TuneConfig's metric), rungs counted in epochs."""
+    return ASHAScheduler(time_attr="epoch", max_t=space.asha.max_epochs,
+                         grace_period=space.asha.grace_period, reduction_factor=space.asha.reduction_factor)
+
+
+def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: SearchSettings,
+        resume: bool = False) -> tune.ResultGrid:
+    """Run (or, with `resume`, continue) the search to its end; Ray must be initialised."""
+    trainable = tune.with_resources(trainable, trial_resources(settings))
+    exists = tune.Tuner.can_restore(settings.experiment)
+    if resume:
+        if not exists:
+            raise FileNotFoundError(f"{settings.experiment}: no experiment to resume")
+        tuner = tune.Tuner.restore(settings.experiment, trainable, resume_errored=True)
+    elif exists:
+        raise ValueError(f"{settings.experiment} already holds an experiment: "
+                         "continue it with --resume, or choose another --out or --experiment")
+    else:
+        storage, name = experiment_location(settings.experiment)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(space, settings),
+                                        scheduler=make_scheduler(space), num_samples=settings.num_samples,
+                                        max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints,
+                                                        checkpoint_score_attribute=METRIC,
+                                                        checkpoint_score_order=MODE),
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
+    return tuner.fit()

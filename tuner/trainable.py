@@ -1,0 +1,85 @@
+"""The Ray Tune function trainable: one trial = one `simdiffrec.train` run.
+
+The driver prepares the dataset once and puts it in Ray's object store; each worker process
+fetches it once and keeps it (actors are reused between trials), so no trial reads or
+re-prepares the data, and worker nodes need no copy of the file.  After every validation pass a
+trial reports its metrics with a checkpoint folder holding
+
+    checkpoint.pt   train()'s resumable checkpoint: a restarted trial continues from it
+    model/          the model of that epoch as a simdiffrec model folder (export.save_model)
+
+so the checkpoint Ray keeps as a trial's best (by valid NDCG@10) is directly the exported model.
+The device is `auto`: the GPU Ray assigned (visible as cuda:0), else the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from ray import tune
+
+from simdiffrec.data import SequenceData
+from simdiffrec.export import save_model
+from simdiffrec.train import SELECT_BY, Evaluation, train
+
+from .spaces import Space
+
+METRIC = f"valid/{SELECT_BY}"  # this evaluation's: what ASHA compares and Ray's checkpoints are scored by
+BEST = f"best_valid/{SELECT_BY}"  # the trial's best so far: what Optuna learns from
+MODE = "max"
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial shares, handed to workers through the object store."""
+
+    data: ray.ObjectRef  # the prepared SequenceData
+    data_info: dict[str, Any]  # its source and statistics, recorded with each model
+    space: Space  # fixed settings and the file to name in errors
+    max_epochs: int
+
+
+def make_trainable(setup: TrialSetup) -> Callable[[dict[str, Any]], None]:
+    return tune.with_parameters(run_trial, setup=setup)
+
+
+def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
+    cfg = setup.space.config(params, setup.max_epochs)
+    data = fetch_data(setup.data)
+    with tempfile.TemporaryDirectory(prefix="simdiffrec-trial-") as work:
+        work = Path(work)
+        checkpoint = tune.get_checkpoint()
+        resume = None
+        if checkpoint is not None:  # a restarted trial (failure, or a resumed search)
+            checkpoint.to_directory(work / "restored")
+            resume = work / "restored" / CHECKPOINT_FILE
+
+        def report(ev: Evaluation) -> None:
+            with tempfile.TemporaryDirectory(dir=work) as folder:
+                ev.save(Path(folder) / CHECKPOINT_FILE)
+                save_model(Path(folder) / MODEL_DIR, ev.model, data.item_ids,
+                           metrics={"epoch": ev.epoch, "valid": ev.valid, "data": setup.data_info})
+                tune.report(trial_metrics(ev), checkpoint=tune.Checkpoint.from_directory(folder))
+
+        train(cfg, data, report=report, resume=resume)
+
+
+def trial_metrics(ev: Evaluation) -> dict[str, float]:
+    """Flat metrics of one evaluation; `epoch` is ASHA's clock.  Ray's progress table shows the
+    first four, so the ones that matter come first."""
+    return {"epoch": ev.epoch, METRIC: ev.valid[SELECT_BY], BEST: ev.best_valid[SELECT_BY],
+            "best_epoch": ev.best_epoch, **{f"valid/{k}": v for k, v in ev.valid.items()},
+            **ev.losses, "seconds_per_epoch": ev.seconds_per_epoch}
+
+
+@functools.lru_cache(maxsize=1)
+def fetch_data(ref: ray.ObjectRef) -> SequenceData:
+    """The shared dataset, fetched from the object store once per worker process."""
+    return ray.get(ref)
