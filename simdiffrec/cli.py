@@ -107,15 +107,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_data
     from .evaluate import evaluate
     from .export import load_model
+    from .train import autocast, resolve_device
 
-    loaded = load_model(args.model)
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, device)
     data = load_data(args.data, max_len=loaded.max_len, kcore=loaded.config.kcore,
                      user_col=args.user_col, item_col=args.item_col, time_col=args.time_col)
     if data.n_items != loaded.model.n_items:
         raise ValueError(f"{args.data} has {data.n_items} items but the model in {args.model} was trained "
                          f"on {loaded.model.n_items}: not the same prepared data")
+    def score(seq: torch.Tensor) -> torch.Tensor:
+        with autocast(loaded.config, device):  # as in training, so the numbers match the run's
+            return loaded.model.score(seq)
+
     with torch.no_grad():
-        metrics = {split: evaluate(loaded.model.score, getattr(data, split)) for split in args.split}
+        metrics = {split: evaluate(score, getattr(data, split).to(device)) for split in args.split}
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -154,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="a model folder (best_checkpoint/)")
     add_data_flags(p)
     p.add_argument("--split", nargs="+", choices=("valid", "test"), default=["valid", "test"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("recommend", help="top-k items for histories given in your item ids")

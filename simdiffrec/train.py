@@ -121,7 +121,7 @@ class Evaluation:
 class TrainResult:
     model: SimDiffRec  # holding the best (by valid NDCG@10) weights
     valid: dict[str, float]
-    test: dict[str, float]
+    test: dict[str, float]  # empty when train(test=False)
     best_epoch: int
     seconds_per_epoch: float
     eval_seconds: float  # one pass over one split
@@ -129,8 +129,9 @@ class TrainResult:
 
 
 def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] | None = None,
-          resume: str | Path | None = None, progress: bool = False) -> TrainResult:
-    """Train SimDiffRec, early-stopping on valid NDCG@10; return the best model and its metrics."""
+          resume: str | Path | None = None, progress: bool = False, test: bool = True) -> TrainResult:
+    """Train SimDiffRec, early-stopping on valid NDCG@10; return the best model and its metrics
+    (the test split is evaluated once, on the best model, unless `test` is False)."""
     if cfg.max_len is None:
         cfg = cfg.replace(max_len=data.max_len)
     elif cfg.max_len != data.max_len:
@@ -192,8 +193,8 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
     model.load_state_dict(best_weights)
     model.eval()
     with torch.no_grad():
-        valid, test = evaluate(score, data.valid), evaluate(score, data.test)
-    return TrainResult(model=model, valid=valid, test=test, best_epoch=state.best_epoch,
+        test_metrics = evaluate(score, data.test) if test else {}
+    return TrainResult(model=model, valid=state.best_valid, test=test_metrics, best_epoch=state.best_epoch,
                        seconds_per_epoch=state.seconds_per_epoch, eval_seconds=eval_seconds,
                        history=state.history)
 

@@ -68,7 +68,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
                            metrics={"epoch": ev.epoch, "valid": ev.valid, "data": setup.data_info})
                 tune.report(trial_metrics(ev), checkpoint=tune.Checkpoint.from_directory(folder))
 
-        train(cfg, data, report=report, resume=resume)
+        train(cfg, data, report=report, resume=resume, test=False)  # trials select on valid alone
 
 
 def trial_metrics(ev: Evaluation) -> dict[str, float]:
