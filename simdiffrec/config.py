@@ -45,7 +45,7 @@ class Config:
     denoiser_layers: int = 1
     denoiser_heads: int = 2
     restore_steps: int = 1
-    rounding: str = "z0"
+    rounding: str = "pred"
     # SimDiffRec (Sections 4.1, 4.3, 4.4, Eq. 18)
     alpha: float = 0.4
     beta: float = 0.4

@@ -74,12 +74,13 @@ def restore_times(steps: int, restore_steps: int) -> list[int]:
 
 
 def restore(denoise: Denoise, z_T: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-            restore_steps: int) -> torch.Tensor:
+            restore_steps: int, last: Denoise | None = None) -> torch.Tensor:
     """Reverse process from z_T with an x0-predicting denoiser (deterministic, DDIM-style).
 
     Each step predicts ẑ_0, infers the noise that z_t implies, and re-noises to the next (lower)
     timestep; one step is simply f(z_T, T).  With a fixed noise and ᾱ_T = 0 the inferred noise is
     exact at t = T, so extra steps only let the denoiser refine its guess at lower noise levels.
+    `last`, if given, replaces `denoise` at the final step (to read another output of it there).
     """
     times = restore_times(a.shape[0] - 1, restore_steps)
     z = z_T
@@ -87,7 +88,7 @@ def restore(denoise: Denoise, z_T: torch.Tensor, a: torch.Tensor, b: torch.Tenso
         z0_hat = denoise(z, _timestep(z, t))
         noise_hat = (z - a[t] * z0_hat) / b[t]
         z = a[s] * z0_hat + b[s] * noise_hat
-    return denoise(z, _timestep(z, times[-1]))
+    return (last or denoise)(z, _timestep(z, times[-1]))
 
 
 def _timestep(z: torch.Tensor, t: int) -> torch.Tensor:

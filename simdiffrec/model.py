@@ -113,7 +113,13 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class Denoiser(nn.Module):
-    """f_θ(z_t, t) -> ẑ_0: a small bidirectional Transformer over the noised sequence."""
+    """f_θ(z_t, t) -> ẑ_0: a small bidirectional Transformer over the noised sequence.
+
+    Its last hidden state h (layer-normed, the "encoder output" of Eq. 14) is what gets scored
+    against the item table; a linear head maps h to the continuous prediction ẑ_0 (squared
+    error of Eq. 13, reverse steps).  Scoring ẑ_0 itself does not work: it must match item
+    embeddings of norm ~0.2, and such dot products give a uniform softmax over the items.
+    """
 
     def __init__(self, max_len: int, cfg: Config):
         super().__init__()
@@ -126,14 +132,17 @@ class Denoiser(nn.Module):
         self.norm = nn.LayerNorm(h)
         self.out = nn.Linear(h, h)
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """z: (B, w, d) noised embeddings, t: (B,) timesteps, keep: (B, w) real positions."""
+    def hidden(self, z: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """z: (B, w, d) noised embeddings, t: (B,) timesteps, keep: (B, w) real positions -> h."""
         time = self.time(timestep_embedding(t, z.shape[-1]).to(z.dtype))
         x = self.drop(z + self.positions.weight[-z.shape[1]:] + time[:, None])
         mask = keep[:, None, None, :]
         for block in self.blocks:
             x = block(x, mask)
-        return self.out(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(z, t, keep))
 
 
 class SimDiffRec(nn.Module):
@@ -223,11 +232,10 @@ class SimDiffRec(nn.Module):
         """
         d = z0.shape[-1]
         t = torch.randint(1, self.cfg.steps + 1, (z0.shape[0],), device=z0.device)
-        z0_hat = self.denoiser(q_sample(z0, noise, t, self.a, self.b), t, keep)
-        pred = z0_hat.reshape(-1, d)[real]
+        h = self.denoiser.hidden(q_sample(z0, noise, t, self.a, self.b), t, keep).reshape(-1, d)[real]
         true = z0.reshape(-1, d)[real]
-        mse = (pred.float() - true.float()).pow(2).sum(-1).mean()
-        rounded = true if self.cfg.rounding == "z0" else pred
+        mse = (self.denoiser.out(h).float() - true.float()).pow(2).sum(-1).mean()
+        rounded = true if self.cfg.rounding == "z0" else h
         return mse + F.cross_entropy(self.item_logits(rounded).float(), items - 1)
 
     @torch.no_grad()
@@ -244,8 +252,9 @@ class SimDiffRec(nn.Module):
         keep = seq > 0
         T = torch.full((B,), cfg.steps, device=seq.device, dtype=torch.long)
         z_T = q_sample(z0, noise, T, self.a, self.b)
-        z0_hat = restore(lambda z, t: self.denoiser(z, t, keep), z_T, self.a, self.b, cfg.restore_steps)
-        logits = self.item_logits(z0_hat.reshape(-1, d)[real]).float()
+        h = restore(lambda z, t: self.denoiser(z, t, keep), z_T, self.a, self.b, cfg.restore_steps,
+                    last=lambda z, t: self.denoiser.hidden(z, t, keep))
+        logits = self.item_logits(h.reshape(-1, d)[real]).float()
         if cfg.positions == "confidence":
             conf_real = (logits.max(1).values - logits.logsumexp(1)).exp()  # Eq. 15-16
         else:
