@@ -154,7 +154,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simdiffrec", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="simdiffrec", description="Train, evaluate and tune SimDiffRec "
+                                     "sequential recommenders (see README.md).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
