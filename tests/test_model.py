@@ -232,3 +232,28 @@ def test_cpu_attention_and_dropout_paths_match_the_fused_kernel():
     assert abs(float((dropped == 0).float().mean()) - 0.3) < 0.01
     assert abs(float(dropped.mean()) - 1.0) < 0.01
     assert dropout(x, 0.3, training=False) is x
+
+
+def test_ablation_switches_change_what_they_name():
+    seq, real = batch([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]], width=6)
+    items = seq.reshape(-1)[real]
+    # random positions: same count per row as confidence positions, padding never touched
+    model = make_model(positions="random", aug_ratio=0.5)
+    z0 = model.encoder.items(seq)
+    noise = model.noise(z0, items, real)
+    picks = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        positive, _ = model.augment(seq, z0, noise, items, real)
+        assert (positive != seq).sum(1).tolist() == [3, 2] and torch.equal(positive == 0, seq == 0)
+        picks.add(tuple((positive != seq).reshape(-1).tolist()))
+    assert len(picks) > 1  # the positions vary from draw to draw
+    # no hard negative: in-batch positives only, B x B logits
+    model = make_model(hard_negative=False, tau=0.5)
+    u = model.encoder(seq)[:, -1]
+    torch.manual_seed(0)
+    loss = model.contrastive_loss(u, seq, z0, noise, items, real, tau=0.5)
+    torch.manual_seed(0)
+    positive, _ = model.augment(seq, z0, noise, items, real)
+    logits = F.normalize(u, dim=-1) @ F.normalize(model.represent(positive), dim=-1).T / 0.5
+    assert torch.allclose(loss, F.cross_entropy(logits, torch.arange(2)), atol=1e-5)
