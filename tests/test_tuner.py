@@ -170,6 +170,7 @@ def test_a_search_whose_driver_is_killed_resumes_with_every_finished_trial(ray_c
         assert results.loc[results["trial_id"] == trial_id, "epoch"].max() == last_epoch
     for trial_id in interrupted:  # continued from its checkpoint, not from epoch 1
         assert (results.loc[results["trial_id"] == trial_id, "epoch"] == 1).sum() == 1
+    assert not results.duplicated(["trial_id", "epoch"]).any()  # re-run epochs listed once
 
 
 def _interrupted(trial) -> bool:
@@ -232,3 +233,16 @@ def test_packing_benchmark_runs_on_cpu():
                           "--trials", "1,2", "--epochs", "2"], capture_output=True, text=True, check=True)
     rows = [line for line in run.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2 and "| 1.00x |" in rows[0]
+
+
+def test_results_list_each_epoch_of_a_restarted_trial_once():
+    """A trial restarted from its epoch-1 checkpoint reports epoch 2 again: one row, the later."""
+    from types import SimpleNamespace
+
+    from tuner.export import results_frame
+
+    trial = SimpleNamespace(trial_id="t1", experiment_tag="0_alpha=0.4", status="TERMINATED", config={"alpha": 0.4})
+    reported = pd.DataFrame({"epoch": [1, 2, 2, 3], METRIC: [0.1, 0.2, 0.25, 0.3], "config/alpha": 0.4})
+    table = results_frame(SimpleNamespace(trials=[trial]), {"t1": SimpleNamespace(metrics_dataframe=reported)})
+    assert table["epoch"].tolist() == [1, 2, 3] and table[METRIC].tolist() == [0.1, 0.25, 0.3]
+    assert table.columns[:4].tolist() == ["trial_id", "number", "status", "alpha"]

@@ -74,12 +74,17 @@ def export(experiment: str, out: str | Path) -> dict[str, Any]:
 
 def results_frame(analysis: ExperimentAnalysis, results: dict[str, Result | None]) -> pd.DataFrame:
     """Every evaluation of every trial (a trial without one still gets a row), trials in the
-    order the searcher created them (`number`, from Ray's experiment tag "<number>_<params>")."""
+    order the searcher created them (`number`, from Ray's experiment tag "<number>_<params>").
+
+    A trial restarted from its checkpoint re-reports the epochs it had run past that checkpoint;
+    its result.json then holds those epochs twice, and only the later report is kept."""
     frames = []
     for trial in analysis.trials:
         result = results[trial.trial_id]
         rows = result.metrics_dataframe if result is not None else pd.DataFrame()
         rows = rows.drop(columns=[c for c in rows.columns if c.startswith("config/")])
+        if "epoch" in rows.columns:
+            rows = rows.drop_duplicates("epoch", keep="last").sort_values("epoch", ignore_index=True)
         if rows.empty:
             rows = pd.DataFrame([{}])
         number = int(trial.experiment_tag.split("_")[0])
