@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -87,11 +86,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                    + f"  best epoch {ev.best_epoch}  {ev.seconds_per_epoch:.1f} s/epoch")
         ev.save(checkpoint)
 
-    started = time.perf_counter()
     result = train(cfg, data, report=report, resume=resume, progress=not args.quiet)
     metrics = {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
                "seconds_per_epoch": result.seconds_per_epoch, "eval_seconds": result.eval_seconds,
-               "minutes": (time.perf_counter() - started) / 60, "data": {"source": str(args.data), **stats},
+               "minutes": result.minutes, "data": {"source": str(args.data), **stats},
                "history": result.history}
     save_model(out / "best_checkpoint", result.model, data.item_ids,
                metrics={k: metrics[k] for k in ("valid", "test", "best_epoch")})

@@ -95,6 +95,7 @@ class TrainState:
     best_valid: dict[str, float] = field(default_factory=dict)
     bad_evals: int = 0
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0  # all validation passes: with train_seconds, the run's time across resumes
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -125,6 +126,7 @@ class TrainResult:
     best_epoch: int
     seconds_per_epoch: float
     eval_seconds: float  # one pass over one split
+    minutes: float  # training and validation over the whole run, resumes included
     history: list[dict[str, Any]]
 
 
@@ -169,6 +171,7 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
         with torch.no_grad():
             valid = evaluate(score, data.valid)
         eval_seconds = time.perf_counter() - started
+        state.eval_seconds += eval_seconds
         model.train()
         if valid[SELECT_BY] > state.best_score:
             state.best_score, state.best_epoch, state.best_valid = valid[SELECT_BY], epoch, valid
@@ -196,7 +199,7 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
         test_metrics = evaluate(score, data.test) if test else {}
     return TrainResult(model=model, valid=state.best_valid, test=test_metrics, best_epoch=state.best_epoch,
                        seconds_per_epoch=state.seconds_per_epoch, eval_seconds=eval_seconds,
-                       history=state.history)
+                       minutes=(state.train_seconds + state.eval_seconds) / 60, history=state.history)
 
 
 def run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, data: SequenceData,

@@ -55,8 +55,11 @@ def test_resume_refuses_other_settings(tiny_data, tmp_path):
     train(cfg, tiny_data, report=lambda ev: ev.save(tmp_path / "ckpt.pt"))
     with pytest.raises(ValueError, match="k_noise: 3 -> 5"):
         train(cfg.replace(k_noise=5), tiny_data, resume=tmp_path / "ckpt.pt")
+    first = torch.load(tmp_path / "ckpt.pt", weights_only=False)["state"]
     longer = train(cfg.replace(epochs=2), tiny_data, resume=tmp_path / "ckpt.pt")
     assert [h["epoch"] for h in longer.history] == [1, 2]
+    assert first["eval_seconds"] > 0  # the run's time counts the epoch before the resume too
+    assert longer.minutes * 60 > first["train_seconds"] + first["eval_seconds"]
 
 
 def test_temperature_schedules():
