@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -21,6 +22,7 @@ from ray.tune import ExperimentAnalysis
 
 from simdiffrec.cli import main
 from tuner import search, spaces
+from tuner.export import results_frame
 from tuner.trainable import BEST, METRIC, fetch_data
 
 from .conftest import synthetic_sequences
@@ -237,10 +239,6 @@ def test_packing_benchmark_runs_on_cpu():
 
 def test_results_list_each_epoch_of_a_restarted_trial_once():
     """A trial restarted from its epoch-1 checkpoint reports epoch 2 again: one row, the later."""
-    from types import SimpleNamespace
-
-    from tuner.export import results_frame
-
     trial = SimpleNamespace(trial_id="t1", experiment_tag="0_alpha=0.4", status="TERMINATED", config={"alpha": 0.4})
     reported = pd.DataFrame({"epoch": [1, 2, 2, 3], METRIC: [0.1, 0.2, 0.25, 0.3], "config/alpha": 0.4})
     table = results_frame(SimpleNamespace(trials=[trial]), {"t1": SimpleNamespace(metrics_dataframe=reported)})
