@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import optuna
 import pandas as pd
 import pytest
 import ray
@@ -207,10 +208,17 @@ def test_the_plumbing_finds_the_optimum_of_a_known_objective(ray_cluster, tmp_pa
     space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5},
                                          "lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True}},
                           "asha": {"max_epochs": 2, "grace_period": 1, "reduction_factor": 2}}, "quadratic")
-    settings = search.SearchSettings(experiment=str(tmp_path / "quadratic"), num_samples=40, max_concurrent=2, seed=3)
+    database = f"sqlite:///{tmp_path / 'study.db'}"  # what optuna-dashboard would watch
+    settings = search.SearchSettings(experiment=str(tmp_path / "quadratic"), num_samples=40, max_concurrent=2,
+                                     seed=3, optuna_storage=database)
     grid = search.run(quadratic, space, settings)
     best = grid.get_best_result(BEST, "max").config
     assert abs(best["alpha"] - 0.3) < 0.08 and 0.3e-3 < best["lr"] < 3e-3
+    study = optuna.load_study(study_name=settings.experiment, storage=database)
+    assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 40
+    assert study.best_params == best
+    with pytest.raises(ValueError, match="already holds a study"):  # a second search must not mix into it
+        search.make_searcher(space, settings)
 
 
 def test_tune_all_runs_a_search_per_dataset_and_a_summary(ray_cluster, files, tmp_path, monkeypatch):
