@@ -20,7 +20,7 @@ from simdiffrec.config import Config
 from simdiffrec.data import load_data
 from simdiffrec.evaluate import evaluate
 from simdiffrec.model import SimDiffRec
-from simdiffrec.train import autocast, plan_epoch, resolve_device, run_epoch
+from simdiffrec.train import plan_epoch, resolve_device, run_epoch, scorer
 
 VARIANTS = {
     "SASRec (alpha=beta=0, ce)": dict(alpha=0.0, beta=0.0),
@@ -51,10 +51,7 @@ def measure(cfg: Config, data, batches: int | None, repeats: int) -> dict[str, f
             epoch_times.append((time.perf_counter() - start) * full / len(plan))
     model.eval()
 
-    def score(seq: torch.Tensor) -> torch.Tensor:
-        with autocast(cfg, device):
-            return model.score(seq)
-
+    score = scorer(cfg, model, device)
     eval_times = []
     with torch.no_grad():
         for i in range(repeats + 1):

@@ -105,7 +105,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_data
     from .evaluate import evaluate
     from .export import load_model
-    from .train import autocast, resolve_device
+    from .train import resolve_device, scorer
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, device)
@@ -114,10 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if data.n_items != loaded.model.n_items:
         raise ValueError(f"{args.data} has {data.n_items} items but the model in {args.model} was trained "
                          f"on {loaded.model.n_items}: not the same prepared data")
-    def score(seq: torch.Tensor) -> torch.Tensor:
-        with autocast(loaded.config, device):  # as in training, so the numbers match the run's
-            return loaded.model.score(seq)
-
+    score = scorer(loaded.config, loaded.model, device)  # as in training, so the numbers match the run's
     with torch.no_grad():
         metrics = {split: evaluate(score, getattr(data, split).to(device)) for split in args.split}
     print(json.dumps(metrics, indent=2))

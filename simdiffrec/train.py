@@ -85,6 +85,16 @@ def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
+def scorer(cfg: Config, model: SimDiffRec, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's full-ranking scores under training's autocast, so that every evaluation
+    (training's, `simdiffrec evaluate`'s, the benchmark's) computes the same numbers."""
+    def score(seq: torch.Tensor) -> torch.Tensor:
+        with autocast(cfg, device):
+            return model.score(seq)
+
+    return score
+
+
 @dataclass
 class TrainState:
     """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
@@ -151,10 +161,7 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
     if resume is not None:
         state, best_weights = load_checkpoint(resume, cfg, model, optimizer)
 
-    def score(seq: torch.Tensor) -> torch.Tensor:
-        with autocast(cfg, device):
-            return model.score(seq)
-
+    score = scorer(cfg, model, device)
     bar = tqdm(total=cfg.epochs, initial=state.epoch, desc="epochs", unit="ep", disable=not progress)
     eval_seconds = 0.0
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
