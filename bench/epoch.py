@@ -20,12 +20,14 @@ from simdiffrec.config import Config
 from simdiffrec.data import load_data
 from simdiffrec.evaluate import evaluate
 from simdiffrec.model import SimDiffRec
-from simdiffrec.train import plan_epoch, resolve_device, run_epoch, scorer
+from simdiffrec.device import resolve_device
+from simdiffrec.evaluate import scorer
+from simdiffrec.train import plan_epoch, run_epoch
 
 VARIANTS = {
     "SASRec (alpha=beta=0, ce)": dict(alpha=0.0, beta=0.0),
     "SimDiffRec (alpha=beta=0.4, ce)": dict(alpha=0.4, beta=0.4),
-    "SimDiffRec (alpha=beta=0.4, bce)": dict(alpha=0.4, beta=0.4, loss="bce"),
+    "SimDiffRec (alpha=beta=0.4, bce)": dict(alpha=0.4, beta=0.4, sr_loss="bce"),
 }
 
 

@@ -24,7 +24,8 @@ import torch
 
 from simdiffrec.config import Config
 from simdiffrec.data import SequenceData, load_data
-from simdiffrec.train import Evaluation, resolve_device, train
+from simdiffrec.device import resolve_device
+from simdiffrec.train import Evaluation, train
 
 TINY = dict(hidden=16, inner=32, steps=50, k_noise=3, k_sample=2, batch_size=32, max_len=10)
 

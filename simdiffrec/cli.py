@@ -105,7 +105,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_data
     from .evaluate import evaluate
     from .export import load_model
-    from .train import resolve_device, scorer
+    from .device import resolve_device
+    from .evaluate import scorer
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, device)

@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
+SELECT_BY = "NDCG@10"  # the valid metric that early stopping, checkpoints and the search select by
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "loss": ("ce", "bce"),
-    "noise": ("similarity", "gaussian"),
-    "positions": ("confidence", "random"),
+    "sr_loss": ("ce", "bce"),
+    "noise_type": ("similarity", "gaussian"),
+    "aug_positions": ("confidence", "random"),
     "schedule": ("cosine", "linear", "sqrt"),
     "mix": ("convex", "vp"),
     "rounding": ("z0", "pred"),
@@ -55,10 +57,10 @@ class Config:
     tau_end: float | None = None
     tau_schedule: str = "constant"
     aug_ratio: float = 0.2
-    loss: str = "ce"
+    sr_loss: str = "ce"  # L_sr: full softmax (ce, the authors' code) or one sampled negative (bce, Eq. 3)
     # ablation switches (Table 3)
-    noise: str = "similarity"
-    positions: str = "confidence"
+    noise_type: str = "similarity"  # Eq. 6-7's similarity noise, or isotropic gaussian
+    aug_positions: str = "confidence"  # Eq. 14-16's most confident positions, or random ones
     hard_negative: bool = True
     exclude_original: bool = True
     # optimisation

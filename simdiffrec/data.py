@@ -108,23 +108,24 @@ class SequenceData:
             raise ValueError(f"item id {top} exceeds n_items={n_items}")
 
         train = [s[:-2] for s in seqs]
-        keep = [u for u, t in enumerate(train) if len(t) >= 2]
-        train_input = left_pad([train[u][:-1] for u in keep], max_len)
-        train_target = left_pad([train[u][1:] for u in keep], max_len)
+        trainable = [u for u, t in enumerate(train) if len(t) >= 2]  # users with a training target
+        train_input = left_pad([train[u][:-1] for u in trainable], max_len)
+        train_target = left_pad([train[u][1:] for u in trainable], max_len)
 
         order = np.argsort([len(s) for s in seqs], kind="stable")
 
-        def split(history_len: int) -> EvalSplit:
-            histories = [seqs[u][:len(seqs[u]) - history_len] for u in order]
+        def split(target_from_end: int) -> EvalSplit:
+            """The split whose target is each user's `target_from_end`-th item from the end."""
+            histories = [seqs[u][:len(seqs[u]) - target_from_end] for u in order]
             items, ptr = _flat(histories)
             return EvalSplit(inputs=torch.from_numpy(left_pad(histories, max_len)),
-                             targets=torch.from_numpy(np.array([seqs[u][-history_len] for u in order])),
+                             targets=torch.from_numpy(np.array([seqs[u][-target_from_end] for u in order])),
                              history_items=torch.from_numpy(items), history_ptr=ptr, users=order)
 
         return cls(n_items=n_items, max_len=max_len,
                    train_input=torch.from_numpy(train_input),
                    train_target=torch.from_numpy(train_target),
-                   train_lengths=np.minimum([len(train[u]) - 1 for u in keep], max_len).astype(np.int64),
+                   train_lengths=np.minimum([len(train[u]) - 1 for u in trainable], max_len).astype(np.int64),
                    valid=split(2), test=split(1), item_ids=item_ids, user_ids=user_ids)
 
     def to(self, device: torch.device | str) -> "SequenceData":

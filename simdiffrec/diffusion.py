@@ -2,9 +2,10 @@
 
 The paper's forward step (Eq. 8) is `z_t = α_t z_{t-1} + β_t · noise` with a *fixed* noise
 vector, so the chain collapses to the closed form of Eq. 9, `z_t = a_t z_0 + b_t · noise` with
-`a_t = Π α_s` and `b_t = Σ_s β_s Π_{i>s} α_i`.  We specify the schedule by `a_t` and `b_t`
-(index 0 is the clean sequence: a_0 = 1, b_0 = 0) and recover α_t, β_t from them:
-`α_t = a_t / a_{t-1}`, `β_t = b_t - α_t b_{t-1}`.
+`a_t = Π α_s` and `b_t = Σ_s β_s Π_{i>s} α_i`; the code calls them `z0_weight` and
+`noise_weight`.  We specify the schedule by these two (index 0 is the clean sequence: a_0 = 1,
+b_0 = 0); Eq. 8's per-step α_t, β_t follow from them: `α_t = a_t / a_{t-1}`,
+`β_t = b_t - α_t b_{t-1}`.
 
 `a_t = sqrt(ᾱ_t)` for one of three ᾱ curves, all reaching ᾱ_T = 0 so that z_T is the noise itself:
 - cosine: ᾱ_t = cos²(π/2 · t/T)
@@ -12,6 +13,7 @@ vector, so the chain collapses to the closed form of Eq. 9, `z_t = a_t z_0 + b_t
 - linear: DDPM's linear β from 1e-4 to 0.02, rescaled to zero terminal SNR (the authors' code)
 and `b_t` either `1 - a_t` (mix=convex: z_t slides from z_0 to the noise on a straight line) or
 `sqrt(1 - a_t²)` (mix=vp: DDPM's variance-preserving weights, as the authors' code does).
+The names are checked once, by `Config` (its CHOICES); the functions here take them as valid.
 """
 
 from __future__ import annotations
@@ -31,41 +33,28 @@ def alpha_bar(steps: int, kind: str) -> torch.Tensor:
         out = torch.cos(frac * math.pi / 2) ** 2
     elif kind == "sqrt":
         out = 1 - frac.sqrt()
-    elif kind == "linear":
+    else:  # linear
         betas = torch.linspace(1e-4, 0.02, steps, dtype=torch.float64)
         root = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)]).sqrt()
         first, last = root[1], root[-1]
         root[1:] = (root[1:] - last) * first / (first - last)  # zero terminal SNR (Lin et al. 2024)
         out = root ** 2
-    else:
-        raise ValueError(f"schedule={kind!r}: must be cosine, sqrt or linear")
     out[0], out[-1] = 1.0, 0.0
     return out
 
 
 def coefficients(steps: int, kind: str, mix: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b) of Eq. 9 for t = 0..T, float64."""
-    a = alpha_bar(steps, kind).clamp(min=0).sqrt()
+    """(z0_weight, noise_weight), the a_t and b_t of Eq. 9, for t = 0..T, float64."""
+    z0_weight = alpha_bar(steps, kind).clamp(min=0).sqrt()
     if mix == "convex":
-        b = 1 - a
-    elif mix == "vp":
-        b = (1 - a ** 2).clamp(min=0).sqrt()
-    else:
-        raise ValueError(f"mix={mix!r}: must be convex or vp")
-    return a, b
+        return z0_weight, 1 - z0_weight
+    return z0_weight, (1 - z0_weight ** 2).clamp(min=0).sqrt()  # vp
 
 
-def step_coefficients(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 8's per-step (α_t, β_t) for t = 1..T, implied by the closed form (a, b)."""
-    alpha = a[1:] / a[:-1].clamp(min=torch.finfo(a.dtype).tiny)
-    beta = b[1:] - alpha * b[:-1]
-    return alpha, beta
-
-
-def q_sample(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, a: torch.Tensor,
-             b: torch.Tensor) -> torch.Tensor:
+def q_sample(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, z0_weight: torch.Tensor,
+             noise_weight: torch.Tensor) -> torch.Tensor:
     """Eq. 9: z_t = a_t z_0 + b_t noise, one t per sequence (z0, noise: (B, L, d); t: (B,))."""
-    return a[t].view(-1, 1, 1) * z0 + b[t].view(-1, 1, 1) * noise
+    return z0_weight[t].view(-1, 1, 1) * z0 + noise_weight[t].view(-1, 1, 1) * noise
 
 
 def restore_times(steps: int, restore_steps: int) -> list[int]:
@@ -73,7 +62,7 @@ def restore_times(steps: int, restore_steps: int) -> list[int]:
     return [round(steps * (restore_steps - i) / restore_steps) for i in range(restore_steps)]
 
 
-def restore(denoise: Denoise, z_T: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+def restore(denoise: Denoise, z_T: torch.Tensor, z0_weight: torch.Tensor, noise_weight: torch.Tensor,
             restore_steps: int, last: Denoise | None = None) -> torch.Tensor:
     """Reverse process from z_T with an x0-predicting denoiser (deterministic, DDIM-style).
 
@@ -82,6 +71,7 @@ def restore(denoise: Denoise, z_T: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     exact at t = T, so extra steps only let the denoiser refine its guess at lower noise levels.
     `last`, if given, replaces `denoise` at the final step (to read another output of it there).
     """
+    a, b = z0_weight, noise_weight  # Eq. 9's a_t, b_t
     times = restore_times(a.shape[0] - 1, restore_steps)
     z = z_T
     for t, s in zip(times, times[1:]):

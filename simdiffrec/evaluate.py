@@ -8,12 +8,17 @@ once at the end.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
+from .config import Config
 from .data import EvalSplit
+from .device import autocast
+
+if TYPE_CHECKING:
+    from .model import SimDiffRec
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # (b, w) left-padded inputs -> (b, n_items) scores
 KS = (5, 10, 20)
@@ -57,6 +62,16 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[st
 
 def evaluate(score: Scorer, split: EvalSplit, ks: tuple[int, ...] = KS, batch_size: int = 4096) -> dict[str, float]:
     return metrics_from_ranks(target_ranks(score, split, batch_size), ks)
+
+
+def scorer(cfg: Config, model: "SimDiffRec", device: torch.device) -> Scorer:
+    """The model's full-ranking scores under training's autocast, so that every evaluation
+    (training's, `simdiffrec evaluate`'s, the benchmark's) computes the same numbers."""
+    def score(seq: torch.Tensor) -> torch.Tensor:
+        with autocast(cfg, device):
+            return model.score(seq)
+
+    return score
 
 
 def popularity_scorer(split: EvalSplit, n_items: int) -> Scorer:

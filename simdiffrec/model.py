@@ -6,9 +6,10 @@ denoiser → L_d (Eq. 13); z_T → restore → item distribution → confidence 
 and hard-negative views → encoder → L_cl (Eq. 17).
 
 Item scores cover ids 1..n (column j is item j + 1): padding is never a candidate.  Everything
-that scores the item table works on the real (non-padding) positions only, given as flat indices
-`real` into the (B, w) batch, which the training loop computes per epoch on the host so that a
-step never waits for the device.
+that scores the item table works on the positions that hold an item (not padding) only, given as
+flat indices `item_pos` into the (B, w) batch, which the training loop computes per epoch on the
+host so that a step never waits for the device; `is_item` is the same as a (B, w) mask.  The
+loss weights α and β enter in `SimDiffRec.objective` (Eq. 18).
 """
 
 from __future__ import annotations
@@ -95,9 +96,9 @@ class Encoder(nn.Module):
     def forward(self, seq: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """(B, w) ids -> (B, w, d) outputs, or (B, 1, d) for the last position with `last_only`."""
         w = seq.shape[1]
-        keep = seq > 0
+        is_item = seq > 0
         causal = torch.ones(w, w, dtype=torch.bool, device=seq.device).tril()
-        mask = (causal & keep[:, None, None, :]) | torch.eye(w, dtype=torch.bool, device=seq.device)
+        mask = (causal & is_item[:, None, None, :]) | torch.eye(w, dtype=torch.bool, device=seq.device)
         x = self.drop(self.items(seq) + self.positions.weight[-w:])
         for i, block in enumerate(self.blocks):
             x = block(x, mask, last_only and i == len(self.blocks) - 1)
@@ -132,17 +133,17 @@ class Denoiser(nn.Module):
         self.norm = nn.LayerNorm(h)
         self.out = nn.Linear(h, h)
 
-    def hidden(self, z: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """z: (B, w, d) noised embeddings, t: (B,) timesteps, keep: (B, w) real positions -> h."""
+    def hidden(self, z: torch.Tensor, t: torch.Tensor, is_item: torch.Tensor) -> torch.Tensor:
+        """z: (B, w, d) noised embeddings, t: (B,) timesteps, is_item: (B, w) positions holding an item -> h."""
         time = self.time(timestep_embedding(t, z.shape[-1]).to(z.dtype))
         x = self.drop(z + self.positions.weight[-z.shape[1]:] + time[:, None])
-        mask = keep[:, None, None, :]
+        mask = is_item[:, None, None, :]
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x)
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return self.out(self.hidden(z, t, keep))
+    def forward(self, z: torch.Tensor, t: torch.Tensor, is_item: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(z, t, is_item))
 
 
 class SimDiffRec(nn.Module):
@@ -152,9 +153,9 @@ class SimDiffRec(nn.Module):
         self.n_items = n_items
         self.encoder = Encoder(n_items, max_len, cfg)
         self.denoiser = Denoiser(max_len, cfg)
-        a, b = coefficients(cfg.steps, cfg.schedule, cfg.mix)
-        self.register_buffer("a", a.float(), persistent=False)
-        self.register_buffer("b", b.float(), persistent=False)
+        z0_weight, noise_weight = coefficients(cfg.steps, cfg.schedule, cfg.mix)  # Eq. 9's a_t, b_t
+        self.register_buffer("z0_weight", z0_weight.float(), persistent=False)
+        self.register_buffer("noise_weight", noise_weight.float(), persistent=False)
         # A k larger than the candidates (all items but the item itself) cannot be honoured.
         self.k_noise = min(cfg.k_noise, n_items - 1)
         self.k_sample = min(cfg.k_sample, n_items - 1)
@@ -178,27 +179,31 @@ class SimDiffRec(nn.Module):
         return self.item_logits(self.represent(seq))
 
     # --- losses --------------------------------------------------------------------------
-    def losses(self, seq: torch.Tensor, target: torch.Tensor, real: torch.Tensor,
+    def objective(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Eq. 18: L = L_sr + α·L_cl + β·L_d, from the parts `losses` returns."""
+        return losses["sr"] + self.cfg.alpha * losses.get("cl", 0.0) + self.cfg.beta * losses.get("d", 0.0)
+
+    def losses(self, seq: torch.Tensor, target: torch.Tensor, item_pos: torch.Tensor,
                tau: float) -> dict[str, torch.Tensor]:
-        """The three losses for one batch; `real` holds the flat indices of non-padding positions."""
+        """The three losses for one batch; `item_pos` holds the flat indices of non-padding positions."""
         cfg = self.cfg
         h = self.encoder(seq)
-        items = seq.reshape(-1)[real]
-        out = {"sr": self.sr_loss(h.reshape(-1, h.shape[-1])[real], target.reshape(-1)[real])}
+        items = seq.reshape(-1)[item_pos]
+        out = {"sr": self.sr_loss(h.reshape(-1, h.shape[-1])[item_pos], target.reshape(-1)[item_pos])}
         if cfg.alpha == 0 and cfg.beta == 0:
             return out
         z0 = self.encoder.items(seq)
-        noise = self.noise(z0, items, real)
-        keep = seq > 0
+        noise = self.noise(z0, items, item_pos)
+        is_item = seq > 0
         if cfg.beta > 0:
-            out["d"] = self.diffusion_loss(z0, noise, keep, items, real)
+            out["d"] = self.diffusion_loss(z0, noise, is_item, items, item_pos)
         if cfg.alpha > 0:
-            out["cl"] = self.contrastive_loss(h[:, -1], seq, z0, noise, items, real, tau)
+            out["cl"] = self.contrastive_loss(h[:, -1], seq, z0, noise, items, item_pos, tau)
         return out
 
     def sr_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """L_sr at every real position: full softmax (ce) or Eq. 3 with one negative (bce)."""
-        if self.cfg.loss == "ce":
+        """L_sr at every position holding an item: full softmax (ce) or Eq. 3 with one negative (bce)."""
+        if self.cfg.sr_loss == "ce":
             return F.cross_entropy(self.item_logits(h).float(), targets - 1)
         neg = sample_negatives(targets, self.n_items)
         table = self.encoder.items.weight
@@ -207,24 +212,24 @@ class SimDiffRec(nn.Module):
         return (F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit))
                 + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit)))
 
-    def noise(self, z0: torch.Tensor, items: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def noise(self, z0: torch.Tensor, items: torch.Tensor, item_pos: torch.Tensor) -> torch.Tensor:
         """Eq. 6-7: mean embedding of each item's k_noise most similar other items (pads: 0)."""
         B, w, d = z0.shape
-        if self.cfg.noise == "gaussian":
+        if self.cfg.noise_type == "gaussian":
             # The ablation: isotropic noise at the scale of the item embeddings.
             scale = self.item_table().detach().pow(2).mean().sqrt()
-            noise_real = torch.randn(real.shape[0], d, device=z0.device, dtype=z0.dtype) * scale
+            noise_items = torch.randn(item_pos.shape[0], d, device=z0.device, dtype=z0.dtype) * scale
         else:
             table = self.item_table()
             with torch.no_grad():
-                sim = self.item_logits(z0.reshape(-1, d)[real])
+                sim = self.item_logits(z0.reshape(-1, d)[item_pos])
                 sim.scatter_(1, (items - 1)[:, None], float("-inf"))  # self-masking
                 top = sim.topk(self.k_noise, dim=1).indices
-            noise_real = table[top].mean(1)
-        return z0.new_zeros(B * w, d).index_put((real,), noise_real.to(z0.dtype)).view(B, w, d)
+            noise_items = table[top].mean(1)
+        return z0.new_zeros(B * w, d).index_put((item_pos,), noise_items.to(z0.dtype)).view(B, w, d)
 
-    def diffusion_loss(self, z0: torch.Tensor, noise: torch.Tensor, keep: torch.Tensor,
-                       items: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def diffusion_loss(self, z0: torch.Tensor, noise: torch.Tensor, is_item: torch.Tensor,
+                       items: torch.Tensor, item_pos: torch.Tensor) -> torch.Tensor:
         """Eq. 13 with one random t per sequence.
 
         The forward process is deterministic, so z_0 = e and the t ≥ 2 and t = 1 terms are the
@@ -232,46 +237,46 @@ class SimDiffRec(nn.Module):
         """
         d = z0.shape[-1]
         t = torch.randint(1, self.cfg.steps + 1, (z0.shape[0],), device=z0.device)
-        h = self.denoiser.hidden(q_sample(z0, noise, t, self.a, self.b), t, keep).reshape(-1, d)[real]
-        true = z0.reshape(-1, d)[real]
+        h = self.denoiser.hidden(q_sample(z0, noise, t, self.z0_weight, self.noise_weight), t, is_item).reshape(-1, d)[item_pos]
+        true = z0.reshape(-1, d)[item_pos]
         mse = (self.denoiser.out(h).float() - true.float()).pow(2).sum(-1).mean()
         rounded = true if self.cfg.rounding == "z0" else h
         return mse + F.cross_entropy(self.item_logits(rounded).float(), items - 1)
 
     @torch.no_grad()
     def augment(self, seq: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor, items: torch.Tensor,
-                real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                item_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positive and hard-negative views (Sections 4.3-4.4).
 
-        Restore the fully noised sequence, score every item at each real position, take the
-        most confident positions (a ratio of the sequence's real length, at least one) and
+        Restore the fully noised sequence, score every item at each position holding an item, take the
+        most confident positions (a ratio of the sequence's length, at least one) and
         put there the top-ranked item (positive view) or the k_sample-th (negative view).
         """
         cfg = self.cfg
         B, w, d = z0.shape
-        keep = seq > 0
+        is_item = seq > 0
         T = torch.full((B,), cfg.steps, device=seq.device, dtype=torch.long)
-        z_T = q_sample(z0, noise, T, self.a, self.b)
-        h = restore(lambda z, t: self.denoiser(z, t, keep), z_T, self.a, self.b, cfg.restore_steps,
-                    last=lambda z, t: self.denoiser.hidden(z, t, keep))
-        logits = self.item_logits(h.reshape(-1, d)[real]).float()
-        if cfg.positions == "confidence":
-            conf_real = (logits.max(1).values - logits.logsumexp(1)).exp()  # Eq. 15-16
+        z_T = q_sample(z0, noise, T, self.z0_weight, self.noise_weight)
+        h = restore(lambda z, t: self.denoiser(z, t, is_item), z_T, self.z0_weight, self.noise_weight, cfg.restore_steps,
+                    last=lambda z, t: self.denoiser.hidden(z, t, is_item))
+        logits = self.item_logits(h.reshape(-1, d)[item_pos]).float()
+        if cfg.aug_positions == "confidence":
+            conf_items = (logits.max(1).values - logits.logsumexp(1)).exp()  # Eq. 15-16
         else:
-            conf_real = torch.rand(real.shape[0], device=seq.device)
-        conf = torch.full((B * w,), -1.0, device=seq.device).index_put((real,), conf_real).view(B, w)
-        chosen = select_positions(conf, keep, cfg.aug_ratio).reshape(-1)[real]
+            conf_items = torch.rand(item_pos.shape[0], device=seq.device)
+        conf = torch.full((B * w,), -1.0, device=seq.device).index_put((item_pos,), conf_items).view(B, w)
+        chosen = select_positions(conf, is_item, cfg.aug_ratio).reshape(-1)[item_pos]
         best, kth = ranked_items(logits, items, self.k_sample, cfg.exclude_original)
         flat = seq.reshape(-1)
-        positive = flat.index_put((real,), torch.where(chosen, best, items)).view(B, w)
-        negative = flat.index_put((real,), torch.where(chosen, kth, items)).view(B, w)
+        positive = flat.index_put((item_pos,), torch.where(chosen, best, items)).view(B, w)
+        negative = flat.index_put((item_pos,), torch.where(chosen, kth, items)).view(B, w)
         return positive, negative
 
     def contrastive_loss(self, u: torch.Tensor, seq: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor,
-                         items: torch.Tensor, real: torch.Tensor, tau: float) -> torch.Tensor:
+                         items: torch.Tensor, item_pos: torch.Tensor, tau: float) -> torch.Tensor:
         """Eq. 17: InfoNCE on cosine similarity; candidates are every sequence's positive view
         and (hard_negative) every sequence's negative view, the own positive being the label."""
-        positive, negative = self.augment(seq, z0.detach(), noise.detach(), items, real)
+        positive, negative = self.augment(seq, z0.detach(), noise.detach(), items, item_pos)
         views = [self.represent(positive)]
         if self.cfg.hard_negative:
             views.append(self.represent(negative))
@@ -287,16 +292,16 @@ def sample_negatives(targets: torch.Tensor, n_items: int) -> torch.Tensor:
     return torch.where(neg == targets, neg % n_items + 1, neg)
 
 
-def select_positions(conf: torch.Tensor, keep: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The most confident real positions of each row: floor(ratio · length), at least one.
+def select_positions(conf: torch.Tensor, is_item: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The most confident item positions of each row: floor(ratio · length), at least one.
 
-    conf: (B, w) scores, keep: (B, w) real positions -> (B, w) bool.  Padding is never chosen.
+    conf: (B, w) scores, is_item: (B, w) positions holding an item -> (B, w) bool.  Padding is never chosen.
     """
     B, w = conf.shape
-    count = (keep.sum(1) * ratio).long().clamp(min=1)
-    order = conf.masked_fill(~keep, float("-inf")).argsort(dim=1, descending=True)
+    count = (is_item.sum(1) * ratio).long().clamp(min=1)
+    order = conf.masked_fill(~is_item, float("-inf")).argsort(dim=1, descending=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(w, device=conf.device).expand(B, w))
-    return (rank < count[:, None]) & keep
+    return (rank < count[:, None]) & is_item
 
 
 def ranked_items(logits: torch.Tensor, items: torch.Tensor, k_sample: int,

@@ -3,13 +3,12 @@
 One training row per user (its training part, loss at every position): under causal attention
 this is the signal of training on every prefix, at a fraction of the work.  The whole dataset
 lives on the device; each epoch's batch plan (shuffled rows, trimmed width, flat indices of the
-real positions) is computed once on the host and uploaded in one copy, so a step neither
+item positions) is computed once on the host and uploaded in one copy, so a step neither
 waits for the device nor does host work beyond launching kernels.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -21,12 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import SELECT_BY, Config
 from .data import SequenceData
-from .evaluate import evaluate
+from .device import autocast, resolve_device
+from .evaluate import evaluate, scorer
 from .model import SimDiffRec
 
-SELECT_BY = "NDCG@10"
 # Settings that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = {"epochs", "patience", "eval_every", "device"}
 
@@ -35,26 +34,26 @@ RESUMABLE_CHANGES = {"epochs", "patience", "eval_every", "device"}
 class Batch:
     rows: torch.Tensor  # (B,) training rows
     width: int  # columns kept: the longest sequence in the batch
-    real: torch.Tensor  # flat indices of real positions in the (B, width) batch
+    item_pos: torch.Tensor  # flat indices of the positions holding an item in the (B, width) batch
 
 
 def plan_epoch(lengths: np.ndarray, batch_size: int, device: torch.device) -> list[Batch]:
     """Shuffle rows (torch's CPU generator, so checkpoints capture it) and cut batches."""
     perm = torch.randperm(len(lengths)).numpy()
-    plans, reals = [], []
+    plans, item_pos_parts = [], []
     for start in range(0, len(perm), batch_size):
         rows = perm[start:start + batch_size]
         lens = lengths[rows]
         width = int(lens.max())
         first = np.arange(len(rows)) * width + width - lens  # flat index of each row's first item
         offsets = np.cumsum(lens) - lens
-        reals.append(np.arange(lens.sum()) - np.repeat(offsets - first, lens))
+        item_pos_parts.append(np.arange(lens.sum()) - np.repeat(offsets - first, lens))
         plans.append((start, start + len(rows), width, lens.sum()))
     perm_dev = torch.from_numpy(perm).to(device)
-    real_dev = torch.from_numpy(np.concatenate(reals)).to(device)
+    item_pos_dev = torch.from_numpy(np.concatenate(item_pos_parts)).to(device)
     batches, at = [], 0
     for start, stop, width, count in plans:
-        batches.append(Batch(perm_dev[start:stop], width, real_dev[at:at + count]))
+        batches.append(Batch(perm_dev[start:stop], width, item_pos_dev[at:at + count]))
         at += count
     return batches
 
@@ -67,32 +66,6 @@ def temperature(cfg: Config, epoch: int) -> float:
     if cfg.tau_schedule == "cosine":
         progress = (1 - math.cos(math.pi * progress)) / 2
     return cfg.tau + (cfg.tau_end - cfg.tau) * progress
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}: CUDA is not available on this machine")
-    return device
-
-
-def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (when cfg.amp); full precision elsewhere."""
-    if cfg.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def scorer(cfg: Config, model: SimDiffRec, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The model's full-ranking scores under training's autocast, so that every evaluation
-    (training's, `simdiffrec evaluate`'s, the benchmark's) computes the same numbers."""
-    def score(seq: torch.Tensor) -> torch.Tensor:
-        with autocast(cfg, device):
-            return model.score(seq)
-
-    return score
 
 
 @dataclass
@@ -220,8 +193,8 @@ def run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, 
         seq = data.train_input[batch.rows, cut:]
         target = data.train_target[batch.rows, cut:]
         with autocast(cfg, device):
-            parts = model.losses(seq, target, batch.real, tau)
-        loss = parts["sr"] + cfg.alpha * parts.get("cl", 0.0) + cfg.beta * parts.get("d", 0.0)
+            parts = model.losses(seq, target, batch.item_pos, tau)
+        loss = model.objective(parts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

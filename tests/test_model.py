@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from simdiffrec.config import Config
-from simdiffrec.diffusion import coefficients, q_sample, restore, restore_times, step_coefficients
+from simdiffrec.diffusion import coefficients, q_sample, restore, restore_times
 from simdiffrec.model import SimDiffRec, attention, dropout, ranked_items, sample_negatives, select_positions
 from simdiffrec.train import plan_epoch
 
@@ -22,7 +22,7 @@ def make_model(n_items: int = 40, max_len: int = 8, **overrides) -> SimDiffRec:
 
 
 def batch(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (B, width) ids and the flat indices of their real positions."""
+    """Left-padded (B, width) ids and the flat indices of their item_pos positions."""
     seq = torch.zeros(len(rows), width, dtype=torch.long)
     for r, items in enumerate(rows):
         seq[r, width - len(items):] = torch.tensor(items)
@@ -31,15 +31,15 @@ def batch(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor
 
 def test_shapes_and_finite_losses():
     model = make_model()
-    seq, real = batch([[1, 2, 3], [4, 5, 6, 7, 8], [9]], width=5)
+    seq, item_pos = batch([[1, 2, 3], [4, 5, 6, 7, 8], [9]], width=5)
     target = seq.roll(-1, 1) * (seq > 0)
     target[:, -1] = torch.tensor([4, 9, 10])
     assert model.encoder(seq).shape == (3, 5, 16)
     assert model.score(seq).shape == (3, 40)
-    losses = model.losses(seq, target, real, tau=0.5)
+    losses = model.losses(seq, target, item_pos, tau=0.5)
     assert set(losses) == {"sr", "d", "cl"}
     assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
-    assert set(make_model(alpha=0.0, beta=0.0).losses(seq, target, real, 0.5)) == {"sr"}
+    assert set(make_model(alpha=0.0, beta=0.0).losses(seq, target, item_pos, 0.5)) == {"sr"}
 
 
 def test_representation_is_the_last_position_of_the_full_encoder():
@@ -49,7 +49,7 @@ def test_representation_is_the_last_position_of_the_full_encoder():
 
 
 def test_left_trimming_keeps_positions():
-    """Trimming padding columns must not change what the encoder computes for real items."""
+    """Trimming padding columns must not change what the encoder computes for item_pos items."""
     model = make_model().eval()
     seq, _ = batch([[3, 4, 5], [6, 7]], width=8)
     assert torch.allclose(model.encoder(seq)[:, -3:], model.encoder(seq[:, -3:]), atol=1e-5)
@@ -57,9 +57,9 @@ def test_left_trimming_keeps_positions():
 
 def test_similarity_noise_is_brute_force_topk_mean_without_self():
     model = make_model(k_noise=3)
-    seq, real = batch([[1, 2, 3, 4], [5, 6]], width=4)
+    seq, item_pos = batch([[1, 2, 3, 4], [5, 6]], width=4)
     z0 = model.encoder.items(seq)
-    noise = model.noise(z0, seq.reshape(-1)[real], real)
+    noise = model.noise(z0, seq.reshape(-1)[item_pos], item_pos)
     table = model.encoder.items.weight.detach()
     for b in range(seq.shape[0]):
         for p in range(seq.shape[1]):
@@ -74,9 +74,9 @@ def test_similarity_noise_is_brute_force_topk_mean_without_self():
 
 
 def test_gaussian_noise_ablation_has_embedding_scale():
-    model = make_model(noise="gaussian")
-    seq, real = batch([[1, 2, 3, 4]] * 64, width=4)
-    noise = model.noise(model.encoder.items(seq), seq.reshape(-1)[real], real).detach()
+    model = make_model(noise_type="gaussian")
+    seq, item_pos = batch([[1, 2, 3, 4]] * 64, width=4)
+    noise = model.noise(model.encoder.items(seq), seq.reshape(-1)[item_pos], item_pos).detach()
     rms = model.item_table().detach().pow(2).mean().sqrt()
     assert math.isclose(float(noise.pow(2).mean().sqrt()), float(rms), rel_tol=0.1)
 
@@ -87,7 +87,8 @@ def test_forward_process_matches_closed_form(schedule, mix):
     """Iterating Eq. 8 step by step gives Eq. 9's closed form at every t; z_T is the noise."""
     steps = 1000
     a, b = coefficients(steps, schedule, mix)
-    alpha, beta = step_coefficients(a, b)
+    alpha = a[1:] / a[:-1].clamp(min=torch.finfo(a.dtype).tiny)  # Eq. 8's per-step α_t, β_t
+    beta = b[1:] - alpha * b[:-1]
     assert a[0] == 1 and b[0] == 0 and a[-1] == 0 and b[-1] == 1
     assert torch.all(a[1:] <= a[:-1]) and torch.all(b[1:] >= b[:-1])
     z0, noise = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
@@ -119,14 +120,14 @@ def test_restore_with_an_oracle_denoiser_returns_z0_in_any_number_of_steps():
 def test_select_positions_never_picks_padding_and_takes_the_most_confident():
     torch.manual_seed(1)
     seq, _ = batch([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3], [4, 5, 6, 7, 8]], width=10)
-    keep = seq > 0
+    is_item = seq > 0
     conf = torch.rand(3, 10)
-    conf[~keep] = 2.0  # padding looks most confident: it must still never be chosen
-    chosen = select_positions(conf, keep, ratio=0.3)
-    assert not torch.any(chosen & ~keep)
+    conf[~is_item] = 2.0  # padding looks most confident: it must still never be chosen
+    chosen = select_positions(conf, is_item, ratio=0.3)
+    assert not torch.any(chosen & ~is_item)
     assert chosen.sum(1).tolist() == [3, 1, 1]  # floor(0.3 * length), at least one
     for r in range(3):
-        real_conf = conf[r][keep[r]]
+        real_conf = conf[r][is_item[r]]
         assert torch.equal(conf[r][chosen[r]].sort().values, real_conf.topk(int(chosen[r].sum())).values.sort().values)
 
 
@@ -147,10 +148,10 @@ def test_hard_negative_is_the_k_sample_th_ranked_item(exclude):
 
 def test_views_differ_from_the_original_only_at_chosen_positions():
     model = make_model(aug_ratio=0.5, k_sample=3)
-    seq, real = batch([[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]], width=6)
-    items = seq.reshape(-1)[real]
+    seq, item_pos = batch([[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]], width=6)
+    items = seq.reshape(-1)[item_pos]
     z0 = model.encoder.items(seq)
-    positive, negative = model.augment(seq, z0, model.noise(z0, items, real), items, real)
+    positive, negative = model.augment(seq, z0, model.noise(z0, items, item_pos), items, item_pos)
     for view in (positive, negative):
         assert torch.equal(view == 0, seq == 0)  # padding untouched
         changed = (view != seq).sum(1)
@@ -160,15 +161,15 @@ def test_views_differ_from_the_original_only_at_chosen_positions():
 
 def test_contrastive_loss_is_infonce_over_positive_and_negative_views():
     model = make_model(tau=0.5)
-    seq, real = batch([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]], width=3)
-    items = seq.reshape(-1)[real]
+    seq, item_pos = batch([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]], width=3)
+    items = seq.reshape(-1)[item_pos]
     z0 = model.encoder.items(seq)
-    noise = model.noise(z0, items, real)
+    noise = model.noise(z0, items, item_pos)
     u = model.encoder(seq)[:, -1]
     torch.manual_seed(3)
-    loss = model.contrastive_loss(u, seq, z0, noise, items, real, tau=0.5)
+    loss = model.contrastive_loss(u, seq, z0, noise, items, item_pos, tau=0.5)
     torch.manual_seed(3)
-    positive, negative = model.augment(seq, z0, noise, items, real)
+    positive, negative = model.augment(seq, z0, noise, items, item_pos)
     p, n = model.represent(positive), model.represent(negative)
     expected = 0.0
     for i in range(4):
@@ -188,7 +189,7 @@ def test_plan_epoch_covers_every_row_once_with_exact_real_positions():
         mask = torch.zeros(len(rows), b.width, dtype=torch.bool)
         for r, n in enumerate(lengths[rows]):
             mask[r, b.width - n:] = True
-        assert torch.equal(b.real, mask.reshape(-1).nonzero().squeeze(1))
+        assert torch.equal(b.item_pos, mask.reshape(-1).nonzero().squeeze(1))
     assert sorted(seen) == list(range(37))
 
 
@@ -202,13 +203,13 @@ def test_bce_negatives_are_items_other_than_the_target():
 
 @pytest.mark.parametrize("loss", ["ce", "bce"])
 def test_sequential_loss_matches_its_definition(loss):
-    model = make_model(loss=loss, alpha=0.0, beta=0.0)
-    seq, real = batch([[1, 2, 3], [4, 5]], width=3)
+    model = make_model(sr_loss=loss, alpha=0.0, beta=0.0)
+    seq, item_pos = batch([[1, 2, 3], [4, 5]], width=3)
     target = torch.tensor([[2, 3, 4], [0, 5, 6]])
-    h = model.encoder(seq).reshape(-1, 16)[real]
-    t = target.reshape(-1)[real]
+    h = model.encoder(seq).reshape(-1, 16)[item_pos]
+    t = target.reshape(-1)[item_pos]
     torch.manual_seed(5)
-    value = model.losses(seq, target, real, 1.0)["sr"]
+    value = model.losses(seq, target, item_pos, 1.0)["sr"]
     table = model.encoder.items.weight
     if loss == "ce":
         expected = F.cross_entropy(h @ table[1:].T, t - 1)
@@ -235,16 +236,16 @@ def test_cpu_attention_and_dropout_paths_match_the_fused_kernel():
 
 
 def test_ablation_switches_change_what_they_name():
-    seq, real = batch([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]], width=6)
-    items = seq.reshape(-1)[real]
+    seq, item_pos = batch([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]], width=6)
+    items = seq.reshape(-1)[item_pos]
     # random positions: same count per row as confidence positions, padding never touched
-    model = make_model(positions="random", aug_ratio=0.5)
+    model = make_model(aug_positions="random", aug_ratio=0.5)
     z0 = model.encoder.items(seq)
-    noise = model.noise(z0, items, real)
+    noise = model.noise(z0, items, item_pos)
     picks = set()
     for seed in range(20):
         torch.manual_seed(seed)
-        positive, _ = model.augment(seq, z0, noise, items, real)
+        positive, _ = model.augment(seq, z0, noise, items, item_pos)
         assert (positive != seq).sum(1).tolist() == [3, 2] and torch.equal(positive == 0, seq == 0)
         picks.add(tuple((positive != seq).reshape(-1).tolist()))
     assert len(picks) > 1  # the positions vary from draw to draw
@@ -252,8 +253,8 @@ def test_ablation_switches_change_what_they_name():
     model = make_model(hard_negative=False, tau=0.5)
     u = model.encoder(seq)[:, -1]
     torch.manual_seed(0)
-    loss = model.contrastive_loss(u, seq, z0, noise, items, real, tau=0.5)
+    loss = model.contrastive_loss(u, seq, z0, noise, items, item_pos, tau=0.5)
     torch.manual_seed(0)
-    positive, _ = model.augment(seq, z0, noise, items, real)
+    positive, _ = model.augment(seq, z0, noise, items, item_pos)
     logits = F.normalize(u, dim=-1) @ F.normalize(model.represent(positive), dim=-1).T / 0.5
     assert torch.allclose(loss, F.cross_entropy(logits, torch.arange(2)), atol=1e-5)

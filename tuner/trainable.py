@@ -25,7 +25,8 @@ from ray import tune
 
 from simdiffrec.data import SequenceData
 from simdiffrec.export import save_model
-from simdiffrec.train import SELECT_BY, Evaluation, train
+from simdiffrec.config import SELECT_BY
+from simdiffrec.train import Evaluation, train
 
 from .spaces import Space
 
