@@ -18,10 +18,9 @@ import torch
 
 from simdiffrec.config import Config
 from simdiffrec.data import load_data
-from simdiffrec.evaluate import evaluate
-from simdiffrec.model import SimDiffRec
 from simdiffrec.device import resolve_device
-from simdiffrec.evaluate import scorer
+from simdiffrec.evaluate import evaluate, scorer
+from simdiffrec.model import SimDiffRec
 from simdiffrec.train import plan_epoch, run_epoch
 
 VARIANTS = {
