@@ -1,8 +1,11 @@
-"""`simdiffrec train | evaluate | recommend | tune | tune-all | export`.
+"""`simdiffrec train | evaluate | recommend | tune | tune-all | export`: the one face over the
+core (`simdiffrec`) and the search (`tuner`).
 
-Settings come from, in rising priority: the defaults (the paper's), `--config FILE.yaml`, then
-one flag per setting (`--alpha 0.4 --k-noise 25 ...`).  Bad input ends with one line naming the
-problem, never a traceback.
+Nothing imports this module; it parses flags and calls one function of the core or the tuner per
+command.  Heavy imports (torch, Ray, Optuna) happen inside the commands, so `--help` is fast and a
+missing optional package is one line.  Settings come from, in rising priority: the defaults (the
+paper's), `--config FILE.yaml`, then one flag per setting (`--alpha 0.4 --k-noise 25 ...`).  Bad
+input ends with one line naming the problem, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ import json
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import CHOICES, Config
 
-DATA_ARGS = ("kcore", "user_col", "item_col", "time_col")
+if TYPE_CHECKING:
+    from tuner.jobs import SearchRequest
+
+COLUMNS = ("user_col", "item_col", "time_col")  # of a .csv/.parquet file
+STORAGE_ENV = "SIMDIFFREC_STORAGE"  # tuner.jobs.STORAGE_ENV, named here without importing the tuner
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,26 +58,20 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-col", default="timestamp", help="time column of a .csv/.parquet file")
 
 
-def load_for(cfg: Config, args: argparse.Namespace):
-    """Load the data the settings ask for; an unset max_len takes the dataset's default."""
-    from .data import describe, load_data
-
-    data = load_data(args.data, max_len=cfg.max_len, kcore=cfg.kcore,
-                     user_col=args.user_col, item_col=args.item_col, time_col=args.time_col)
-    stats = describe(data)
-    print(f"data {args.data}: {stats['users']:,} users, {stats['items']:,} items, {stats['actions']:,} actions, "
-          f"avg length {stats['avg_length']:.1f}, max_len {data.max_len}", file=sys.stderr)
-    return data, stats
+def columns(args: argparse.Namespace) -> dict[str, str]:
+    return {k: getattr(args, k) for k in COLUMNS}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .export import save_model, write_atomic
+    from .data import load_and_describe
+    from .files import write_atomic
+    from .model_folder import save_model
     from .train import Evaluation, train
 
     cfg = config_from_args(args)
-    data, stats = load_for(cfg, args)
+    data, stats = load_and_describe(args.data, max_len=cfg.max_len, kcore=cfg.kcore, **columns(args))
     cfg = cfg.replace(max_len=data.max_len)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,15 +104,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .data import load_data
-    from .evaluate import evaluate
-    from .export import load_model
     from .device import resolve_device
-    from .evaluate import scorer
+    from .evaluate import evaluate, scorer
+    from .model_folder import load_model
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, device)
-    data = load_data(args.data, max_len=loaded.max_len, kcore=loaded.config.kcore,
-                     user_col=args.user_col, item_col=args.item_col, time_col=args.time_col)
+    data = load_data(args.data, max_len=loaded.max_len, kcore=loaded.config.kcore, **columns(args))
     if data.n_items != loaded.model.n_items:
         raise ValueError(f"{args.data} has {data.n_items} items but the model in {args.model} was trained "
                          f"on {loaded.model.n_items}: not the same prepared data")
@@ -123,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from .export import load_model, recommend
+    from .model_folder import load_model, recommend
 
     loaded = load_model(args.model)
     histories = [line.split() for line in args.history]
@@ -133,6 +132,100 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         print(f"{history}\t{' '.join(map(str, items))}")
     return 0
 
+
+# --- the search (tuner/) --------------------------------------------------------------------
+
+def search_request(args: argparse.Namespace, resume: bool | None = None) -> "SearchRequest":
+    from tuner.jobs import SEARCH_FLAGS, SearchRequest
+
+    return SearchRequest(settings={k: getattr(args, k) for k in SEARCH_FLAGS}, max_epochs=args.max_epochs,
+                         resume=args.resume if resume is None else resume, ray_address=args.ray_address)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tuner.jobs import Job, run_job
+
+    job = Job(args.data, args.space, args.out, args.experiment, columns(args))
+    print_best(run_job(job, search_request(args)), job.out)
+    return 0
+
+
+def cmd_tune_all(args: argparse.Namespace) -> int:
+    from tuner.experiment import markdown, summary, write_summary
+    from tuner.jobs import plan_all, run_all
+
+    jobs = plan_all(args.datasets, args.out, args.space_dir, args.storage)
+    bests = run_all(jobs, search_request(args))
+    for name, best in bests.items():
+        print_best(best, args.out / name)
+    table = summary(bests)
+    write_summary(table, args.out)
+    print(markdown(table), end="")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tuner.experiment import export
+
+    print_best(export(args.experiment, args.out), args.out)
+    return 0
+
+
+def print_best(best: dict[str, Any], out: Path) -> None:
+    metrics = best["metrics"]
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["parameters"].items())
+    print(f"best trial {best['trial']} at epoch {best['epoch']}: valid NDCG@10 {metrics['valid/NDCG@10']:.4f} "
+          f"HR@10 {metrics['valid/HR@10']:.4f} ({params}) -> {out}")
+
+
+def add_search_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="search hyperparameters with Ray Tune + Optuna + ASHA; export the best")
+    add_data_flags(p)
+    p.add_argument("--space", help="search space YAML file, or a shipped one's name "
+                                   "(default: the dataset's own when --data names one, else default)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="folder for best_config.yaml, best_checkpoint/, results.parquet")
+    p.add_argument("--experiment", help="where Ray keeps the experiment: a folder or a URI such as "
+                                        f"s3://bucket/simdiffrec/beauty (default ${STORAGE_ENV}/NAME with "
+                                        "NAME the last part of OUT, else OUT/experiment)")
+    add_search_flags(p)
+    p.set_defaults(run=cmd_tune)
+
+    p = sub.add_parser("tune-all", help="one search per dataset, each with its own space; a summary table")
+    p.add_argument("--datasets", required=True,
+                   help="comma-separated dataset names (beauty,toys,...); NAME=PATH reads NAME's data from a file")
+    p.add_argument("--out", required=True, type=Path, help="OUT/NAME/ per dataset, OUT/summary.md and .parquet")
+    p.add_argument("--space-dir", type=Path, help="folder of NAME.yaml spaces (default: the shipped ones)")
+    p.add_argument("--storage", help="folder or URI under which each experiment goes as NAME "
+                                     f"(default ${STORAGE_ENV}, else OUT/NAME/experiment)")
+    add_search_flags(p)
+    p.set_defaults(run=cmd_tune_all)
+
+    p = sub.add_parser("export", help="write a search's exports from its experiment, running nothing")
+    p.add_argument("experiment", help="the experiment folder or URI (tune's OUT/experiment)")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(run=cmd_export)
+
+
+def add_search_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("search")
+    g.add_argument("--num-samples", type=int, help="trials in all (default 20)")
+    g.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA never stops (default: the space's)")
+    g.add_argument("--trials-per-gpu", type=int, help="trials sharing one GPU: each asks for 1/N of it (default 1)")
+    g.add_argument("--cpus-per-trial", type=float, help="(default 1)")
+    g.add_argument("--gpu", choices=("auto", "always", "never"),
+                   help="auto: GPU trials when the cluster has GPUs; always: also when an autoscaler has "
+                        "none up yet; never: CPU trials (default auto)")
+    g.add_argument("--max-concurrent", type=int, help="trials running at once (default 8)")
+    g.add_argument("--seed", type=int, help="seed of Optuna's TPE sampler (default 0)")
+    g.add_argument("--optuna-storage", help="database URL for the Optuna study, e.g. sqlite:///study.db, "
+                                            "to watch it with optuna-dashboard (default: in memory)")
+    g.add_argument("--max-failures", type=int, help="retries of a failed trial from its checkpoint (default 2)")
+    g.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted search(es) in OUT")
+
+
+# --- the parser -----------------------------------------------------------------------------
 
 def _yaml(values: dict[str, Any]) -> bytes:
     import yaml
@@ -176,12 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.set_defaults(run=cmd_recommend)
 
-    try:
-        from tuner.cli import add_commands
-    except ImportError:  # the tuner's dependencies (ray, optuna) are missing
-        pass
-    else:
-        add_commands(sub)
+    add_search_commands(sub)
     return parser
 
 
@@ -191,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"simdiffrec {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:  # an optional piece (Ray, Optuna, ...) is not installed
+        print(f"simdiffrec {args.command}: error: needs the Python package {err.name!r}, which is not "
+              f"installed (pip install -e . installs every dependency)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"simdiffrec {args.command}: interrupted", file=sys.stderr)

@@ -18,22 +18,22 @@ import gzip
 import http.client
 import json
 import os
-import tempfile
 import urllib.request
 import zipfile
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pandas as pd
 from tqdm import tqdm
 
-from simdiffrec.data import COLUMNS, DEFAULT_MAX_LEN, DataError, kcore
+from .files import atomic_path
+from .readers import COLUMNS, DataError, kcore
 
 KCORE = 5
+DEFAULT_MAX_LEN = 50  # the paper's maximum sequence length (200 for ml-1m)
 AMAZON_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
 # S3-Rec's window, compared as text with Yelp's "YYYY-MM-DD HH:MM:SS" dates, both ends
 # included: so of 31 December only reviews stamped exactly midnight are kept.
@@ -160,21 +160,8 @@ def data_home(cache_dir: str | Path | None = None) -> Path:
     return Path(home).expanduser()
 
 
-@contextmanager
-def _atomic(dest: Path) -> Iterator[Path]:
-    """A temporary path beside `dest` that becomes `dest` only if the block succeeds."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _download(url: str, dest: Path) -> None:
-    with _atomic(dest) as tmp, open(tmp, "wb") as out:
+    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
         with urllib.request.urlopen(url, timeout=60) as response:
             size = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
@@ -217,6 +204,6 @@ def prepare(name: str, cache_dir: str | Path | None = None, download: bool = Tru
                             "delete it to prepare again") from err
     raw = spec.read(raw_file(name, cache_dir, download))
     frame = kcore(raw.sort_values("time", kind="stable"), KCORE).reset_index(drop=True)
-    with _atomic(cached) as tmp:
+    with atomic_path(cached) as tmp:
         frame.to_parquet(tmp, index=False)
     return frame

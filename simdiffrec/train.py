@@ -10,7 +10,6 @@ waits for the device nor does host work beyond launching kernels.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from .config import SELECT_BY, Config
 from .data import SequenceData
 from .device import autocast, resolve_device
 from .evaluate import evaluate, scorer
+from .files import atomic_path
 from .model import SimDiffRec
 
 # Settings that may differ between a checkpoint and the run resuming it.
@@ -213,9 +213,7 @@ def _copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer,
                     state: TrainState, best_weights: dict[str, torch.Tensor]) -> None:
-    """Write a resumable checkpoint atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a resumable checkpoint atomically."""
     payload = {
         "config": cfg.to_dict(),
         "n_items": model.n_items,
@@ -226,9 +224,8 @@ def save_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec, optimizer:
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec,

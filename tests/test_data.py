@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simdiffrec.data import (DataError, describe, kcore, load_data, read_file, read_inter,
-                             read_sequence_file, read_table, to_sequences)
+from simdiffrec.data import describe, load_data, to_sequences
+from simdiffrec.readers import DataError, kcore, read_file, read_inter, read_sequence_file, read_table
 
 from .conftest import shared_file
 

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from simdiffrec import datasets
-from simdiffrec.data import DataError, load_data
+from simdiffrec.data import load_data
+from simdiffrec.readers import DataError
 
 BEAUTY_URL = datasets.AMAZON_URL + "reviews_Beauty_5.json.gz"
 
@@ -63,7 +64,7 @@ def test_amazon_is_sorted_filtered_and_cached(cache):
     for user in ("U0", "U3"):
         assert frame.loc[frame["user"] == user, "item"].tolist() == expected_order(reviews, user)
     cached = cache / "beauty.parquet"
-    assert cached.is_file() and not list(cache.glob(".*part"))
+    assert cached.is_file() and not list(cache.glob(".*tmp"))
 
     raw.unlink()  # the next call must not need the raw file
     pd.testing.assert_frame_equal(datasets.prepare("beauty", download=False), frame)

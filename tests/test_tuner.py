@@ -23,8 +23,9 @@ from ray.tune import ExperimentAnalysis
 
 from simdiffrec.cli import main
 from tuner import search, spaces
-from tuner.export import results_frame
-from tuner.trainable import BEST, METRIC, fetch_data
+from tuner.experiment import results_frame
+from tuner.protocol import BEST, METRIC
+from tuner.trainable import fetch_data
 
 from .conftest import synthetic_sequences
 

@@ -1,6 +1,6 @@
 """A Ray Tune search: seeded Optuna TPE over a Space, ASHA per epoch, GPUs shared by trials.
 
-Works with any function trainable that reports `trainable.METRIC`, `trainable.BEST` and `epoch`,
+Works with any function trainable that reports `protocol.METRIC`, `protocol.BEST` and `epoch`,
 so the plumbing can be tested on a cheap objective.  The experiment lives at
 `SearchSettings.experiment`, a local folder or a cloud URI (s3://...): there Ray keeps every
 trial's results and checkpoints and the searcher's state, which is what `resume` restores.
@@ -18,8 +18,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from .protocol import BEST, METRIC, MODE
 from .spaces import Space
-from .trainable import BEST, METRIC, MODE
 
 GPU_CHOICES = ("auto", "always", "never")
 

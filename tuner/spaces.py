@@ -89,10 +89,6 @@ class Space:
     fixed: dict[str, Any] = field(default_factory=dict)
     points: tuple[dict[str, Any], ...] = ()
 
-    @property
-    def names(self) -> list[str]:
-        return [p.name for p in self.params]
-
     def __call__(self, trial: Any) -> None:
         """Optuna's define-by-run: sample each parameter whose condition holds, in file order."""
         values: dict[str, Any] = {}

@@ -6,7 +6,7 @@ re-prepares the data, and worker nodes need no copy of the file.  After every va
 trial reports its metrics with a checkpoint folder holding
 
     checkpoint.pt   train()'s resumable checkpoint: a restarted trial continues from it
-    model/          the model of that epoch as a simdiffrec model folder (export.save_model)
+    model/          the model of that epoch as a simdiffrec model folder (model_folder.save_model)
 
 so the checkpoint Ray keeps as a trial's best (by valid NDCG@10) is directly the exported model.
 The device is `auto`: the GPU Ray assigned (visible as cuda:0), else the CPU.
@@ -23,18 +23,13 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
-from simdiffrec.data import SequenceData
-from simdiffrec.export import save_model
 from simdiffrec.config import SELECT_BY
+from simdiffrec.data import SequenceData
+from simdiffrec.model_folder import save_model
 from simdiffrec.train import Evaluation, train
 
+from .protocol import BEST, CHECKPOINT_FILE, METRIC, MODEL_DIR
 from .spaces import Space
-
-METRIC = f"valid/{SELECT_BY}"  # this evaluation's: what ASHA compares and Ray's checkpoints are scored by
-BEST = f"best_valid/{SELECT_BY}"  # the trial's best so far: what Optuna learns from
-MODE = "max"
-CHECKPOINT_FILE = "checkpoint.pt"
-MODEL_DIR = "model"
 
 
 @dataclass(frozen=True)

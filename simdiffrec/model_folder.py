@@ -5,13 +5,12 @@
     items.parquet   column `item_id`: the user's id of model item 1, 2, ... (row order)
     metrics.json    whatever metrics the writer had (optional)
 
-Every file is written to a temporary name and renamed, so a crash never leaves half a model.
+Every file is written atomically (`files.py`), so a crash never leaves half a file.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,13 +21,8 @@ import torch
 import yaml
 
 from .config import Config
+from .files import atomic_path, write_atomic
 from .model import SimDiffRec
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def save_model(folder: str | Path, model: SimDiffRec, item_ids: np.ndarray | None = None,
@@ -38,14 +32,12 @@ def save_model(folder: str | Path, model: SimDiffRec, item_ids: np.ndarray | Non
     payload = {"n_items": model.n_items, "max_len": model.encoder.positions.num_embeddings,
                "config": model.cfg.to_dict(),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    tmp = folder / "model.pt.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, folder / "model.pt")
+    with atomic_path(folder / "model.pt") as tmp:
+        torch.save(payload, tmp)
     write_atomic(folder / "config.yaml", yaml.safe_dump(model.cfg.to_dict(), sort_keys=False).encode())
     if item_ids is not None:
-        tmp = folder / "items.parquet.tmp"
-        pd.DataFrame({"item_id": list(item_ids[1:])}).to_parquet(tmp, index=False)
-        os.replace(tmp, folder / "items.parquet")
+        with atomic_path(folder / "items.parquet") as tmp:
+            pd.DataFrame({"item_id": list(item_ids[1:])}).to_parquet(tmp, index=False)
     if metrics is not None:
         write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2).encode())
     return folder

@@ -6,8 +6,8 @@
     results.parquet    one row per evaluation of every trial: parameters, metrics, status
 
 It reads only what Ray wrote (experiment state, each trial's result.json and checkpoints), so it
-runs without Ray started, on a local folder or a cloud URI.  Every file is written under a
-temporary name and renamed.
+runs without Ray started, on a local folder or a cloud URI.  Every file is written atomically
+(`simdiffrec/files.py`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import yaml
 from ray.air.result import Result
 from ray.tune import ExperimentAnalysis
 
-from simdiffrec.export import write_atomic
+from simdiffrec.files import write_atomic
 
-from .trainable import METRIC, MODEL_DIR
+from .protocol import METRIC, MODEL_DIR
 
 PACKAGES = ("simdiffrec", "torch", "ray", "optuna", "numpy", "pandas", "pyarrow")
 

@@ -1,0 +1,157 @@
+"""A search as the command line starts it: check the input, record the settings, run or resume
+the search, export.  Also `tune-all`'s one search per dataset.
+
+Everything that can be wrong with the input (data, space file, settings) is checked before Ray
+starts.  A search's folder OUT holds its exports plus `search.yaml` and `space.yaml`, the
+settings it was started with: a resumed search continues with those, and refuses settings that
+contradict them (only the resources may change, e.g. on another cluster).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simdiffrec.data import load_and_describe
+from simdiffrec.files import write_atomic
+
+RECORD = "search.yaml"
+STORAGE_ENV = "SIMDIFFREC_STORAGE"  # where experiments go by default, as NAME: set by cluster.yaml to an S3 URI
+SPACE_COPY = "space.yaml"
+# SearchSettings fields a user may give; None means "not given" (the default, or the record's on resume).
+SEARCH_FLAGS = ("num_samples", "trials_per_gpu", "cpus_per_trial", "gpu", "max_concurrent", "seed",
+                "optuna_storage", "max_failures")
+RESOURCE_FLAGS = {"trials_per_gpu", "cpus_per_trial", "gpu"}  # may differ on resume
+
+
+@dataclasses.dataclass
+class Job:
+    """One search: which data, which space, where its exports and its Ray experiment go."""
+
+    data: str
+    space: str | None  # a file or shipped name; None: the dataset's own space, else default
+    out: Path
+    experiment: str | None  # None: $SIMDIFFREC_STORAGE/NAME, else OUT/experiment
+    columns: dict[str, str] = dataclasses.field(  # of a .csv/.parquet file
+        default_factory=lambda: {"user_col": "user_id", "item_col": "item_id", "time_col": "timestamp"})
+
+
+@dataclasses.dataclass
+class SearchRequest:
+    """What the user asked of a search besides its Job: settings (None: not given) and where Ray runs."""
+
+    settings: dict[str, Any]  # SEARCH_FLAGS -> value or None
+    max_epochs: int | None = None
+    resume: bool = False
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
+
+
+def plan_all(datasets: str, out: Path, space_dir: Path | None, storage: str | None) -> list[Job]:
+    """tune-all's jobs from `name,name=path,...`; every space is checked before any search starts."""
+    jobs = []
+    for entry in filter(None, (e.strip() for e in datasets.split(","))):
+        name, _, data = entry.partition("=")
+        space = str(space_dir / f"{name}.yaml") if space_dir else None
+        experiment = f"{storage.rstrip('/')}/{name}" if storage else None
+        jobs.append(Job(data or name, space, out / name, experiment))
+    if not jobs:
+        raise ValueError("--datasets: no dataset given")
+    for job in jobs:
+        space_for(job)
+    return jobs
+
+
+def run_all(jobs: list[Job], request: SearchRequest) -> dict[str, dict[str, Any]]:
+    """One search per job, in turn; on resume, datasets not started yet start now."""
+    bests = {}
+    for job in jobs:
+        print(f"=== {job.out.name}", file=sys.stderr)
+        resume = request.resume and (job.out / RECORD).exists()
+        bests[job.out.name] = run_job(job, dataclasses.replace(request, resume=resume))
+    return bests
+
+
+def run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
+    """Check, prepare the data, run (or resume) the search, export; return best_config's content."""
+    import ray
+
+    from simdiffrec.config import Config
+
+    from . import search
+    from .experiment import export
+    from .trainable import TrialSetup, make_trainable
+
+    given, resume = request.settings, request.resume
+    space, settings = (_resumed(job, request.max_epochs, given) if resume
+                       else _new(job, request.max_epochs, given))
+    fixed = Config.from_dict(space.fixed, source=space.source)
+    data, stats = load_and_describe(job.data, max_len=fixed.max_len, kcore=fixed.kcore, **job.columns)
+    if not resume:
+        job.out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(space.source, job.out / SPACE_COPY)
+        record = {"data": job.data, "columns": job.columns, "space": space.source,
+                  "max_epochs": space.asha.max_epochs, "settings": dataclasses.asdict(settings)}
+        write_atomic(job.out / RECORD, yaml.safe_dump(record, sort_keys=False).encode())
+    if not ray.is_initialized():
+        ray.init(address=request.ray_address)
+    setup = TrialSetup(data=ray.put(data), data_info={"source": job.data, **stats}, space=space,
+                       max_epochs=space.asha.max_epochs)
+    search.run(make_trainable(setup), space, settings, resume=resume)
+    return export(settings.experiment, job.out)
+
+
+def _new(job: Job, max_epochs: int | None, given: dict[str, Any]):
+    """The space and settings of a search about to start."""
+    from ray import tune
+
+    from . import search, spaces
+
+    if (job.out / RECORD).exists():  # a search that never got going may be started again
+        started = yaml.safe_load((job.out / RECORD).read_text())["settings"]["experiment"]
+        if tune.Tuner.can_restore(started):
+            raise ValueError(f"{job.out} already holds a search: continue it with --resume, or choose another --out")
+    space = spaces.load(space_for(job)).with_max_epochs(max_epochs)
+    settings = search.SearchSettings(experiment=job.experiment or _default_experiment(job.out),
+                                     **{k: v for k, v in given.items() if v is not None})
+    return space, settings
+
+
+def _resumed(job: Job, max_epochs: int | None, given: dict[str, Any]):
+    """The space and settings a search in OUT was started with; flags may change resources only."""
+    from . import search, spaces
+
+    if not (job.out / RECORD).is_file():
+        raise FileNotFoundError(f"{job.out}: no search to resume ({RECORD} is missing)")
+    record = yaml.safe_load((job.out / RECORD).read_text())
+    started = {"data": record["data"], "columns": record["columns"], "space": record["space"],
+               "max_epochs": record["max_epochs"], **record["settings"]}
+    now = {"data": job.data, "columns": job.columns, "space": str(space_for(job)) if job.space else None,
+           "max_epochs": max_epochs, "experiment": job.experiment and search.absolute(job.experiment), **given}
+    for key, value in now.items():
+        if value is not None and key not in RESOURCE_FLAGS and value != started[key]:
+            raise ValueError(f"{job.out} holds a search started with {key.replace('_', '-')} {started[key]!r}, "
+                             f"not {value!r}: --resume continues it as it was started")
+    space = spaces.load(job.out / SPACE_COPY).with_max_epochs(record["max_epochs"])
+    resources = {k: v for k, v in given.items() if k in RESOURCE_FLAGS and v is not None}
+    return space, search.SearchSettings(**{**record["settings"], **resources})
+
+
+def _default_experiment(out: Path) -> str:
+    root = os.environ.get(STORAGE_ENV)
+    return f"{root.rstrip('/')}/{out.resolve().name}" if root else str(out / "experiment")
+
+
+def space_for(job: Job) -> Path:
+    """The space file a job uses: its own, else the dataset's shipped one, else default."""
+    from . import spaces
+
+    if job.space is not None:
+        return spaces.find(job.space)
+    return spaces.find(job.data if job.data in spaces.shipped() else "default")
+

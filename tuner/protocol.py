@@ -1,0 +1,13 @@
+"""What a trial reports and what its checkpoints hold: the names the trainable, the search and
+the exports agree on.  Light on purpose (no torch, no Ray), so that code which only reads an
+experiment or runs a search on another objective does not pull in the training core."""
+
+from __future__ import annotations
+
+from simdiffrec.config import SELECT_BY
+
+METRIC = f"valid/{SELECT_BY}"  # this evaluation's: what ASHA compares and Ray's checkpoints are scored by
+BEST = f"best_valid/{SELECT_BY}"  # the trial's best so far: what Optuna learns from
+MODE = "max"
+CHECKPOINT_FILE = "checkpoint.pt"  # in each reported checkpoint: train()'s resumable state
+MODEL_DIR = "model"  # in each reported checkpoint: the model of that epoch, a simdiffrec model folder
