@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,10 @@ def test_cpu_only_machine_rejects_cuda(seq_file, tmp_path, capsys):
         pytest.skip("this machine has CUDA")
     assert main(["train", "--data", str(seq_file), "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_a_missing_optional_package_is_one_line(seq_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert main(["tune", "--data", str(seq_file), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'ray'" in err and "not installed" in err
