@@ -23,6 +23,7 @@ from simdiffrec.cli import add_data_flags, load_for
 from simdiffrec.config import Config
 
 RECORD = "search.yaml"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's one-machine mode, every process on 127.0.0.1
 STORAGE_ENV = "SIMDIFFREC_STORAGE"  # where experiments go by default, as NAME: set by cluster.yaml to an S3 URI
 SPACE_COPY = "space.yaml"
 # SearchSettings fields given as flags; None means "not given" (the default, or the record's on resume).
@@ -133,6 +134,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def run_job(job: Job, args: argparse.Namespace, resume: bool) -> dict[str, Any]:
     """Check, prepare the data, run (or resume) the search, export; return best_config's content."""
+    _loopback_unless_joining(args.ray_address)
     import ray
 
     from . import search
@@ -150,11 +152,19 @@ def run_job(job: Job, args: argparse.Namespace, resume: bool) -> dict[str, Any]:
                   "max_epochs": space.asha.max_epochs, "settings": dataclasses.asdict(settings)}
         (job.out / RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
     if not ray.is_initialized():
-        ray.init(address=args.ray_address)
+        ray.init(address=args.ray_address or "local")  # RAY_ADDRESS, when set, still wins over "local"
     setup = TrialSetup(data=ray.put(data), data_info={"source": job.data, **stats}, space=space,
                        max_epochs=space.asha.max_epochs)
     search.run(make_trainable(setup), space, settings, resume=resume)
     return export(settings.experiment, job.out)
+
+
+def _loopback_unless_joining(address: str | None) -> None:
+    """A search that starts its own Ray keeps it on 127.0.0.1: without this, Ray's GCS, raylet and
+    workers listen on every interface.  Ray reads the setting when first imported, so an already
+    imported Ray (a caller's own ray.init) is left as it is."""
+    if address is None and not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
 
 
 def _new(job: Job, max_epochs: int | None, given: dict[str, Any]):
