@@ -87,7 +87,8 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optuna-storage", help="database URL for the Optuna study, e.g. sqlite:///study.db, "
                                             "to watch it with optuna-dashboard (default: in memory)")
     g.add_argument("--max-failures", type=int, help="retries of a failed trial from its checkpoint (default 2)")
-    g.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--ray-address", help="Ray cluster to join; auto: the one `ray start` began on this machine "
+                                         "(default: RAY_ADDRESS, else a Ray of this search alone, on 127.0.0.1)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted search(es) in OUT")
 
 
@@ -134,7 +135,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def run_job(job: Job, args: argparse.Namespace, resume: bool) -> dict[str, Any]:
     """Check, prepare the data, run (or resume) the search, export; return best_config's content."""
-    _loopback_unless_joining(args.ray_address)
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")  # None: a Ray of this search alone
+    _loopback_unless_joining(address)
     import ray
 
     from . import search
@@ -152,7 +154,7 @@ def run_job(job: Job, args: argparse.Namespace, resume: bool) -> dict[str, Any]:
                   "max_epochs": space.asha.max_epochs, "settings": dataclasses.asdict(settings)}
         (job.out / RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
     if not ray.is_initialized():
-        ray.init(address=args.ray_address or "local")  # RAY_ADDRESS, when set, still wins over "local"
+        ray.init(address=address or "local")  # never a cluster that `ray start` left on this machine
     setup = TrialSetup(data=ray.put(data), data_info={"source": job.data, **stats}, space=space,
                        max_epochs=space.asha.max_epochs)
     search.run(make_trainable(setup), space, settings, resume=resume)
@@ -161,9 +163,10 @@ def run_job(job: Job, args: argparse.Namespace, resume: bool) -> dict[str, Any]:
 
 def _loopback_unless_joining(address: str | None) -> None:
     """A search that starts its own Ray keeps it on 127.0.0.1: without this, Ray's GCS, raylet and
-    workers listen on every interface.  Ray reads the setting when first imported, so an already
-    imported Ray (a caller's own ray.init) is left as it is."""
-    if address is None and not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+    workers listen on every interface.  Not when joining a cluster, whose other nodes must reach
+    the driver.  Ray reads the setting when first imported, so an already imported Ray (a caller's
+    own ray.init) is left as it is."""
+    if address is None and "ray" not in sys.modules:
         os.environ.setdefault(LOOPBACK_ENV, "0")
 
 
