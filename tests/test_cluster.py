@@ -57,11 +57,21 @@ def test_cluster_opens_no_port_to_the_world_and_holds_no_credentials(cluster_con
                          re.IGNORECASE)
 
 
+def test_every_node_type_has_an_instance_profile_of_its_own(cluster_config):
+    """Ray's default profile goes to the head only (EC2 and S3 full access); the GPU workers write
+    trial checkpoints to S3 themselves, and need no EC2 rights, so each type names its own."""
+    arns = {name: t["node_config"].get("IamInstanceProfile", {}).get("Arn")
+            for name, t in cluster_config["available_node_types"].items()}
+    assert all(arn and ":instance-profile/" in arn for arn in arns.values()), arns
+    assert len(set(arns.values())) == len(arns), arns
+
+
 def test_cluster_installs_this_project_and_stores_experiments_on_s3(cluster_config):
     assert cluster_config["file_mounts"] == {"~/simdiffrec": "."}
+    assert ".gitignore" in cluster_config["rsync_filter"]  # a local .venv is not copied to the nodes
     setup = "\n".join(cluster_config["setup_commands"])
     assert "-e ~/simdiffrec" in setup and f"ray[default,tune]=={ray.__version__}" in setup
-    assert re.search(r"SIMDIFFREC_STORAGE=s3://", setup)
+    assert re.search(r"SIMDIFFREC_STORAGE:-s3://", setup)  # a node's own value, else the S3 prefix
 
 
 def tiny_search(tmp_path: Path) -> list[str]:
