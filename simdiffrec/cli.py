@@ -221,7 +221,8 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optuna-storage", help="database URL for the Optuna study, e.g. sqlite:///study.db, "
                                             "to watch it with optuna-dashboard (default: in memory)")
     g.add_argument("--max-failures", type=int, help="retries of a failed trial from its checkpoint (default 2)")
-    g.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--ray-address", help="Ray cluster to join; auto: the one `ray start` began on this machine "
+                                         "(default: RAY_ADDRESS, else a Ray of this search alone, on 127.0.0.1)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted search(es) in OUT")
 
 

@@ -22,6 +22,7 @@ from simdiffrec.data import load_and_describe
 from simdiffrec.files import write_atomic
 
 RECORD = "search.yaml"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's one-machine mode, every process on 127.0.0.1
 STORAGE_ENV = "SIMDIFFREC_STORAGE"  # where experiments go by default, as NAME: set by cluster.yaml to an S3 URI
 SPACE_COPY = "space.yaml"
 # SearchSettings fields a user may give; None means "not given" (the default, or the record's on resume).
@@ -49,7 +50,7 @@ class SearchRequest:
     settings: dict[str, Any]  # SEARCH_FLAGS -> value or None
     max_epochs: int | None = None
     resume: bool = False
-    ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a Ray of this search alone
 
 
 def plan_all(datasets: str, out: Path, space_dir: Path | None, storage: str | None) -> list[Job]:
@@ -79,6 +80,8 @@ def run_all(jobs: list[Job], request: SearchRequest) -> dict[str, dict[str, Any]
 
 def run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
     """Check, prepare the data, run (or resume) the search, export; return best_config's content."""
+    address = request.ray_address or os.environ.get("RAY_ADDRESS")  # None: a Ray of this search alone
+    _loopback_unless_joining(address)
     import ray
 
     from simdiffrec.config import Config
@@ -99,11 +102,20 @@ def run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
                   "max_epochs": space.asha.max_epochs, "settings": dataclasses.asdict(settings)}
         write_atomic(job.out / RECORD, yaml.safe_dump(record, sort_keys=False).encode())
     if not ray.is_initialized():
-        ray.init(address=request.ray_address)
+        ray.init(address=address or "local")  # never a cluster that `ray start` left on this machine
     setup = TrialSetup(data=ray.put(data), data_info={"source": job.data, **stats}, space=space,
                        max_epochs=space.asha.max_epochs)
     search.run(make_trainable(setup), space, settings, resume=resume)
     return export(settings.experiment, job.out)
+
+
+def _loopback_unless_joining(address: str | None) -> None:
+    """A search that starts its own Ray keeps it on 127.0.0.1: without this, Ray's GCS, raylet and
+    workers listen on every interface.  Not when joining a cluster, whose other nodes must reach
+    the driver.  Ray reads the setting when first imported, so an already imported Ray (a caller's
+    own ray.init) is left as it is."""
+    if address is None and "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
 
 
 def _new(job: Job, max_epochs: int | None, given: dict[str, Any]):
