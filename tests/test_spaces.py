@@ -30,9 +30,8 @@ def test_every_dataset_has_a_space_with_the_papers_ranges_and_points_first():
         assert (by_name["alpha"].low, by_name["alpha"].high, by_name["alpha"].log) == (1e-3, 0.5, True)
         assert (by_name["beta"].low, by_name["beta"].high) == (0.1, 0.5)
         assert by_name["lr"].log and by_name["dropout"].step == 0.1
-        assert by_name["view_dropout"].choices == (True, False)
         paper, authors = space.points[:2]
-        assert (paper["tau"], paper["k_noise"], paper["k_sample"], paper["view_dropout"]) == (1.0, 25, 2, True)
+        assert (paper["tau"], paper["k_noise"], paper["k_sample"], paper["lr"], paper["dropout"]) == (1.0, 25, 2, 1e-3, 0.5)
         assert (authors["alpha"], authors["tau"], authors["beta"]) == (1e-3, 0.05, 0.2)
         assert by_name["k_noise"].choices == (1, 5, 10, 25, 50, 100)
         assert by_name["k_sample"].choices == (2, 3, 5, 10, 20, 50)
