@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mix": ("convex", "vp"),
     "rounding": ("z0", "pred"),
     "tau_schedule": ("constant", "linear", "cosine"),
+    "similarity": ("cosine", "dot"),
 }
 
 
@@ -57,6 +58,12 @@ class Config:
     tau_end: float | None = None
     tau_schedule: str = "constant"
     aug_ratio: float = 0.2
+    min_substitutions: int = 1  # positions substituted per view at least (the paper: one)
+    aug_dropout: bool = True  # restore and score the views with the denoiser's dropout on (the authors' code)
+    view_dropout: bool = True  # L_cl's e_u, e_v+, e_v- encoded with dropout (the authors' code)
+    similarity: str = "cosine"  # Eq. 17's sim: cosine (the paper) or dot product (CaDiRec)
+    shared_denoiser: bool = False  # the denoiser runs the encoder's layers (the authors' code)
+    alpha_warmup: int = 0  # α grows linearly to its value over this many epochs (0: from the start)
     sr_loss: str = "ce"  # L_sr: full softmax (ce, the authors' code) or one sampled negative (bce, Eq. 3)
     # ablation switches (Table 3)
     noise_type: str = "similarity"  # Eq. 6-7's similarity noise, or isotropic gaussian
@@ -86,12 +93,14 @@ class Config:
                                          or self.max_len < 1):
             raise ValueError(f"max_len={self.max_len!r}: must be a positive integer (or unset)")
         positive_ints = ("hidden", "layers", "heads", "inner", "steps", "denoiser_layers",
-                         "denoiser_heads", "restore_steps", "k_noise", "k_sample", "batch_size",
+                         "denoiser_heads", "restore_steps", "k_noise", "k_sample", "min_substitutions", "batch_size",
                          "epochs", "eval_every", "patience")
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be a positive integer")
+        if isinstance(self.alpha_warmup, bool) or not isinstance(self.alpha_warmup, int) or self.alpha_warmup < 0:
+            raise ValueError(f"alpha_warmup={self.alpha_warmup!r}: must be an integer >= 0 (0: no warm-up)")
         if not isinstance(self.kcore, int) or self.kcore < 0:
             raise ValueError(f"kcore={self.kcore!r}: must be an integer >= 0 (0 disables filtering)")
         if self.hidden % self.heads or self.hidden % self.denoiser_heads:

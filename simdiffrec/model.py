@@ -9,12 +9,15 @@ Item scores cover ids 1..n (column j is item j + 1): padding is never a candidat
 that scores the item table works on the positions that hold an item (not padding) only, given as
 flat indices `item_pos` into the (B, w) batch, which the training loop computes per epoch on the
 host so that a step never waits for the device; `is_item` is the same as a (B, w) mask.  The
-loss weights α and β enter in `SimDiffRec.objective` (Eq. 18).
+loss weights α and β enter in `SimDiffRec.objective` (Eq. 18).  Besides the losses, `losses`
+returns a few detached numbers on the contrastive part's health (HEALTH), averaged per epoch.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,21 @@ from torch import nn
 
 from .config import Config
 from .diffusion import coefficients, q_sample, restore
+
+
+LOSSES = ("sr", "cl", "d")
+HEALTH = ("cl_margin", "cl_pos_wins", "cl_view_cos", "cl_substituted")
+
+
+@contextmanager
+def no_dropout(module: nn.Module, off: bool = True) -> Iterator[None]:
+    """Run `module` in eval mode (no dropout) inside the block when `off`; its mode is restored after."""
+    was = module.training
+    module.train(was and not off)
+    try:
+        yield
+    finally:
+        module.train(was)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -114,7 +132,8 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class Denoiser(nn.Module):
-    """f_θ(z_t, t) -> ẑ_0: a small bidirectional Transformer over the noised sequence.
+    """f_θ(z_t, t) -> ẑ_0: a small bidirectional Transformer over the noised sequence, with its
+    own layers or (`blocks` given, shared_denoiser) the encoder's, as the authors' code does.
 
     Its last hidden state h (layer-normed, the "encoder output" of Eq. 14) is what gets scored
     against the item table; a linear head maps h to the continuous prediction ẑ_0 (squared
@@ -122,14 +141,14 @@ class Denoiser(nn.Module):
     embeddings of norm ~0.2, and such dot products give a uniform softmax over the items.
     """
 
-    def __init__(self, max_len: int, cfg: Config):
+    def __init__(self, max_len: int, cfg: Config, blocks: nn.ModuleList | None = None):
         super().__init__()
         h = cfg.hidden
         self.positions = nn.Embedding(max_len, h)
         self.time = nn.Sequential(nn.Linear(h, 4 * h), nn.SiLU(), nn.Linear(4 * h, h))
         self.drop = Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(h, cfg.denoiser_heads, cfg.inner, cfg.dropout, cfg.attn_dropout)
-                                    for _ in range(cfg.denoiser_layers))
+        self.blocks = blocks if blocks is not None else nn.ModuleList(
+            Block(h, cfg.denoiser_heads, cfg.inner, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.denoiser_layers))
         self.norm = nn.LayerNorm(h)
         self.out = nn.Linear(h, h)
 
@@ -152,7 +171,7 @@ class SimDiffRec(nn.Module):
         self.cfg = cfg
         self.n_items = n_items
         self.encoder = Encoder(n_items, max_len, cfg)
-        self.denoiser = Denoiser(max_len, cfg)
+        self.denoiser = Denoiser(max_len, cfg, self.encoder.blocks if cfg.shared_denoiser else None)
         z0_weight, noise_weight = coefficients(cfg.steps, cfg.schedule, cfg.mix)  # Eq. 9's a_t, b_t
         self.register_buffer("z0_weight", z0_weight.float(), persistent=False)
         self.register_buffer("noise_weight", noise_weight.float(), persistent=False)
@@ -179,13 +198,16 @@ class SimDiffRec(nn.Module):
         return self.item_logits(self.represent(seq))
 
     # --- losses --------------------------------------------------------------------------
-    def objective(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Eq. 18: L = L_sr + α·L_cl + β·L_d, from the parts `losses` returns."""
-        return losses["sr"] + self.cfg.alpha * losses.get("cl", 0.0) + self.cfg.beta * losses.get("d", 0.0)
+    def objective(self, losses: dict[str, torch.Tensor], alpha_factor: float = 1.0) -> torch.Tensor:
+        """Eq. 18: L = L_sr + α·L_cl + β·L_d, from the parts `losses` returns; `alpha_factor`
+        scales α (the warm-up, `train.alpha_factor`)."""
+        alpha = alpha_factor * self.cfg.alpha
+        return losses["sr"] + alpha * losses.get("cl", 0.0) + self.cfg.beta * losses.get("d", 0.0)
 
     def losses(self, seq: torch.Tensor, target: torch.Tensor, item_pos: torch.Tensor,
                tau: float) -> dict[str, torch.Tensor]:
-        """The three losses for one batch; `item_pos` holds the flat indices of non-padding positions."""
+        """The three losses (LOSSES) for one batch, and with L_cl its health (HEALTH, detached);
+        `item_pos` holds the flat indices of non-padding positions."""
         cfg = self.cfg
         h = self.encoder(seq)
         items = seq.reshape(-1)[item_pos]
@@ -198,7 +220,8 @@ class SimDiffRec(nn.Module):
         if cfg.beta > 0:
             out["d"] = self.diffusion_loss(z0, noise, is_item, items, item_pos)
         if cfg.alpha > 0:
-            out["cl"] = self.contrastive_loss(h[:, -1], seq, z0, noise, items, item_pos, tau)
+            out["cl"], health = self.contrastive_loss(h[:, -1], seq, z0, noise, items, item_pos, tau)
+            out.update(health)
         return out
 
     def sr_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -249,23 +272,25 @@ class SimDiffRec(nn.Module):
         """Positive and hard-negative views (Sections 4.3-4.4).
 
         Restore the fully noised sequence, score every item at each position holding an item, take the
-        most confident positions (a ratio of the sequence's length, at least one) and
-        put there the top-ranked item (positive view) or the k_sample-th (negative view).
+        most confident positions (a ratio of the sequence's length, at least min_substitutions) and
+        put there the top-ranked item (positive view) or the k_sample-th (negative view).  Without
+        aug_dropout the denoiser restores in eval mode: dropout would otherwise decide the ranking.
         """
         cfg = self.cfg
         B, w, d = z0.shape
         is_item = seq > 0
         T = torch.full((B,), cfg.steps, device=seq.device, dtype=torch.long)
         z_T = q_sample(z0, noise, T, self.z0_weight, self.noise_weight)
-        h = restore(lambda z, t: self.denoiser(z, t, is_item), z_T, self.z0_weight, self.noise_weight, cfg.restore_steps,
-                    last=lambda z, t: self.denoiser.hidden(z, t, is_item))
+        with no_dropout(self.denoiser, not cfg.aug_dropout):
+            h = restore(lambda z, t: self.denoiser(z, t, is_item), z_T, self.z0_weight, self.noise_weight,
+                        cfg.restore_steps, last=lambda z, t: self.denoiser.hidden(z, t, is_item))
         logits = self.item_logits(h.reshape(-1, d)[item_pos]).float()
         if cfg.aug_positions == "confidence":
             conf_items = (logits.max(1).values - logits.logsumexp(1)).exp()  # Eq. 15-16
         else:
             conf_items = torch.rand(item_pos.shape[0], device=seq.device)
         conf = torch.full((B * w,), -1.0, device=seq.device).index_put((item_pos,), conf_items).view(B, w)
-        chosen = select_positions(conf, is_item, cfg.aug_ratio).reshape(-1)[item_pos]
+        chosen = select_positions(conf, is_item, cfg.aug_ratio, cfg.min_substitutions).reshape(-1)[item_pos]
         best, kth = ranked_items(logits, items, self.k_sample, cfg.exclude_original)
         flat = seq.reshape(-1)
         positive = flat.index_put((item_pos,), torch.where(chosen, best, items)).view(B, w)
@@ -273,16 +298,38 @@ class SimDiffRec(nn.Module):
         return positive, negative
 
     def contrastive_loss(self, u: torch.Tensor, seq: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor,
-                         items: torch.Tensor, item_pos: torch.Tensor, tau: float) -> torch.Tensor:
-        """Eq. 17: InfoNCE on cosine similarity; candidates are every sequence's positive view
-        and (hard_negative) every sequence's negative view, the own positive being the label."""
+                         items: torch.Tensor, item_pos: torch.Tensor,
+                         tau: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Eq. 17: InfoNCE on `similarity` (cosine or dot) over τ; candidates are every sequence's
+        positive view and (hard_negative) every sequence's negative view, the own positive being
+        the label.  `u` is e_u from the training pass; without view_dropout e_u and the views are
+        encoded without dropout, so that the substitutions, not dropout, tell them apart.
+
+        Also returns the health of L_cl (detached): the share of item positions substituted, the
+        cosine of e_u to its positive view, and (hard_negative) how far and how often the
+        positive is above the negative in cosine."""
+        cfg = self.cfg
+        B = seq.shape[0]
         positive, negative = self.augment(seq, z0.detach(), noise.detach(), items, item_pos)
-        views = [self.represent(positive)]
-        if self.cfg.hard_negative:
-            views.append(self.represent(negative))
-        candidates = F.normalize(torch.cat(views).float(), dim=-1)
-        logits = F.normalize(u.float(), dim=-1) @ candidates.T / tau
-        return F.cross_entropy(logits, torch.arange(u.shape[0], device=u.device))
+        views = [positive, negative] if cfg.hard_negative else [positive]
+        if cfg.view_dropout:
+            reps = torch.cat([u, self.represent(torch.cat(views))]).float()
+        else:
+            with no_dropout(self.encoder):
+                reps = self.represent(torch.cat([seq, *views])).float()
+        unit = F.normalize(reps, dim=-1)
+        if cfg.similarity == "cosine":
+            reps = unit
+        logits = reps[:B] @ reps[B:].T / tau
+        loss = F.cross_entropy(logits, torch.arange(B, device=seq.device))
+        with torch.no_grad():
+            cos = (unit[:B, None] * unit[B:].view(len(views), B, -1).transpose(0, 1)).sum(-1)  # (B, views)
+            health = {"cl_view_cos": cos[:, 0].mean(),
+                      "cl_substituted": (positive != seq).sum() / item_pos.shape[0]}
+            if cfg.hard_negative:
+                health["cl_margin"] = (cos[:, 0] - cos[:, 1]).mean()
+                health["cl_pos_wins"] = (cos[:, 0] > cos[:, 1]).float().mean()
+        return loss, health
 
 
 def sample_negatives(targets: torch.Tensor, n_items: int) -> torch.Tensor:
@@ -292,13 +339,14 @@ def sample_negatives(targets: torch.Tensor, n_items: int) -> torch.Tensor:
     return torch.where(neg == targets, neg % n_items + 1, neg)
 
 
-def select_positions(conf: torch.Tensor, is_item: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The most confident item positions of each row: floor(ratio · length), at least one.
+def select_positions(conf: torch.Tensor, is_item: torch.Tensor, ratio: float, minimum: int = 1) -> torch.Tensor:
+    """The most confident item positions of each row: floor(ratio · length), at least `minimum`
+    (all of a shorter row).
 
     conf: (B, w) scores, is_item: (B, w) positions holding an item -> (B, w) bool.  Padding is never chosen.
     """
     B, w = conf.shape
-    count = (is_item.sum(1) * ratio).long().clamp(min=1)
+    count = (is_item.sum(1) * ratio).long().clamp(min=minimum)
     order = conf.masked_fill(~is_item, float("-inf")).argsort(dim=1, descending=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(w, device=conf.device).expand(B, w))
     return (rank < count[:, None]) & is_item

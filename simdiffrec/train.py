@@ -24,7 +24,7 @@ from .data import SequenceData
 from .device import autocast, resolve_device
 from .evaluate import evaluate, scorer
 from .files import atomic_path
-from .model import SimDiffRec
+from .model import LOSSES, SimDiffRec
 
 # Settings that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = {"epochs", "patience", "eval_every", "device"}
@@ -66,6 +66,11 @@ def temperature(cfg: Config, epoch: int) -> float:
     if cfg.tau_schedule == "cosine":
         progress = (1 - math.cos(math.pi * progress)) / 2
     return cfg.tau + (cfg.tau_end - cfg.tau) * progress
+
+
+def alpha_factor(cfg: Config, epoch: int) -> float:
+    """The share of α used in an epoch (1-based): epoch/alpha_warmup during the warm-up, then 1."""
+    return min(1.0, epoch / cfg.alpha_warmup) if cfg.alpha_warmup else 1.0
 
 
 @dataclass
@@ -140,7 +145,8 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
         batches = plan_epoch(data.train_lengths, cfg.batch_size, device)
-        losses = run_epoch(cfg, model, optimizer, data, batches, temperature(cfg, epoch), progress)
+        losses = run_epoch(cfg, model, optimizer, data, batches, temperature(cfg, epoch), progress,
+                           alpha_factor(cfg, epoch))
         state.train_seconds += time.perf_counter() - started
         state.epoch = epoch
         bar.update(1)
@@ -161,7 +167,8 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
             state.bad_evals += 1
         state.history.append({"epoch": epoch, **losses, **{f"valid/{k}": v for k, v in valid.items()}})
         stopping = state.bad_evals >= cfg.patience
-        bar.set_postfix({"loss": f"{sum(losses.values()):.3f}", SELECT_BY: f"{valid[SELECT_BY]:.4f}",
+        total = sum(v for k, v in losses.items() if k.startswith("loss_"))
+        bar.set_postfix({"loss": f"{total:.3f}", SELECT_BY: f"{valid[SELECT_BY]:.4f}",
                          "best": state.best_epoch})
         if report is not None:
             snapshot = (state, best_weights)
@@ -183,8 +190,9 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
 
 
 def run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, data: SequenceData,
-              batches: list[Batch], tau: float, progress: bool = False) -> dict[str, float]:
-    """One pass over `batches`; returns the mean of each loss (the epoch's one device sync)."""
+              batches: list[Batch], tau: float, progress: bool = False, alpha_factor: float = 1.0) -> dict[str, float]:
+    """One pass over `batches`; returns the mean of each loss (`loss_sr`, ...) and of L_cl's
+    health numbers (`cl_margin`, ...), read in the epoch's one device sync."""
     model.train()
     device = data.train_input.device
     totals: dict[str, torch.Tensor] = {}
@@ -194,7 +202,7 @@ def run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, 
         target = data.train_target[batch.rows, cut:]
         with autocast(cfg, device):
             parts = model.losses(seq, target, batch.item_pos, tau)
-        loss = model.objective(parts)
+        loss = model.objective(parts, alpha_factor)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -202,7 +210,7 @@ def run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, 
             totals[name] = totals.get(name, 0.0) + value.detach()
     names = list(totals)
     means = (torch.stack([totals[n] for n in names]) / len(batches)).tolist()
-    return {f"loss_{n}": v for n, v in zip(names, means)}
+    return {f"loss_{n}" if n in LOSSES else n: v for n, v in zip(names, means)}
 
 
 def _copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

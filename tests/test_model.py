@@ -8,13 +8,14 @@ import torch.nn.functional as F
 
 from simdiffrec.config import Config
 from simdiffrec.diffusion import coefficients, q_sample, restore, restore_times
-from simdiffrec.model import SimDiffRec, attention, dropout, ranked_items, sample_negatives, select_positions
-from simdiffrec.train import plan_epoch
+from simdiffrec.model import HEALTH, SimDiffRec, attention, dropout, ranked_items, sample_negatives, select_positions
+from simdiffrec.train import alpha_factor, plan_epoch
 
 
 def make_model(n_items: int = 40, max_len: int = 8, **overrides) -> SimDiffRec:
     torch.manual_seed(0)
-    cfg = Config(max_len=max_len, hidden=16, inner=32, dropout=0.0, attn_dropout=0.0, steps=50, **overrides)
+    cfg = Config(**{"max_len": max_len, "hidden": 16, "inner": 32, "dropout": 0.0, "attn_dropout": 0.0, "steps": 50,
+                    **overrides})
     model = SimDiffRec(cfg, n_items, max_len)
     with torch.no_grad():  # a spread-out table, so similarities are distinct
         model.encoder.items.weight[1:].normal_()
@@ -37,7 +38,7 @@ def test_shapes_and_finite_losses():
     assert model.encoder(seq).shape == (3, 5, 16)
     assert model.score(seq).shape == (3, 40)
     losses = model.losses(seq, target, item_pos, tau=0.5)
-    assert set(losses) == {"sr", "d", "cl"}
+    assert set(losses) == {"sr", "d", "cl", *HEALTH}
     assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
     assert set(make_model(alpha=0.0, beta=0.0).losses(seq, target, item_pos, 0.5)) == {"sr"}
 
@@ -167,7 +168,7 @@ def test_contrastive_loss_is_infonce_over_positive_and_negative_views():
     noise = model.noise(z0, items, item_pos)
     u = model.encoder(seq)[:, -1]
     torch.manual_seed(3)
-    loss = model.contrastive_loss(u, seq, z0, noise, items, item_pos, tau=0.5)
+    loss, _ = model.contrastive_loss(u, seq, z0, noise, items, item_pos, tau=0.5)
     torch.manual_seed(3)
     positive, negative = model.augment(seq, z0, noise, items, item_pos)
     p, n = model.represent(positive), model.represent(negative)
@@ -253,8 +254,106 @@ def test_ablation_switches_change_what_they_name():
     model = make_model(hard_negative=False, tau=0.5)
     u = model.encoder(seq)[:, -1]
     torch.manual_seed(0)
-    loss = model.contrastive_loss(u, seq, z0, noise, items, item_pos, tau=0.5)
+    loss, _ = model.contrastive_loss(u, seq, z0, noise, items, item_pos, tau=0.5)
     torch.manual_seed(0)
     positive, _ = model.augment(seq, z0, noise, items, item_pos)
     logits = F.normalize(u, dim=-1) @ F.normalize(model.represent(positive), dim=-1).T / 0.5
     assert torch.allclose(loss, F.cross_entropy(logits, torch.arange(2)), atol=1e-5)
+
+
+def views_of(model: SimDiffRec, seq: torch.Tensor, item_pos: torch.Tensor, seed: int):
+    items = seq.reshape(-1)[item_pos]
+    z0 = model.encoder.items(seq)
+    torch.manual_seed(seed)
+    return model.augment(seq, z0, model.noise(z0, items, item_pos), items, item_pos)
+
+
+def test_eval_mode_augmentation_ignores_dropout():
+    seq, item_pos = batch([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]], width=8)
+    model = make_model(dropout=0.5, attn_dropout=0.5, aug_dropout=False, aug_ratio=0.5)
+    reference = views_of(model.eval(), seq, item_pos, seed=0)
+    model.train()
+    for seed in (1, 2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(views_of(model, seq, item_pos, seed), reference))
+    assert model.training and model.denoiser.training  # the mode is restored
+    noisy = make_model(dropout=0.5, attn_dropout=0.5, aug_ratio=0.5).train()  # the authors' code: dropout on
+    draws = {tuple(views_of(noisy, seq, item_pos, seed)[0].reshape(-1).tolist()) for seed in range(6)}
+    assert len(draws) > 1
+
+
+def test_min_substitutions_raise_the_count_and_never_choose_padding():
+    seq, item_pos = batch([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3], [4, 5, 6, 7, 8]], width=10)
+    is_item = seq > 0
+    conf = torch.rand(3, 10)
+    conf[~is_item] = 2.0
+    chosen = select_positions(conf, is_item, ratio=0.1, minimum=3)
+    assert chosen.sum(1).tolist() == [3, 1, 3] and not torch.any(chosen & ~is_item)
+    model = make_model(max_len=10, aug_ratio=0.1, min_substitutions=3)
+    for view in views_of(model, seq, item_pos, seed=0):
+        assert (view != seq).sum(1).tolist() == [3, 1, 3] and torch.equal(view == 0, seq == 0)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_denoiser_trains_the_encoders_layers_through_l_d(shared):
+    model = make_model(shared_denoiser=shared, alpha=0.0)
+    seq, item_pos = batch([[1, 2, 3, 4], [5, 6, 7]], width=4)
+    items = seq.reshape(-1)[item_pos]
+    z0 = model.encoder.items(seq)
+    loss = model.diffusion_loss(z0, model.noise(z0, items, item_pos), seq > 0, items, item_pos)
+    loss.backward()
+    grad = sum(p.grad.abs().sum() for p in model.encoder.blocks.parameters() if p.grad is not None)
+    assert (grad > 0) == shared
+    assert (model.denoiser.blocks is model.encoder.blocks) == shared
+    own = sum(p.numel() for p in make_model(shared_denoiser=False).parameters())
+    assert (sum(p.numel() for p in model.parameters()) < own) == shared  # no duplicated layers
+
+
+def test_contrastive_similarity_and_clean_views():
+    seq, item_pos = batch([[1, 2, 3], [4, 5, 6], [7, 8, 9]], width=3)
+    items = seq.reshape(-1)[item_pos]
+    model = make_model(similarity="dot", hard_negative=False)
+    z0 = model.encoder.items(seq)
+    noise = model.noise(z0, items, item_pos)
+    u = model.encoder(seq)[:, -1]
+    torch.manual_seed(0)
+    loss, health = model.contrastive_loss(u, seq, z0, noise, items, item_pos, tau=0.5)
+    torch.manual_seed(0)
+    positive, _ = model.augment(seq, z0, noise, items, item_pos)
+    p = model.represent(positive)
+    assert torch.allclose(loss, F.cross_entropy(u @ p.T / 0.5, torch.arange(3)), atol=1e-5)
+    assert set(health) == {"cl_view_cos", "cl_substituted"}  # no negative view, no margin
+    assert torch.allclose(health["cl_view_cos"], F.cosine_similarity(u, p).mean(), atol=1e-5)
+    # without view dropout e_u is a dropout-free pass of its own, and the loss is deterministic
+    clean = make_model(dropout=0.5, attn_dropout=0.5, view_dropout=False, aug_dropout=False).train()
+    z0 = clean.encoder.items(seq)
+    noise = clean.noise(z0, items, item_pos)
+    values = [clean.contrastive_loss(torch.randn(3, 16), seq, z0, noise, items, item_pos, 0.5)[0]
+              for _ in range(3)]
+    assert torch.allclose(values[0], values[1]) and torch.allclose(values[0], values[2])
+
+
+def test_health_reads_the_views():
+    seq, item_pos = batch([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]], width=5)
+    items = seq.reshape(-1)[item_pos]
+    model = make_model(aug_ratio=0.4)
+    z0 = model.encoder.items(seq)
+    noise = model.noise(z0, items, item_pos)
+    u = model.encoder(seq)[:, -1]
+    torch.manual_seed(0)
+    _, health = model.contrastive_loss(u, seq, z0, noise, items, item_pos, tau=1.0)
+    torch.manual_seed(0)
+    positive, negative = model.augment(seq, z0, noise, items, item_pos)
+    cos_pos = F.cosine_similarity(u, model.represent(positive))
+    cos_neg = F.cosine_similarity(u, model.represent(negative))
+    assert health["cl_substituted"] == pytest.approx(4 / 10)  # two of five positions in each row
+    assert torch.allclose(health["cl_margin"], (cos_pos - cos_neg).mean(), atol=1e-5)
+    assert health["cl_pos_wins"] == pytest.approx(float((cos_pos > cos_neg).float().mean()))
+
+
+def test_alpha_warmup_scales_alpha_in_the_objective():
+    assert [alpha_factor(Config(alpha_warmup=4), e) for e in (1, 2, 4, 9)] == [0.25, 0.5, 1.0, 1.0]
+    assert alpha_factor(Config(), 1) == 1.0
+    model = make_model(alpha=0.4, beta=0.2)
+    parts = {"sr": torch.tensor(1.0), "cl": torch.tensor(2.0), "d": torch.tensor(3.0)}
+    assert float(model.objective(parts)) == pytest.approx(1 + 0.8 + 0.6)
+    assert float(model.objective(parts, alpha_factor=0.25)) == pytest.approx(1 + 0.2 + 0.6)

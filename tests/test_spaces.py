@@ -21,13 +21,18 @@ def write(tmp_path, content: dict):
     return path
 
 
-def test_every_dataset_has_a_space_with_the_papers_ranges():
+def test_every_dataset_has_a_space_with_the_papers_ranges_and_points_first():
     assert set(spaces.shipped()) == {*DATASETS, "default"}
     for name in (*DATASETS, "default"):
         space = spaces.load(name)
         by_name = {p.name: p for p in space.params}
-        assert (by_name["alpha"].low, by_name["alpha"].high) == (0.1, 0.5)
+        # alpha down to the authors' code's 0.001, on a log scale, with tau down to 0.05
+        assert (by_name["alpha"].low, by_name["alpha"].high, by_name["alpha"].log) == (1e-3, 0.5, True)
         assert (by_name["beta"].low, by_name["beta"].high) == (0.1, 0.5)
+        assert by_name["lr"].log and by_name["dropout"].step == 0.1
+        paper, authors = space.points[:2]
+        assert (paper["tau"], paper["k_noise"], paper["k_sample"], paper["lr"], paper["dropout"]) == (1.0, 25, 2, 1e-3, 0.5)
+        assert (authors["alpha"], authors["tau"], authors["beta"]) == (1e-3, 0.05, 0.2)
         assert by_name["k_noise"].choices == (1, 5, 10, 25, 50, 100)
         assert by_name["k_sample"].choices == (2, 3, 5, 10, 20, 50)
         assert (by_name["tau"].low, by_name["tau"].high, by_name["tau"].log) == (0.05, 1.0, True)
@@ -48,7 +53,7 @@ def test_define_by_run_samples_conditional_parameters_only_when_active():
         space(trial)
         params = trial.params
         assert ("tau_end" in params) == (params["tau_schedule"] != "constant")
-        assert 0.1 <= params["alpha"] <= 0.5 and params["k_noise"] in (1, 5, 10, 25, 50, 100)
+        assert 1e-3 <= params["alpha"] <= 0.5 and params["k_noise"] in (1, 5, 10, 25, 50, 100)
         assert round(params["dropout"] * 10) == pytest.approx(params["dropout"] * 10)  # step 0.1
         cfg = space.config(params, epochs=7)
         assert isinstance(cfg, Config) and cfg.epochs == 7 and cfg.device == "auto"

@@ -20,6 +20,9 @@ def test_every_loss_falls_and_the_model_learns_the_pattern(tiny_data):
     first, last = result.history[0], result.history[-1]
     for name in ("loss_sr", "loss_cl", "loss_d"):
         assert last[name] < 0.9 * first[name], name
+    for entry in result.history:  # L_cl's health, per evaluation
+        assert 0 < entry["cl_substituted"] <= 1 and 0 <= entry["cl_pos_wins"] <= 1
+        assert -2 <= entry["cl_margin"] <= 2 and -1 <= entry["cl_view_cos"] <= 1
     popular = evaluate(popularity_scorer(tiny_data.test, tiny_data.n_items), tiny_data.test)
     assert result.test["HR@10"] > max(0.8, 2 * popular["HR@10"])
 
