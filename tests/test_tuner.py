@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import optuna
 import pandas as pd
@@ -23,7 +22,7 @@ from ray.tune import ExperimentAnalysis
 
 from simdiffrec.cli import main
 from tuner import search, spaces
-from tuner.experiment import results_frame
+from tuner.experiment import Trial, results_frame
 from tuner.protocol import BEST, METRIC
 from tuner.trainable import fetch_data
 
@@ -248,8 +247,8 @@ def test_packing_benchmark_runs_on_cpu():
 
 def test_results_list_each_epoch_of_a_restarted_trial_once():
     """A trial restarted from its epoch-1 checkpoint reports epoch 2 again: one row, the later."""
-    trial = SimpleNamespace(trial_id="t1", experiment_tag="0_alpha=0.4", status="TERMINATED", config={"alpha": 0.4})
-    reported = pd.DataFrame({"epoch": [1, 2, 2, 3], METRIC: [0.1, 0.2, 0.25, 0.3], "config/alpha": 0.4})
-    table = results_frame(SimpleNamespace(trials=[trial]), {"t1": SimpleNamespace(metrics_dataframe=reported)})
+    rows = [{"epoch": e, METRIC: v, "config": {"alpha": 0.4}} for e, v in [(1, 0.1), (2, 0.2), (2, 0.25), (3, 0.3)]]
+    trial = Trial(trial_id="t1", number=0, status="TERMINATED", config={"alpha": 0.4}, folder="t1", rows=rows)
+    table = results_frame([trial])
     assert table["epoch"].tolist() == [1, 2, 3] and table[METRIC].tolist() == [0.1, 0.25, 0.3]
-    assert table.columns[:4].tolist() == ["trial_id", "number", "status", "alpha"]
+    assert table.columns[:5].tolist() == ["trial_id", "number", "status", "error", "alpha"]

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from simdiffrec.data import load_and_describe
-from simdiffrec.files import write_atomic
+from simdiffrec.files import locked, write_atomic
 
 RECORD = "search.yaml"
 STORAGE_ENV = "SIMDIFFREC_STORAGE"  # where experiments go by default, as NAME: set by cluster.yaml to an S3 URI
@@ -78,7 +78,13 @@ def run_all(jobs: list[Job], request: SearchRequest) -> dict[str, dict[str, Any]
 
 
 def run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
-    """Check, prepare the data, run (or resume) the search, export; return best_config's content."""
+    """Check, prepare the data, run (or resume) the search, export; return best_config's content.
+    OUT is locked for the search's life, before anything in it is read or written."""
+    with locked(job.out):
+        return _run_job(job, request)
+
+
+def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
     import ray
 
     from simdiffrec.config import Config

@@ -8,6 +8,7 @@ trial's results and checkpoints and the searcher's state, which is what `resume`
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -110,4 +111,15 @@ def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: Sea
                                                         checkpoint_score_attribute=METRIC,
                                                         checkpoint_score_order=MODE),
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
-    return tuner.fit()
+    grid = tuner.fit()
+    if grid.num_terminated + grid.num_errors < settings.num_samples:
+        raise KeyboardInterrupt  # Ray stopped on Ctrl-C, saved the experiment and returned: tell the caller
+    return grid
+
+
+def _no_restore_hint(record: logging.LogRecord) -> bool:
+    """Ray's closing words after Ctrl-C name `Tuner.restore(...)`; the command line names --resume."""
+    return "Tuner.restore" not in record.getMessage()
+
+
+logging.getLogger("ray.tune.tune").addFilter(_no_restore_hint)
