@@ -87,6 +87,10 @@ def test_export_skips_what_an_interrupted_trial_had_not_finished_writing(tmp_pat
     results = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert results.loc[results["trial_id"] == "t1", "epoch"].tolist() == [1, 2]
     assert results.loc[results["trial_id"] == "t2", "epoch"].isna().all()
+    state = next(experiment.glob("experiment_state-*.json"))
+    state.write_text(state.read_text()[:100])  # Ray rewrites its state in place
+    with pytest.raises(ValueError, match="cut off"):
+        export(str(experiment), tmp_path / "out")
 
 
 class Payload:

@@ -75,7 +75,10 @@ def read(experiment: str) -> Experiment:
     states = sorted(name for name in _listing(fs, path) if name.startswith("experiment_state-") and name.endswith(".json"))
     if not states:
         raise FileNotFoundError(f"{experiment}: no Ray Tune experiment there (no experiment_state file)")
-    state = json.loads(_read_text(fs, f"{path}/{states[-1]}"))  # the newest session's, as Ray picks it
+    try:  # the newest session's, as Ray picks it
+        state = json.loads(_read_text(fs, f"{path}/{states[-1]}"))
+    except ValueError:  # Ray rewrites it in place
+        raise ValueError(f"{experiment}/{states[-1]}: cut off (being written by the search?); try again") from None
     trials = []
     for trial_json, _ in state["trial_data"]:
         saved = json.loads(trial_json)  # plain JSON: Ray's pickled fields stay hex strings
