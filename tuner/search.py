@@ -36,7 +36,10 @@ class SearchSettings:
     seed: int = 0
     optuna_storage: str | None = None  # e.g. sqlite:///study.db, for optuna-dashboard; None: in memory
     max_failures: int = 2  # retries of a failed trial, from its latest checkpoint
-    keep_checkpoints: int = 2  # per trial, the best by METRIC (Ray also keeps the latest)
+    # per trial, the best by METRIC (Ray also keeps the latest).  Ray saves the experiment's state
+    # whenever a trial has made this many checkpoints: with 1, the state --resume restores knows
+    # every trial's latest checkpoint, so no trial is rerun from scratch or under a new id.
+    keep_checkpoints: int = 1
 
     def __post_init__(self) -> None:
         self.experiment = absolute(self.experiment)
