@@ -61,7 +61,7 @@ class Trial:
 
 @dataclass
 class Experiment:
-    location: str  # as given: a folder or a URI
+    location: str  # a URI, or a local folder made absolute
     fs: pyarrow.fs.FileSystem
     path: str
     trials: list[Trial]
@@ -191,8 +191,12 @@ def _switch(out: Path, stage: Path) -> None:
             os.replace(link, tempfile.mkdtemp(dir=stages, prefix="earlier-") + "/" + name)
         atomic_symlink(link, target)
     for entry in stages.iterdir():
-        if entry.name not in ("current", stage.name):
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if entry.name in ("current", stage.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _listing(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
