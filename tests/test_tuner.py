@@ -23,7 +23,7 @@ from ray.tune import ExperimentAnalysis
 
 from simdiffrec.cli import main
 from tuner import search, spaces
-from tuner.experiment import Trial, export, results_frame
+from tuner.experiment import Trial, export, read, results_frame
 from tuner.protocol import BEST, METRIC, MODEL_DIR
 from tuner.trainable import fetch_data
 
@@ -189,6 +189,39 @@ def test_a_search_whose_driver_is_killed_resumes_every_trial_where_it_was(ray_cl
     assert not results.duplicated(["trial_id", "epoch"]).any()  # re-run epochs listed once
 
 
+def waits_for_its_checkpoint_in_the_saved_state(config: dict, experiment: Path) -> None:
+    """Reports epoch 1 with a checkpoint, then reports whether Ray's saved state came to hold it."""
+    with tempfile.TemporaryDirectory() as folder:
+        tune.report({"epoch": 1, METRIC: 0.1, BEST: 0.1}, checkpoint=tune.Checkpoint.from_directory(folder))
+    trial_id = tune.get_context().get_trial_id()
+    deadline = time.monotonic() + 20
+    while not (saved := _saved_epochs(experiment).get(trial_id) == 1) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    tune.report({"epoch": 2, METRIC: 0.2, BEST: 0.2, "saved": float(saved)})
+
+
+def test_ray_saves_the_experiment_state_after_every_checkpoint(ray_cluster, tmp_path, monkeypatch):
+    """What --resume restores is Ray's saved state: a trial's checkpoint it lacks is lost to a
+    killed driver (the trial reruns, or reruns under a new id).  Ray's periodic save is off here."""
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1000")
+    space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
+                          "asha": {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2}}, "saved")
+    settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=1)
+    search.run(tune.with_parameters(waits_for_its_checkpoint_in_the_saved_state, experiment=tmp_path / "exp"),
+               space, settings)
+    assert read(settings.experiment).trials[0].rows[-1]["saved"] == 1.0
+
+
+def _saved_epochs(experiment: Path) -> dict[str, int | None]:
+    """Each trial's last epoch as Ray's saved experiment state holds it (plain JSON)."""
+    try:
+        state = json.loads(max(experiment.glob("experiment_state-*.json")).read_text())
+    except (ValueError, OSError):  # not there yet, or being written
+        return {}
+    return {json.loads(t)["trial_id"]: (json.loads(meta).get("last_result") or {}).get("epoch")
+            for t, meta in state["trial_data"]}
+
+
 def _on_disk(experiment: Path) -> dict[str, list[dict]]:
     """Each trial folder's complete result.json lines, by trial id."""
     trials = {}
@@ -229,14 +262,9 @@ def _mid_search(trials: dict[str, list[dict]]) -> bool:
 
 def _state_lags(experiment: Path, trials: dict[str, list[dict]]) -> bool:
     """Whether Ray's saved state lacks a running trial's checkpointed epoch."""
-    try:
-        state = json.loads(max(experiment.glob("experiment_state-*.json")).read_text())
-    except (ValueError, OSError):  # being written
-        return False
-    saved = {json.loads(t)["trial_id"]: (json.loads(meta).get("last_result") or {}).get("epoch")
-             for t, meta in state["trial_data"]}
-    return any(rows and not rows[-1]["done"] and saved.get(trial_id) != rows[-1]["epoch"]
-               for trial_id, rows in trials.items())
+    saved = _saved_epochs(experiment)
+    return bool(saved) and any(rows and not rows[-1]["done"] and saved.get(trial_id) != rows[-1]["epoch"]
+                               for trial_id, rows in trials.items())
 
 
 def quadratic(config: dict) -> None:
