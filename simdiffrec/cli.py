@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -167,7 +168,10 @@ def cmd_tune_all(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tuner.experiment import export
 
-    print_best(export(args.experiment, args.out), args.out)
+    from .files import locked
+
+    with locked(args.out):
+        print_best(export(args.experiment, args.out), args.out)
     return 0
 
 
@@ -275,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
@@ -286,7 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"installed (pip install -e . installs every dependency)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"simdiffrec {args.command}: interrupted", file=sys.stderr)
+        hint = ""
+        if "resume" in args:  # train, tune, tune-all: what was done is kept
+            hint = f"; continue with: simdiffrec {shlex.join(argv + ['--resume'] * (not args.resume))}"
+        print(f"simdiffrec {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -9,9 +9,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import optuna
 import pandas as pd
@@ -23,8 +23,8 @@ from ray.tune import ExperimentAnalysis
 
 from simdiffrec.cli import main
 from tuner import search, spaces
-from tuner.experiment import results_frame
-from tuner.protocol import BEST, METRIC
+from tuner.experiment import Trial, export, read, results_frame
+from tuner.protocol import BEST, METRIC, MODEL_DIR
 from tuner.trainable import fetch_data
 
 from .conftest import synthetic_sequences
@@ -150,50 +150,121 @@ def test_bad_data_or_space_fail_in_one_line_before_ray_starts(files, tmp_path, c
     assert not (out / "experiment").exists()
 
 
-def test_a_search_whose_driver_is_killed_resumes_with_every_finished_trial(ray_cluster, files, tmp_path):
-    slower = tmp_path / "space.yaml"  # small batches: epochs long enough to interrupt a trial
-    slower.write_text(yaml.safe_dump({**SPACE, "fixed": {**TINY, "batch_size": 8}}, sort_keys=False))
+def test_a_search_whose_driver_is_killed_resumes_every_trial_where_it_was(ray_cluster, files, tmp_path, capfd):
+    """Killed with trials finished and trials running, as their folders show (Ray's own snapshot
+    of the experiment may lag behind them): on resume the running ones continue from their
+    latest checkpoint under their own ids, the finished ones stay finished, no folder is orphaned."""
+    slower = tmp_path / "space.yaml"  # small batches: epochs long enough to interrupt; no trial stopped before 2
+    slower.write_text(yaml.safe_dump({**SPACE, "fixed": {**TINY, "batch_size": 8},
+                                      "asha": {**SPACE["asha"], "grace_period": 2}}, sort_keys=False))
     args = ["tune", "--data", str(files["data"]), "--space", str(slower), "--out", str(tmp_path / "out"),
-            "--num-samples", "8", "--max-concurrent", "2", "--max-epochs", "12"]
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}  # snapshot the experiment state often
+            "--num-samples", "6", "--max-concurrent", "2", "--max-epochs", "5"]
+    experiment = tmp_path / "out" / "experiment"
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1000"}  # no periodic snapshot: only the forced ones
     driver = subprocess.Popen([*SIMDIFFREC, *args], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        trials = _snapshot_when(tmp_path / "out" / "experiment", timeout=120, ready=lambda trials: (
-            sum(t.status == "TERMINATED" for t in trials) >= 2 and any(_interrupted(t) for t in trials)))
+        trials = _wait_for(experiment, _mid_search)
+        deadline = time.monotonic() + 10  # kill when the saved state lags behind a running trial, if it does
+        while not _state_lags(experiment, trials) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            trials = now if _mid_search(now := _on_disk(experiment)) else trials
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        driver.wait()
-    finished = {t.trial_id: t.last_result["epoch"] for t in trials if t.status == "TERMINATED"}
-    interrupted = [t.trial_id for t in trials if _interrupted(t)]
+        _kill(driver)
+    finished = {t: rows[-1]["epoch"] for t, rows in trials.items() if rows and rows[-1]["done"]}
+    running = [t for t, rows in trials.items() if rows and not rows[-1]["done"]]
+    capfd.readouterr()
 
     assert main([*args, "--resume"]) == 0
+    log = capfd.readouterr().err
+    assert "Traceback" not in log and "Error handling checkpoint" not in log
+    after = _on_disk(experiment)
+    assert len(after) == 6 and set(trials) <= set(after)  # no trial rerun under a new id
     results = pd.read_parquet(tmp_path / "out" / "results.parquet")
-    assert results["trial_id"].nunique() == 8 and set(results["status"]) == {"TERMINATED"}
+    assert set(results["trial_id"]) == set(after) and set(results["status"]) == {"TERMINATED"}
     for trial_id, last_epoch in finished.items():
         assert results.loc[results["trial_id"] == trial_id, "epoch"].max() == last_epoch
-    for trial_id in interrupted:  # continued from its checkpoint, not from epoch 1
-        assert (results.loc[results["trial_id"] == trial_id, "epoch"] == 1).sum() == 1
+    for trial_id in running:  # continued from its checkpoint, not from epoch 1
+        assert [row["epoch"] for row in after[trial_id]].count(1) == 1
     assert not results.duplicated(["trial_id", "epoch"]).any()  # re-run epochs listed once
 
 
-def _interrupted(trial) -> bool:
-    """Running with a checkpoint (the saved state lists running trials as PENDING)."""
-    return trial.status in ("RUNNING", "PENDING") and trial.checkpoint is not None
+def waits_for_its_checkpoint_in_the_saved_state(config: dict, experiment: Path) -> None:
+    """Reports epoch 1 with a checkpoint, then reports whether Ray's saved state came to hold it."""
+    with tempfile.TemporaryDirectory() as folder:
+        tune.report({"epoch": 1, METRIC: 0.1, BEST: 0.1}, checkpoint=tune.Checkpoint.from_directory(folder))
+    trial_id = tune.get_context().get_trial_id()
+    deadline = time.monotonic() + 20
+    while not (saved := _saved_epochs(experiment).get(trial_id) == 1) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    tune.report({"epoch": 2, METRIC: 0.2, BEST: 0.2, "saved": float(saved)})
 
 
-def _snapshot_when(experiment: Path, ready, timeout: float) -> list:
-    """The trials of the experiment's saved state, once `ready(trials)` holds."""
+def test_ray_saves_the_experiment_state_after_every_checkpoint(ray_cluster, tmp_path, monkeypatch):
+    """What --resume restores is Ray's saved state: a trial's checkpoint it lacks is lost to a
+    killed driver (the trial reruns, or reruns under a new id).  Ray's periodic save is off here."""
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1000")
+    space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
+                          "asha": {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2}}, "saved")
+    settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=1)
+    search.run(tune.with_parameters(waits_for_its_checkpoint_in_the_saved_state, experiment=tmp_path / "exp"),
+               space, settings)
+    assert read(settings.experiment).trials[0].rows[-1]["saved"] == 1.0
+
+
+def _saved_epochs(experiment: Path) -> dict[str, int | None]:
+    """Each trial's last epoch as Ray's saved experiment state holds it (plain JSON)."""
+    try:
+        state = json.loads(max(experiment.glob("experiment_state-*.json")).read_text())
+    except (ValueError, OSError):  # not there yet, or being written
+        return {}
+    return {json.loads(t)["trial_id"]: (json.loads(meta).get("last_result") or {}).get("epoch")
+            for t, meta in state["trial_data"]}
+
+
+def _on_disk(experiment: Path) -> dict[str, list[dict]]:
+    """Each trial folder's complete result.json lines, by trial id."""
+    trials = {}
+    for folder in experiment.glob("run_trial_*"):
+        lines = (folder / "result.json").read_text().splitlines() if (folder / "result.json").exists() else []
+        trials[folder.name.split("_")[2]] = rows = []
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # being written
+                pass
+    return trials
+
+
+def _wait_for(experiment: Path, ready, timeout: float = 300) -> dict[str, list[dict]]:
+    """The trial folders' results once `ready(results)` holds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        try:
-            trials = ExperimentAnalysis(str(experiment)).trials
-        except (ValueError, OSError, json.JSONDecodeError):  # not written yet, or being written
-            continue
-        if ready(trials):
-            return trials
-    raise AssertionError(f"{experiment} never reached the state to interrupt in {timeout} s")
+    while not ready(trials := _on_disk(experiment)):
+        assert time.monotonic() < deadline, f"{experiment} never reached the state to interrupt in {timeout} s"
+        time.sleep(0.05)
+    return trials
+
+
+def _kill(driver: subprocess.Popen) -> None:
+    """kill -9 the driver and the local Ray it started (its session), if still there."""
+    try:
+        os.killpg(driver.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    driver.wait()
+
+
+def _mid_search(trials: dict[str, list[dict]]) -> bool:
+    """Two trials finished and two running with a checkpoint."""
+    done = [rows[-1]["done"] for rows in trials.values() if rows]
+    return done.count(True) >= 2 and done.count(False) >= 2
+
+
+def _state_lags(experiment: Path, trials: dict[str, list[dict]]) -> bool:
+    """Whether Ray's saved state lacks a running trial's checkpointed epoch."""
+    saved = _saved_epochs(experiment)
+    return bool(saved) and any(rows and not rows[-1]["done"] and saved.get(trial_id) != rows[-1]["epoch"]
+                               for trial_id, rows in trials.items())
 
 
 def quadratic(config: dict) -> None:
@@ -222,6 +293,61 @@ def test_the_plumbing_finds_the_optimum_of_a_known_objective(ray_cluster, tmp_pa
         search.make_searcher(space, settings)
 
 
+def diverges_when_alpha_is_high(config: dict) -> None:
+    """Scores alpha, with a model checkpoint per epoch; above alpha 0.3 the second epoch raises."""
+    for epoch in (1, 2):
+        if epoch == 2 and config["alpha"] > 0.3:
+            raise ValueError("loss became nan at epoch 2: lower --lr")
+        with tempfile.TemporaryDirectory() as folder:
+            model = Path(folder) / MODEL_DIR
+            model.mkdir()
+            (model / "metrics.json").write_text(json.dumps({"data": {"source": "test"}}))
+            (model / "config.yaml").write_text(yaml.safe_dump(config))
+            tune.report({"epoch": epoch, METRIC: config["alpha"], BEST: config["alpha"]},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def test_a_failed_trial_is_recorded_with_its_reason_and_the_searcher_told_it_failed(ray_cluster, tmp_path):
+    space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
+                          "points_to_evaluate": [{"alpha": 0.45}, {"alpha": 0.2}],
+                          "asha": {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2}}, "diverging")
+    database = f"sqlite:///{tmp_path / 'study.db'}"
+    settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=4, max_concurrent=2,
+                                     optuna_storage=database, max_failures=1)
+    search.run(diverges_when_alpha_is_high, space, settings)
+    best = export(settings.experiment, tmp_path / "out")
+    assert best["parameters"]["alpha"] <= 0.3  # the failed trials scored higher
+    results = pd.read_parquet(tmp_path / "out" / "results.parquet").drop_duplicates("trial_id")
+    failed = results[results["alpha"] > 0.3]
+    assert len(failed) >= 1 and (failed["status"] == "ERROR").all()
+    assert (failed["error"] == "ValueError: loss became nan at epoch 2: lower --lr").all()
+    assert results.loc[results["alpha"] <= 0.3, "error"].isna().all()
+    study = optuna.load_study(study_name=settings.experiment, storage=database)
+    states = {t.params["alpha"]: t.state for t in study.trials}
+    assert states[0.45] == optuna.trial.TrialState.FAIL and states[0.2] == optuna.trial.TrialState.COMPLETE
+
+
+def test_ctrl_c_stops_the_search_in_one_line_that_says_how_to_continue_and_export_works(ray_cluster, files, tmp_path):
+    slower = tmp_path / "space.yaml"
+    slower.write_text(yaml.safe_dump({**SPACE, "fixed": {**TINY, "batch_size": 8}}, sort_keys=False))
+    args = ["tune", "--data", str(files["data"]), "--space", str(slower), "--out", str(tmp_path / "out"),
+            "--num-samples", "6", "--max-concurrent", "2", "--max-epochs", "12"]
+    driver = subprocess.Popen([*SIMDIFFREC, *args], start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(tmp_path / "out" / "experiment", lambda trials: any(trials.values()))
+        driver.send_signal(signal.SIGINT)  # as Ctrl-C does
+        err = driver.communicate(timeout=120)[1]
+    finally:
+        _kill(driver)
+    assert driver.returncode == 130
+    assert "Traceback" not in err and "Tuner.restore" not in err
+    ours = [line for line in err.splitlines() if line.startswith("simdiffrec")]
+    assert ours == ["simdiffrec tune: interrupted; continue with: simdiffrec " + " ".join(args) + " --resume"]
+    assert main(["export", str(tmp_path / "out" / "experiment"), "--out", str(tmp_path / "export")]) == 0
+    assert (tmp_path / "export" / "best_checkpoint" / "model.pt").is_file()
+
+
 def test_tune_all_runs_a_search_per_dataset_and_a_summary(ray_cluster, files, tmp_path, monkeypatch):
     monkeypatch.setenv("SIMDIFFREC_STORAGE", str(tmp_path / "storage"))  # as cluster.yaml sets it
     spaces_dir = tmp_path / "spaces"
@@ -248,8 +374,8 @@ def test_packing_benchmark_runs_on_cpu():
 
 def test_results_list_each_epoch_of_a_restarted_trial_once():
     """A trial restarted from its epoch-1 checkpoint reports epoch 2 again: one row, the later."""
-    trial = SimpleNamespace(trial_id="t1", experiment_tag="0_alpha=0.4", status="TERMINATED", config={"alpha": 0.4})
-    reported = pd.DataFrame({"epoch": [1, 2, 2, 3], METRIC: [0.1, 0.2, 0.25, 0.3], "config/alpha": 0.4})
-    table = results_frame(SimpleNamespace(trials=[trial]), {"t1": SimpleNamespace(metrics_dataframe=reported)})
+    rows = [{"epoch": e, METRIC: v, "config": {"alpha": 0.4}} for e, v in [(1, 0.1), (2, 0.2), (2, 0.25), (3, 0.3)]]
+    trial = Trial(trial_id="t1", number=0, status="TERMINATED", config={"alpha": 0.4}, folder="t1", rows=rows)
+    table = results_frame([trial])
     assert table["epoch"].tolist() == [1, 2, 3] and table[METRIC].tolist() == [0.1, 0.25, 0.3]
-    assert table.columns[:4].tolist() == ["trial_id", "number", "status", "alpha"]
+    assert table.columns[:5].tolist() == ["trial_id", "number", "status", "error", "alpha"]

@@ -3,59 +3,164 @@
     best_config.yaml   the best trial's parameters and full settings, its metrics, the dataset,
                        package versions
     best_checkpoint/   that trial's model at its best epoch (a simdiffrec model folder)
-    results.parquet    one row per evaluation of every trial: parameters, metrics, status
+    results.parquet    one row per evaluation of every trial: parameters, metrics, status, error
 
-It reads only what Ray wrote (experiment state, each trial's result.json and checkpoints), so it
-runs without Ray started, on a local folder or a cloud URI.  Every file is written atomically
-(`simdiffrec/files.py`).
+Reading (`read`, `results_frame`, `best`) needs no running Ray and unpickles nothing: the trial
+list comes from the experiment state file parsed as plain JSON (its pickled fields are left
+undecoded), each trial's rows from its result.json, its reason of failure from error.txt, its
+models from its checkpoint folders.  What a trial had not finished writing when its search was
+stopped (a cut-off result.json line, a checkpoint without its result) is skipped.  A failed trial
+(Ray status ERROR) and a non-finite metric are never the best.
+
+Writing (`export`) stages all three exports in `OUT/.exports/<new>/` and switches them in with
+one rename of the link `OUT/.exports/current`; `OUT/best_config.yaml`, `OUT/best_checkpoint` and
+`OUT/results.parquet` are links through it.  A reader, or a kill at any moment, therefore sees
+all three exports old or all three new; the next export removes what a killed one left behind.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow.fs
 import yaml
-from ray.air.result import Result
-from ray.tune import ExperimentAnalysis
 
-from simdiffrec.files import write_atomic
+from simdiffrec.files import atomic_symlink, write_atomic
 
 from .protocol import METRIC, MODEL_DIR
 
 PACKAGES = ("simdiffrec", "torch", "ray", "optuna", "numpy", "pandas", "pyarrow")
+EXPORTS = ("best_config.yaml", "best_checkpoint", "results.parquet")
+STAGES = ".exports"  # OUT/.exports/<export>/ holds EXPORTS; OUT/.exports/current links the live one
+FAILED = "ERROR"  # Ray's status of a trial that raised (after its retries)
+
+
+@dataclass
+class Trial:
+    """One trial as its search left it on storage."""
+
+    trial_id: str
+    number: int  # creation order, from Ray's experiment tag "<number>_<params>"
+    status: str  # Ray's: TERMINATED, ERROR, RUNNING, PENDING, PAUSED
+    config: dict[str, Any]
+    folder: str  # on the experiment's filesystem
+    error: str | None = None  # the exception's last line, for a failed trial
+    rows: list[dict[str, Any]] = field(default_factory=list)  # each complete line of result.json
+    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)  # folder name -> its result row
+
+
+@dataclass
+class Experiment:
+    location: str  # a URI, or a local folder made absolute
+    fs: pyarrow.fs.FileSystem
+    path: str
+    trials: list[Trial]
+
+
+def read(experiment: str) -> Experiment:
+    """Every trial of `experiment` with its rows, kept checkpoints and status; writes nothing."""
+    if "://" not in experiment:
+        experiment = str(Path(experiment).resolve())
+    fs, path = pyarrow.fs.FileSystem.from_uri(experiment)
+    states = sorted(name for name in _listing(fs, path) if name.startswith("experiment_state-") and name.endswith(".json"))
+    if not states:
+        raise FileNotFoundError(f"{experiment}: no Ray Tune experiment there (no experiment_state file)")
+    try:  # the newest session's, as Ray picks it
+        state = json.loads(_read_text(fs, f"{path}/{states[-1]}"))
+    except ValueError:  # Ray rewrites it in place
+        raise ValueError(f"{experiment}/{states[-1]}: cut off (being written by the search?); try again") from None
+    trials = []
+    for trial_json, _ in state["trial_data"]:
+        saved = json.loads(trial_json)  # plain JSON: Ray's pickled fields stay hex strings
+        folder = f"{path}/{saved['relative_logdir']}"
+        trial = Trial(trial_id=saved["trial_id"], number=int(saved["experiment_tag"].split("_")[0]),
+                      status=saved["status"], config=saved["config"], folder=folder)
+        trial.rows = _result_rows(fs, folder)
+        present = set(_listing(fs, folder))
+        trial.checkpoints = {row["checkpoint_dir_name"]: row for row in trial.rows
+                             if row.get("checkpoint_dir_name") in present}
+        if trial.status == FAILED and "error.txt" in present:
+            trial.error = _last_line(_read_text(fs, f"{folder}/error.txt"))
+        trials.append(trial)
+    return Experiment(experiment, fs, path, sorted(trials, key=lambda t: t.number))
+
+
+def results_frame(trials: list[Trial]) -> pd.DataFrame:
+    """Every evaluation of every trial (a trial without one still gets a row), in creation order,
+    with its status and, for a failed trial, the error.
+
+    A trial restarted from its checkpoint re-reports the epochs it had run past that checkpoint;
+    its result.json then holds those epochs twice, and only the later report is kept."""
+    frames = []
+    for trial in trials:
+        rows = pd.DataFrame([{k: v for k, v in row.items() if k != "config"} for row in trial.rows])
+        if "epoch" in rows.columns:
+            rows = rows.drop_duplicates("epoch", keep="last").sort_values("epoch", ignore_index=True)
+        if rows.empty:
+            rows = pd.DataFrame([{}])
+        frames.append(rows.assign(trial_id=trial.trial_id, number=trial.number, status=trial.status,
+                                  error=trial.error, **trial.config))
+    if not frames:
+        return pd.DataFrame()
+    table = pd.concat(frames, ignore_index=True)
+    front = ["trial_id", "number", "status", "error", *dict.fromkeys(k for t in trials for k in t.config)]
+    return table[front + [c for c in table.columns if c not in front]]
+
+
+def best(trials: list[Trial]) -> tuple[Trial, str, dict[str, Any]] | None:
+    """(trial, checkpoint folder name, its metrics) of the highest finite METRIC among the kept
+    checkpoints of the trials that did not fail: the best trial at its best epoch, since Ray keeps
+    each trial's best-scoring checkpoints."""
+    found = None
+    for trial in trials:
+        if trial.status == FAILED:
+            continue
+        for name, metrics in trial.checkpoints.items():
+            score = metrics.get(METRIC)
+            if isinstance(score, (int, float)) and math.isfinite(score) and (found is None or score > found[2][METRIC]):
+                found = (trial, name, metrics)
+    return found
 
 
 def export(experiment: str, out: str | Path) -> dict[str, Any]:
-    """Write the three exports of `experiment` into `out`; return best_config.yaml's content."""
-    fs, path = _filesystem(experiment)
+    """Write the three exports of `experiment` into `out` at once; return best_config.yaml's
+    content.  The caller holds `simdiffrec.files.locked(out)`."""
+    run = read(experiment)
+    found = best(run.trials)
+    if found is None:
+        raise ValueError(f"{experiment}: no trial has a finished checkpoint with a finite {METRIC}; nothing to export")
+    stages = Path(out) / STAGES
+    stages.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=stages, prefix="export-"))
+    stage.chmod(0o755)  # mkdtemp's 0o700 would hide the exports from other users
     try:
-        analysis = ExperimentAnalysis(path, storage_filesystem=fs)
-    except ValueError:
-        raise FileNotFoundError(f"{experiment}: no Ray Tune experiment there (no experiment_state file)") from None
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = {trial.trial_id: _result(trial.path, fs) for trial in analysis.trials}
-    _write_parquet(out / "results.parquet", results_frame(analysis, results))
-    best = _best(analysis, results)
-    if best is None:
-        raise ValueError(f"{experiment}: no trial has reported a checkpoint yet; nothing to export")
-    trial, checkpoint, metrics = best
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        checkpoint.to_directory(tmp)
-        model = Path(tmp) / MODEL_DIR
-        saved = json.loads((model / "metrics.json").read_text())
-        settings = yaml.safe_load((model / "config.yaml").read_text())
-        _replace_dir(model, out / "best_checkpoint")
-    statuses = pd.Series([t.status for t in analysis.trials]).value_counts()
+        config = _stage(run, found, stage)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _switch(Path(out), stage)
+    return config
+
+
+def _stage(run: Experiment, found: tuple[Trial, str, dict[str, Any]], stage: Path) -> dict[str, Any]:
+    """Write the three exports into `stage`; return best_config.yaml's content."""
+    trial, checkpoint, metrics = found
+    model = stage / "best_checkpoint"
+    model.mkdir()
+    pyarrow.fs.copy_files(f"{trial.folder}/{checkpoint}/{MODEL_DIR}", str(model), source_filesystem=run.fs,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    saved = json.loads((model / "metrics.json").read_text())
+    statuses = pd.Series([t.status for t in run.trials]).value_counts()
     config = {
         "dataset": saved.get("data"),
         "metric": METRIC,
@@ -63,64 +168,74 @@ def export(experiment: str, out: str | Path) -> dict[str, Any]:
         "epoch": int(metrics["epoch"]),
         "parameters": dict(trial.config),
         "metrics": {k: float(v) for k, v in metrics.items() if k.startswith("valid/")},
-        "config": settings,
-        "search": {"experiment": str(experiment), "trials": len(analysis.trials),
+        "config": yaml.safe_load((model / "config.yaml").read_text()),
+        "search": {"experiment": run.location, "trials": len(run.trials),
                    **{status.lower(): int(n) for status, n in statuses.items()}},
         "versions": versions(),
     }
-    write_atomic(out / "best_config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    write_atomic(stage / "best_config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    _write_parquet(stage / "results.parquet", results_frame(run.trials))
     return config
 
 
-def results_frame(analysis: ExperimentAnalysis, results: dict[str, Result | None]) -> pd.DataFrame:
-    """Every evaluation of every trial (a trial without one still gets a row), trials in the
-    order the searcher created them (`number`, from Ray's experiment tag "<number>_<params>").
-
-    A trial restarted from its checkpoint re-reports the epochs it had run past that checkpoint;
-    its result.json then holds those epochs twice, and only the later report is kept."""
-    frames = []
-    for trial in analysis.trials:
-        result = results[trial.trial_id]
-        rows = result.metrics_dataframe if result is not None else pd.DataFrame()
-        rows = rows.drop(columns=[c for c in rows.columns if c.startswith("config/")])
-        if "epoch" in rows.columns:
-            rows = rows.drop_duplicates("epoch", keep="last").sort_values("epoch", ignore_index=True)
-        if rows.empty:
-            rows = pd.DataFrame([{}])
-        number = int(trial.experiment_tag.split("_")[0])
-        frames.append(rows.assign(trial_id=trial.trial_id, number=number, status=trial.status, **dict(trial.config)))
-    if not frames:
-        return pd.DataFrame()
-    table = pd.concat(frames, ignore_index=True).sort_values("number", kind="stable", ignore_index=True)
-    front = ["trial_id", "number", "status", *dict.fromkeys(k for t in analysis.trials for k in t.config)]
-    return table[front + [c for c in table.columns if c not in front]]
+def _switch(out: Path, stage: Path) -> None:
+    """Make `stage` the live export with one rename, link the user-facing names through
+    `.exports/current`, and remove every other export (old ones, and any a kill left behind)."""
+    stages = out / STAGES
+    atomic_symlink(stages / "current", stage.name)
+    for name in EXPORTS:
+        link, target = out / name, Path(STAGES) / "current" / name
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            continue
+        if link.is_dir() and not link.is_symlink():  # an export of an earlier layout: set it aside first
+            os.replace(link, tempfile.mkdtemp(dir=stages, prefix="earlier-") + "/" + name)
+        atomic_symlink(link, target)
+    for entry in stages.iterdir():
+        if entry.name in ("current", stage.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
-def _best(analysis: ExperimentAnalysis, results: dict[str, Result | None]):
-    """(trial, checkpoint, metrics) of the highest METRIC among all kept checkpoints: the best
-    trial at its best epoch, since Ray keeps each trial's best-scoring checkpoints."""
-    best = None
-    for trial in analysis.trials:
-        result = results[trial.trial_id]
-        for checkpoint, metrics in (result.best_checkpoints or []) if result else []:
-            score = metrics.get(METRIC)
-            if score is not None and score == score and (best is None or score > best[2][METRIC]):
-                best = (trial, checkpoint, metrics)
-    return best
-
-
-def _result(trial_path: str, fs: pyarrow.fs.FileSystem) -> Result | None:
-    """What a trial wrote, read from its folder (fresher than an interrupted run's state file)."""
+def _listing(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
+    """Names in `folder` (none if it does not exist)."""
     try:
-        return Result.from_path(trial_path, storage_filesystem=fs)
-    except RuntimeError:  # created but never reported
-        return None
+        return [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))]
+    except FileNotFoundError:
+        return []
 
 
-def _filesystem(experiment: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    if "://" not in experiment:
-        experiment = str(Path(experiment).resolve())
-    return pyarrow.fs.FileSystem.from_uri(experiment)
+def _read_text(fs: pyarrow.fs.FileSystem, path: str) -> str:
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode(errors="replace")
+
+
+def _result_rows(fs: pyarrow.fs.FileSystem, folder: str) -> list[dict[str, Any]]:
+    """The complete lines of a trial's result.json (a line cut off by a stopped search is not)."""
+    try:
+        text = _read_text(fs, f"{folder}/result.json")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _last_line(text: str) -> str:
+    """An exception's one-line message from Ray's error.txt (its traceback ends with it), without
+    the module path of its class: `Diverged: loss became nan at epoch 2: lower --lr`."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else "failed (error.txt is empty)"
+    kind, sep, message = last.partition(": ")
+    return f"{kind.rsplit('.', 1)[-1]}{sep}{message}" if sep and " " not in kind else last
 
 
 def versions() -> dict[str, str]:
@@ -135,10 +250,10 @@ def versions() -> dict[str, str]:
 
 def summary(best_configs: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per dataset: its best trial, metrics and parameters (tune-all's closing table)."""
-    return pd.DataFrame([{"dataset": dataset, "trials": best["search"]["trials"], "best_trial": best["trial"],
-                          "epoch": best["epoch"], METRIC: best["metrics"][METRIC],
-                          "valid/HR@10": best["metrics"]["valid/HR@10"], **best["parameters"]}
-                         for dataset, best in best_configs.items()])
+    return pd.DataFrame([{"dataset": dataset, "trials": top["search"]["trials"], "best_trial": top["trial"],
+                          "epoch": top["epoch"], METRIC: top["metrics"][METRIC],
+                          "valid/HR@10": top["metrics"]["valid/HR@10"], **top["parameters"]}
+                         for dataset, top in best_configs.items()])
 
 
 def write_summary(table: pd.DataFrame, out: str | Path) -> None:
@@ -160,15 +275,3 @@ def markdown(table: pd.DataFrame) -> str:
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
     write_atomic(path, frame.to_parquet(index=False))
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move a finished folder into place; the old one, if any, is removed only afterwards."""
-    staged = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staged, ignore_errors=True)
-    shutil.move(str(source), staged)
-    old = target.with_name(target.name + ".old")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staged, target)
-    shutil.rmtree(old, ignore_errors=True)

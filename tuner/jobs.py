@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from simdiffrec.data import load_and_describe
-from simdiffrec.files import write_atomic
+from simdiffrec.files import locked, write_atomic
 
 RECORD = "search.yaml"
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's one-machine mode, every process on 127.0.0.1
@@ -79,7 +79,13 @@ def run_all(jobs: list[Job], request: SearchRequest) -> dict[str, dict[str, Any]
 
 
 def run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
-    """Check, prepare the data, run (or resume) the search, export; return best_config's content."""
+    """Check, prepare the data, run (or resume) the search, export; return best_config's content.
+    OUT is locked for the search's life, before anything in it is read or written."""
+    with locked(job.out):
+        return _run_job(job, request)
+
+
+def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
     address = request.ray_address or os.environ.get("RAY_ADDRESS")  # None: a Ray of this search alone
     _loopback_unless_joining(address)
     import ray

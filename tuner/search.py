@@ -8,6 +8,7 @@ trial's results and checkpoints and the searcher's state, which is what `resume`
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +36,10 @@ class SearchSettings:
     seed: int = 0
     optuna_storage: str | None = None  # e.g. sqlite:///study.db, for optuna-dashboard; None: in memory
     max_failures: int = 2  # retries of a failed trial, from its latest checkpoint
-    keep_checkpoints: int = 2  # per trial, the best by METRIC (Ray also keeps the latest)
+    # per trial, the best by METRIC (Ray also keeps the latest).  Ray saves the experiment's state
+    # whenever a trial has made this many checkpoints: with 1, the state --resume restores knows
+    # every trial's latest checkpoint, so no trial is rerun from scratch or under a new id.
+    keep_checkpoints: int = 1
 
     def __post_init__(self) -> None:
         self.experiment = absolute(self.experiment)
@@ -110,4 +114,15 @@ def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: Sea
                                                         checkpoint_score_attribute=METRIC,
                                                         checkpoint_score_order=MODE),
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
-    return tuner.fit()
+    grid = tuner.fit()
+    if grid.num_terminated + grid.num_errors < settings.num_samples:
+        raise KeyboardInterrupt  # Ray stopped on Ctrl-C, saved the experiment and returned: tell the caller
+    return grid
+
+
+def _no_restore_hint(record: logging.LogRecord) -> bool:
+    """Ray's closing words after Ctrl-C name `Tuner.restore(...)`; the command line names --resume."""
+    return "Tuner.restore" not in record.getMessage()
+
+
+logging.getLogger("ray.tune.tune").addFilter(_no_restore_hint)
