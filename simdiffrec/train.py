@@ -30,6 +30,10 @@ from .model import SimDiffRec
 RESUMABLE_CHANGES = {"epochs", "patience", "eval_every", "device"}
 
 
+class Diverged(ValueError):
+    """Training produced a loss that is not finite: the weights are lost, the run ends."""
+
+
 @dataclass
 class Batch:
     rows: torch.Tensor  # (B,) training rows
@@ -141,6 +145,7 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
         started = time.perf_counter()
         batches = plan_epoch(data.train_lengths, cfg.batch_size, device)
         losses = run_epoch(cfg, model, optimizer, data, batches, temperature(cfg, epoch), progress)
+        check_finite(losses, epoch, cfg)
         state.train_seconds += time.perf_counter() - started
         state.epoch = epoch
         bar.update(1)
@@ -203,6 +208,16 @@ def run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, 
     names = list(totals)
     means = (torch.stack([totals[n] for n in names]) / len(batches)).tolist()
     return {f"loss_{n}": v for n, v in zip(names, means)}
+
+
+def check_finite(losses: dict[str, float], epoch: int, cfg: Config) -> None:
+    """Raise Diverged when an epoch's mean loss is NaN or infinite (read once per epoch anyway:
+    no extra device sync); its weights are then NaN too, and must never be evaluated or kept."""
+    bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+    if bad:
+        name, value = next(iter(bad.items()))
+        raise Diverged(f"{name} became {value} at epoch {epoch}: training diverged; lower --lr "
+                       f"(now {cfg.lr:g})")
 
 
 def _copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
