@@ -23,7 +23,7 @@ from .config import SELECT_BY, Config
 from .data import SequenceData
 from .device import autocast, resolve_device
 from .evaluate import evaluate, scorer
-from .files import atomic_path
+from .files import FileFault, read_torch, save_torch
 from .model import SimDiffRec
 
 # Settings that may differ between a checkpoint and the run resuming it.
@@ -125,6 +125,7 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
         cfg = cfg.replace(max_len=data.max_len)
     elif cfg.max_len != data.max_len:
         raise ValueError(f"max_len={cfg.max_len} but the data was prepared with max_len={data.max_len}")
+    cfg = cfg.for_items(data.n_items)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -239,8 +240,7 @@ def save_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec, optimizer:
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
 
 
 def load_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec,
@@ -249,7 +249,8 @@ def load_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    payload = torch.load(path, map_location=next(model.parameters()).device, weights_only=False)
+    payload = read_torch(path, ("config", "n_items", "model", "optimizer", "best_model", "state", "rng"),
+                         map_location=next(model.parameters()).device)
     saved = Config.from_dict(payload["config"], source=str(path))
     changed = sorted(k for k, v in saved.to_dict().items()
                      if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v)
@@ -257,8 +258,11 @@ def load_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec,
         detail = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ValueError(f"checkpoint {path} was made with other settings or data ({detail or 'n_items'}); "
                          "only " + ", ".join(sorted(RESUMABLE_CHANGES)) + " may change on resume")
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise FileFault(f"checkpoint {path}: weights do not fit its settings ({str(err).splitlines()[0]})") from None
     torch.set_rng_state(payload["rng"]["cpu"].cpu())
     if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in payload["rng"]["cuda"]])
