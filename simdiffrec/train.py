@@ -140,7 +140,9 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
         state, best_weights = load_checkpoint(resume, cfg, model, optimizer)
 
     score = scorer(cfg, model, device)
-    bar = tqdm(total=cfg.epochs, initial=state.epoch, desc="epochs", unit="ep", disable=not progress)
+    # No total and so no ETA: early stopping ends most runs long before cfg.epochs; the postfix
+    # says how many evaluations without progress remain before it does.
+    bar = tqdm(initial=state.epoch, desc="epochs", unit="ep", disable=not progress)
     eval_seconds = 0.0
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
@@ -168,7 +170,7 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
         state.history.append({"epoch": epoch, **losses, **{f"valid/{k}": v for k, v in valid.items()}})
         stopping = state.bad_evals >= cfg.patience
         bar.set_postfix({"loss": f"{sum(losses.values()):.3f}", SELECT_BY: f"{valid[SELECT_BY]:.4f}",
-                         "best": state.best_epoch})
+                         "best": state.best_epoch, "early stop in ≤": f"{cfg.patience - state.bad_evals} evals"})
         if report is not None:
             snapshot = (state, best_weights)
             report(Evaluation(epoch=epoch, valid=valid, losses=losses, best_epoch=state.best_epoch,
