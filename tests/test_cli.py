@@ -240,3 +240,22 @@ def test_every_flag_says_what_it_does():
             assert text and not text.startswith("("), f"{name} {action.option_strings or action.dest}: {text!r}"
     max_len = next(a for a in commands["train"]._actions if a.dest == "max_len")
     assert "None" not in max_len.help and "50" in max_len.help
+
+
+def test_threads_default_to_one_on_a_busy_machine(monkeypatch, seq_file, tmp_path, capsys):
+    from simdiffrec import device
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (6.0, 6.0, 6.0))
+    assert device.default_threads() == 1
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    assert device.default_threads() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert device.default_threads() == 2
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--data", str(seq_file), "--out", str(tmp_path / "r"), "--threads", "0"]) == 2
+        one_line_error(capsys, "--threads 0")
+    finally:
+        torch.set_num_threads(threads)
