@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import warnings
 from dataclasses import MISSING, fields
@@ -129,6 +130,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "replace it with --force, or choose another --out")
     data, stats = load_and_describe(args.data, max_len=cfg.max_len, kcore=cfg.kcore, **columns(args))
     cfg = cfg.replace(max_len=data.max_len).for_items(data.n_items)
+    if args.force and not args.resume:  # the earlier run goes as a whole, never half of it
+        shutil.rmtree(out / "best_checkpoint", ignore_errors=True)
+        for name in earlier:
+            (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
     resume = checkpoint if args.resume and checkpoint.is_file() else None
     if args.resume and resume is None:

@@ -173,7 +173,10 @@ def test_train_never_silently_replaces_an_earlier_run(seq_file, tmp_path, capsys
     assert main(run) == 2
     one_line_error(capsys, str(out), "--resume", "--force")
     assert (out / "metrics.json").read_bytes() == before
-    assert main([*run, "--force", "--seed", "7"]) == 0
+    # --force replaces the earlier run as a whole: a replacement that fails leaves none of it behind
+    assert main([*run, "--force", "--seed", "7", "--lr", "1e6"]) == 2
+    assert not {"metrics.json", "checkpoint.pt", "best_checkpoint"} & {p.name for p in out.iterdir()}
+    assert main([*run, "--seed", "7"]) == 0
     assert (out / "metrics.json").read_bytes() != before
 
 
