@@ -23,19 +23,29 @@ class FileFault(ValueError):
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """A temporary path beside `dest` to write to; it becomes `dest` only if the block succeeds."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with writing(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
-        os.replace(tmp, dest)
-    except OSError as err:  # a full disk, no permission: one line naming the file, not a traceback
-        raise FileFault(f"{dest}: cannot write: {err.strerror or err}") from err
+        with writing(dest):
+            os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def writing(dest: str | Path) -> Iterator[None]:
+    """Around the writing of `dest`: an OSError there (a full disk, no permission) becomes one line
+    naming the file.  Only the writing: a failed download inside `atomic_path` keeps its own error."""
+    try:
+        yield
+    except OSError as err:
+        raise FileFault(f"{dest}: cannot write: {err.strerror or err}") from err
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, writing(path):
         tmp.write_bytes(data)
 
 
@@ -43,7 +53,7 @@ def save_torch(obj: Any, path: str | Path) -> None:
     """torch.save through `atomic_path`; keep `obj` to tensors and plain values (`read_torch`)."""
     import torch
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, writing(path):
         torch.save(obj, tmp)
 
 

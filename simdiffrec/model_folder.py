@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from .config import Config
-from .files import FileFault, atomic_path, read_torch, save_torch, write_atomic
+from .files import FileFault, read_torch, save_torch, write_atomic
 from .model import SimDiffRec
 
 
@@ -38,8 +38,7 @@ def save_model(folder: str | Path, model: SimDiffRec, item_ids: np.ndarray | Non
     save_torch(payload, folder / "model.pt")
     write_atomic(folder / "config.yaml", yaml.safe_dump(model.cfg.to_dict(), sort_keys=False).encode())
     ids = list(item_ids[1:]) if item_ids is not None else list(range(1, model.n_items + 1))
-    with atomic_path(folder / "items.parquet") as tmp:
-        pd.DataFrame({"item_id": ids}).to_parquet(tmp, index=False)
+    write_atomic(folder / "items.parquet", pd.DataFrame({"item_id": ids}).to_parquet(index=False))
     if metrics is not None:
         write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2).encode())
     return folder
