@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
+import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -25,6 +27,52 @@ if TYPE_CHECKING:
 
 COLUMNS = ("user_col", "item_col", "time_col")  # of a .csv/.parquet file
 STORAGE_ENV = "SIMDIFFREC_STORAGE"  # tuner.jobs.STORAGE_ENV, named here without importing the tuner
+# One line per Config field for --help; docs/method.md says more.
+SETTING_HELP = {
+    "max_len": "items of each sequence kept, the most recent ones",
+    "kcore": "keep users and items with at least this many interactions (0: no filter)",
+    "hidden": "embedding and hidden size of the encoder and denoiser",
+    "layers": "Transformer layers of the SASRec encoder",
+    "heads": "attention heads of the encoder",
+    "inner": "feed-forward size inside each Transformer layer",
+    "dropout": "dropout on hidden states",
+    "attn_dropout": "dropout on attention weights",
+    "steps": "diffusion steps T",
+    "schedule": "noise schedule of the forward process (alpha-bar_t)",
+    "mix": "how z_t mixes z_0 and the noise: convex (1 - a_t) or vp (sqrt(1 - a_t^2))",
+    "denoiser_layers": "Transformer layers of the denoiser",
+    "denoiser_heads": "attention heads of the denoiser",
+    "restore_steps": "deterministic steps restoring z_T (Eq. 11)",
+    "rounding": "what L_d's rounding term scores: the denoiser's output (pred) or z_0",
+    "alpha": "weight of the contrastive loss L_cl (0 with --beta 0: plain SASRec)",
+    "beta": "weight of the diffusion loss L_d",
+    "k_noise": "similar items averaged into the noise (Eq. 6-7)",
+    "k_sample": "rank of the hard-negative substitute item",
+    "tau": "contrastive temperature (its start value under a schedule)",
+    "tau_end": "final temperature of a linear or cosine tau schedule",
+    "tau_schedule": "temperature over the epochs",
+    "aug_ratio": "share of each sequence's positions replaced in the views",
+    "sr_loss": "next-item loss: full softmax (ce) or one sampled negative (bce)",
+    "noise_type": "similarity noise, or gaussian (ablation)",
+    "aug_positions": "replace the most confident positions, or random ones (ablation)",
+    "hard_negative": "a hard-negative view per sequence besides in-batch negatives",
+    "min_substitutions": "positions substituted per view at least",
+    "aug_dropout": "restore and score the views with the denoiser's dropout on (--no-aug-dropout: eval mode)",
+    "view_dropout": "encode L_cl's sequence and views with dropout (--no-view-dropout: without)",
+    "similarity": "L_cl's similarity: cosine (the paper) or dot product",
+    "shared_denoiser": "the denoiser runs the encoder's Transformer layers",
+    "alpha_warmup": "epochs over which alpha grows linearly to its value (0: none)",
+    "exclude_original": "the positive view never puts back the original item",
+    "lr": "Adam learning rate",
+    "weight_decay": "Adam weight decay",
+    "batch_size": "sequences per step",
+    "epochs": "most epochs; early stopping usually ends sooner",
+    "eval_every": "epochs between validation passes",
+    "patience": "validation passes without a better valid NDCG@10 before stopping",
+    "seed": "random seed (weights, batches, noise)",
+    "device": "auto (CUDA when present), cpu, cuda, cuda:1, ...",
+    "amp": "bf16 autocast on CUDA (scores are always fp32)",
+}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -34,15 +82,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
+        shown = {"max_len": "the dataset's: 50, 200 for ml-1m", "tau_end": "none"}.get(f.name, default)
+        text = f"{SETTING_HELP.get(f.name, '')} (default {shown})".lstrip()  # a missing line fails a test
         if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default {default})")
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name in CHOICES:
-            group.add_argument(flag, choices=CHOICES[f.name], default=None, help=f"(default {default})")
+            group.add_argument(flag, choices=CHOICES[f.name], default=None, help=text)
         else:
             kind = {"max_len": int, "tau_end": float}.get(f.name, type(default))
-            group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
-                               help=f"(default {default})")
+            group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -59,6 +107,13 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-col", default="timestamp", help="time column of a .csv/.parquet file")
 
 
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (default: the $OMP_NUM_THREADS if set, else 1 on a busy "
+                             "machine, else up to 4 cores; BENCHMARKS.md: on shared cores more threads "
+                             "are slower)")
+
+
 def columns(args: argparse.Namespace) -> dict[str, str]:
     return {k: getattr(args, k) for k in COLUMNS}
 
@@ -67,16 +122,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .data import load_and_describe
+    from .device import set_threads
     from .files import write_atomic
     from .model_folder import save_model
     from .train import Evaluation, train
 
+    set_threads(args.threads)
     cfg = config_from_args(args)
-    data, stats = load_and_describe(args.data, max_len=cfg.max_len, kcore=cfg.kcore, **columns(args))
-    cfg = cfg.replace(max_len=data.max_len)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
+    earlier = [p.name for p in (checkpoint, out / "metrics.json") if p.exists()]
+    if earlier and not (args.resume or args.force):
+        raise ValueError(f"{out} already holds a run ({', '.join(earlier)}): continue it with --resume, "
+                         "replace it with --force, or choose another --out")
+    data, stats = load_and_describe(args.data, max_len=cfg.max_len, kcore=cfg.kcore, **columns(args))
+    cfg = cfg.replace(max_len=data.max_len).for_items(data.n_items)
+    if args.force and not args.resume:  # the earlier run goes as a whole, never half of it
+        shutil.rmtree(out / "best_checkpoint", ignore_errors=True)
+        for name in earlier:
+            (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
     resume = checkpoint if args.resume and checkpoint.is_file() else None
     if args.resume and resume is None:
         print(f"no checkpoint at {checkpoint}: starting from scratch", file=sys.stderr)
@@ -88,7 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                    + f"  best epoch {ev.best_epoch}  {ev.seconds_per_epoch:.1f} s/epoch")
         ev.save(checkpoint)
 
-    result = train(cfg, data, report=report, resume=resume, progress=not args.quiet)
+    # Bars only on a terminal: in a log file their escape codes are noise; the lines above remain.
+    result = train(cfg, data, report=report, resume=resume, progress=not args.quiet and sys.stderr.isatty())
     metrics = {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
                "seconds_per_epoch": result.seconds_per_epoch, "eval_seconds": result.eval_seconds,
                "minutes": result.minutes, "data": {"source": str(args.data), **stats},
@@ -105,10 +171,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .data import load_data
-    from .device import resolve_device
+    from .device import resolve_device, set_threads
     from .evaluate import evaluate, scorer
     from .model_folder import load_model
 
+    set_threads(args.threads)
     device = resolve_device(args.device)
     loaded = load_model(args.model, device)
     data = load_data(args.data, max_len=loaded.max_len, kcore=loaded.config.kcore, **columns(args))
@@ -126,10 +193,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from .model_folder import load_model, recommend
 
     loaded = load_model(args.model)
-    histories = [line.split() for line in args.history]
-    if loaded.item_ids is not None and len(loaded.item_ids) > 1 and isinstance(loaded.item_ids[1], int):
-        histories = [[int(x) for x in h] for h in histories]
-    for history, items in zip(args.history, recommend(loaded, histories, args.k)):
+    for history, items in zip(args.history, recommend(loaded, [h.split() for h in args.history], args.k)):
         print(f"{history}\t{' '.join(map(str, items))}")
     return 0
 
@@ -207,7 +271,8 @@ def add_search_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="write a search's exports from its experiment, running nothing")
     p.add_argument("experiment", help="the experiment folder or URI (tune's OUT/experiment)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path,
+                   help="folder for best_config.yaml, best_checkpoint/, results.parquet")
     p.set_defaults(run=cmd_export)
 
 
@@ -216,7 +281,7 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-samples", type=int, help="trials in all (default 20)")
     g.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA never stops (default: the space's)")
     g.add_argument("--trials-per-gpu", type=int, help="trials sharing one GPU: each asks for 1/N of it (default 1)")
-    g.add_argument("--cpus-per-trial", type=float, help="(default 1)")
+    g.add_argument("--cpus-per-trial", type=float, help="CPUs Ray reserves for each trial (default 1)")
     g.add_argument("--gpu", choices=("auto", "always", "never"),
                    help="auto: GPU trials when the cluster has GPUs; always: also when an autoscaler has "
                         "none up yet; never: CPU trials (default auto)")
@@ -257,21 +322,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(p)
     p.add_argument("--out", required=True, type=Path, help="folder for metrics.json, config.yaml, best_checkpoint/")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="replace the run already in OUT (without it, "
+                                                         "an OUT holding a run is refused)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (there are none when stderr "
+                                                         "is not a terminal: per-epoch lines only)")
+    add_threads_flag(p)
     add_config_flags(p)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a saved model folder on a dataset")
     p.add_argument("model", type=Path, help="a model folder (best_checkpoint/)")
     add_data_flags(p)
-    p.add_argument("--split", nargs="+", choices=("valid", "test"), default=["valid", "test"])
+    p.add_argument("--split", nargs="+", choices=("valid", "test"), default=["valid", "test"],
+                   help="the splits to evaluate (default both)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    add_threads_flag(p)
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("recommend", help="top-k items for histories given in your item ids")
     p.add_argument("model", type=Path, help="a model folder (best_checkpoint/)")
     p.add_argument("--history", nargs="+", required=True, help='one quoted, space-separated history per user')
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help="items per history, never one of the history's own "
+                                                      "(default 10)")
     p.set_defaults(run=cmd_recommend)
 
     add_search_commands(sub)
@@ -282,7 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():  # a warning is one line too
+            warnings.showwarning = lambda message, *_: print(f"simdiffrec {args.command}: warning: {message}",
+                                                             file=sys.stderr)
+            return args.run(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"simdiffrec {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -9,6 +9,8 @@ which is which.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,10 @@ class Config:
 
     def check(self) -> None:
         """Raise ValueError naming the first bad parameter."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name}={value!r}: must be a finite number")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")
@@ -123,6 +129,17 @@ class Config:
         if self.tau_schedule != "constant" and (self.tau_end is None or self.tau_end <= 0):
             raise ValueError(f"tau_end={self.tau_end!r}: a {self.tau_schedule} tau schedule needs tau_end > 0")
 
+    def for_items(self, n_items: int) -> "Config":
+        """The settings as used on data of `n_items` items: k_noise and k_sample cannot exceed
+        the other items (n_items - 1), so larger values are lowered to that, with a warning, and
+        what a run records is what it used."""
+        cap = max(n_items - 1, 1)
+        lowered = {name: cap for name in ("k_noise", "k_sample") if getattr(self, name) > cap}
+        if lowered:
+            warnings.warn(", ".join(f"{k}={getattr(self, k)} exceeds the data's {n_items} items - 1: using {cap}"
+                                    for k in lowered), stacklevel=2)
+        return self.replace(**lowered)
+
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
@@ -150,10 +167,7 @@ class Config:
     @classmethod
     def load_yaml(cls, path: str | Path) -> "Config":
         path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({err})") from None
+        values = read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of parameter: value")
         return cls.from_dict(values, source=str(path))
@@ -187,3 +201,30 @@ def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
     if isinstance(default, str) and not isinstance(value, str):
         raise ValueError(f"{source}: {field.name}={value!r} must be a string")
     return value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (plain YAML
+    keeps the last one silently, so `alpha: 0.1` ... `alpha: 0.4` would quietly mean 0.4)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A settings or space file as Python values; errors (duplicate keys too) name file and line."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: not valid YAML ({problem})") from None

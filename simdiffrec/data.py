@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from . import datasets
-from .readers import DataError, kcore, read_file
+from .readers import COLUMNS, DataError, kcore, read_file
 
 MIN_LENGTH = 3  # one training item, one validation target, one test target
 
@@ -205,6 +205,10 @@ def load_data(source: str | Path, max_len: int | None = None, kcore: int = 5,
     else:
         raise DataError(f"{source}: no such file, and not a dataset name either "
                         f"(known: {', '.join(datasets.NAMES)})")
+    duplicates = int(frame.duplicated(COLUMNS).sum())
+    if duplicates:  # kept (they may be real repeats), but never counted without a word
+        warnings.warn(f"{source}: {duplicates:,} exact duplicate interaction row(s) (same user, item and "
+                      "time), kept as repeated interactions", stacklevel=2)
     sequences, item_ids, user_ids = to_sequences(_drop_short(frame, kcore, source))
     return SequenceData.from_sequences(sequences, n_items=len(item_ids) - 1,
                                        max_len=default_len if max_len is None else max_len,

@@ -1,6 +1,9 @@
 """Full-ranking evaluation: every item is a candidate, the user's history is masked.
 
-The target's rank is the number of items scored strictly higher.  Items the user already
+The target's rank is the number of other candidates scored at least as high: a tie counts
+against the target, so a model can never gain from a tie (a constant scorer ranks every target
+last).  A score that is not finite counts as above the target, and a target whose own score is
+not finite is a miss, so a diverged model scores zero, never perfect.  Items the user already
 interacted with are removed from the candidates, except the target itself (repeat purchases
 exist in the Amazon data and must stay findable).  Metrics are summed on the device and read
 once at the end.
@@ -40,13 +43,15 @@ def target_ranks(score: Scorer, split: EvalSplit, batch_size: int = 4096) -> tor
         scores = score(split.inputs[start:stop, max_len - width:]).float()
         targets = (split.targets[start:stop] - 1)[:, None]
         target_scores = scores.gather(1, targets)
+        ahead = (scores >= target_scores) | ~scores.isfinite()  # ties and NaN/inf count against
         lo, hi = split.history_ptr[start], split.history_ptr[stop]
         rows = torch.repeat_interleave(torch.arange(stop - start, device=device),
                                        torch.from_numpy(lengths[start:stop]).to(device),
                                        output_size=int(hi - lo))  # known here: no device sync
-        scores[rows, split.history_items[lo:hi] - 1] = float("-inf")
-        scores.scatter_(1, targets, target_scores)
-        ranks.append((scores > target_scores).sum(1))
+        ahead[rows, split.history_items[lo:hi] - 1] = False
+        ahead.scatter_(1, targets, False)  # the target is not ahead of itself
+        rank = ahead.sum(1)
+        ranks.append(torch.where(target_scores[:, 0].isfinite(), rank, scores.shape[1]))
     return torch.cat(ranks)
 
 
@@ -65,11 +70,15 @@ def evaluate(score: Scorer, split: EvalSplit, ks: tuple[int, ...] = KS, batch_si
 
 
 def scorer(cfg: Config, model: "SimDiffRec", device: torch.device) -> Scorer:
-    """The model's full-ranking scores under training's autocast, so that every evaluation
-    (training's, `simdiffrec evaluate`'s, the benchmark's) computes the same numbers."""
+    """The model's full-ranking scores, the same for every evaluation (training's, `simdiffrec
+    evaluate`'s, the benchmark's): the encoder under training's autocast, the product with the
+    item table in fp32, because bf16 scores tie often (most test targets on Beauty) and a tie
+    must be decided by the model, not by rounding."""
     def score(seq: torch.Tensor) -> torch.Tensor:
         with autocast(cfg, device):
-            return model.score(seq)
+            h = model.represent(seq)
+        with torch.autocast(device.type, enabled=False):
+            return model.item_logits(h.float())
 
     return score
 

@@ -1,8 +1,11 @@
-"""The one way this project writes a file: to a temporary name beside it, then one rename.
+"""The one way this project writes a file: to a temporary name beside it, then one rename; and
+the one way it reads a torch file back.
 
 A reader therefore sees the old file or the new one, never half of either; a failed write (a
 crash, a full disk) leaves the old file and no temporary behind.  A symbolic link is switched the
 same way (`atomic_symlink`), and `locked` keeps two processes from writing one folder at once.
+A torch file is read with `weights_only`: tensors and plain values only, so a crafted file cannot
+run code when loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +15,12 @@ import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
+
+
+class FileFault(ValueError):
+    """A file that cannot be written, or read back as what this project wrote; names the file."""
+
 
 LOCK = ".lock"
 
@@ -21,17 +29,29 @@ LOCK = ".lock"
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """A temporary path beside `dest` to write to; it becomes `dest` only if the block succeeds."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with writing(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
-        os.replace(tmp, dest)
+        with writing(dest):
+            os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def writing(dest: str | Path) -> Iterator[None]:
+    """Around the writing of `dest`: an OSError there (a full disk, no permission) becomes one line
+    naming the file.  Only the writing: a failed download inside `atomic_path` keeps its own error."""
+    try:
+        yield
+    except OSError as err:
+        raise FileFault(f"{dest}: cannot write: {err.strerror or err}") from err
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, writing(path):
         tmp.write_bytes(data)
 
 
@@ -62,3 +82,32 @@ def locked(folder: str | Path, flag: str = "--out") -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """torch.save through `atomic_path`; keep `obj` to tensors and plain values (`read_torch`)."""
+    import torch
+
+    with atomic_path(path) as tmp, writing(path):
+        torch.save(obj, tmp)
+
+
+def read_torch(path: str | Path, keys: Iterable[str], map_location: Any = None) -> dict[str, Any]:
+    """A dict saved by `save_torch` holding `keys`, read with `weights_only`.  A file holding other
+    Python objects is refused without running them; a truncated or corrupt one is one line."""
+    import pickle
+
+    import torch
+
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise FileFault(f"{path}: refused: it holds Python objects besides tensors and plain values "
+                        "(never loaded, since loading them could run code), or it is corrupt") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise FileFault(f"{path}: truncated or corrupt, cannot be read "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+    missing = [k for k in keys if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise FileFault(f"{path}: not a file this project wrote (no {', '.join(missing)})")
+    return payload

@@ -2,15 +2,18 @@
 
     model.pt        {"n_items", "max_len", "config", "state_dict"}
     config.yaml     the settings, readable
-    items.parquet   column `item_id`: the user's id of model item 1, 2, ... (row order)
+    items.parquet   column `item_id`: the user's id of model item 1, 2, ... (row order; without an
+                    id map, the model's own ids 1..n)
     metrics.json    whatever metrics the writer had (optional)
 
-Every file is written atomically (`files.py`), so a crash never leaves half a file.
+Every file is written atomically (`files.py`), so a crash never leaves half a file, and
+model.pt is read with `weights_only` (tensors and plain values: loading it runs no code).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +24,7 @@ import torch
 import yaml
 
 from .config import Config
-from .files import atomic_path, write_atomic
+from .files import FileFault, read_torch, save_torch, write_atomic
 from .model import SimDiffRec
 
 
@@ -32,12 +35,10 @@ def save_model(folder: str | Path, model: SimDiffRec, item_ids: np.ndarray | Non
     payload = {"n_items": model.n_items, "max_len": model.encoder.positions.num_embeddings,
                "config": model.cfg.to_dict(),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    with atomic_path(folder / "model.pt") as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, folder / "model.pt")
     write_atomic(folder / "config.yaml", yaml.safe_dump(model.cfg.to_dict(), sort_keys=False).encode())
-    if item_ids is not None:
-        with atomic_path(folder / "items.parquet") as tmp:
-            pd.DataFrame({"item_id": list(item_ids[1:])}).to_parquet(tmp, index=False)
+    ids = list(item_ids[1:]) if item_ids is not None else list(range(1, model.n_items + 1))
+    write_atomic(folder / "items.parquet", pd.DataFrame({"item_id": ids}).to_parquet(index=False))
     if metrics is not None:
         write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2).encode())
     return folder
@@ -47,7 +48,7 @@ def save_model(folder: str | Path, model: SimDiffRec, item_ids: np.ndarray | Non
 class LoadedModel:
     model: SimDiffRec
     config: Config
-    item_ids: np.ndarray | None  # index = model item id, [0] = padding placeholder
+    item_ids: np.ndarray  # index = model item id, [0] = padding placeholder
 
     @property
     def max_len(self) -> int:
@@ -59,39 +60,59 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
     path = folder / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no model.pt: not a model folder written by simdiffrec")
-    payload = torch.load(path, map_location=device, weights_only=False)
+    payload = read_torch(path, ("n_items", "max_len", "config", "state_dict"), map_location=device)
     cfg = Config.from_dict(payload["config"], source=str(path))
     model = SimDiffRec(cfg, payload["n_items"], payload["max_len"]).to(device)
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise FileFault(f"{path}: weights do not fit its settings ({str(err).splitlines()[0]})") from None
     model.eval()
-    item_ids = None
-    if (folder / "items.parquet").is_file():
-        ids = pd.read_parquet(folder / "items.parquet")["item_id"].to_numpy()
-        item_ids = np.concatenate([np.array([None], dtype=object), ids.astype(object)])
-    return LoadedModel(model=model, config=cfg, item_ids=item_ids)
+    items = folder / "items.parquet"
+    if not items.is_file():  # recommendations would come out in ids the user never gave
+        raise FileNotFoundError(f"{items} is missing: the model folder has no item id map")
+    try:
+        ids = pd.read_parquet(items)["item_id"].to_numpy()
+    except (OSError, ValueError, KeyError) as err:
+        raise FileFault(f"{items}: cannot be read ({type(err).__name__})") from None
+    if len(ids) != model.n_items:
+        raise FileFault(f"{items}: {len(ids)} item ids for a model of {model.n_items} items")
+    return LoadedModel(model=model, config=cfg,
+                       item_ids=np.concatenate([np.array([None], dtype=object), ids.astype(object)]))
 
 
 @torch.no_grad()
 def recommend(loaded: LoadedModel, histories: Sequence[Sequence[Any]], k: int = 10) -> list[list[Any]]:
-    """Top-k unseen items for each history, in the user's item ids (ids the model has never
-    seen are ignored; with no item map, ids are the model's own 1..n)."""
+    """Top-k items for each history, in the user's item ids, never an item of the history.
+
+    Ids are matched by their text (`"242"` is item 242), so command-line tokens need no typing;
+    ids the model has never seen are left out with a warning naming them.  `k` must leave room:
+    1 <= k <= items minus the history's known items."""
     n_items = loaded.model.n_items
-    if loaded.item_ids is not None:
-        index = {item: i for i, item in enumerate(loaded.item_ids) if i > 0}
-        to_model = [[index[x] for x in h if x in index] for h in histories]
-    else:
-        to_model = [[int(x) for x in h if 1 <= int(x) <= n_items] for h in histories]
+    index = {str(item): i for i, item in enumerate(loaded.item_ids) if i > 0}
+    to_model = []
+    for row, history in enumerate(histories):
+        unknown = [str(x) for x in history if str(x) not in index]
+        if unknown:
+            warnings.warn(f"history {row + 1}: unknown item id(s) {' '.join(unknown)} left out "
+                          f"(not among the model's {n_items} items)"
+                          + ("; no known item left, so the answer is not personal" if len(unknown) == len(history)
+                             else ""), stacklevel=2)
+        items = [index[str(x)] for x in history if str(x) in index]
+        free = n_items - len(set(items))
+        if not 1 <= k <= free:
+            raise ValueError(f"k={k}: must be between 1 and {free} (the model's {n_items} items "
+                             f"minus the {n_items - free} of history {row + 1})")
+        to_model.append(items)
     device = next(loaded.model.parameters()).device
     seq = torch.zeros(len(to_model), loaded.max_len, dtype=torch.long)
     for row, items in enumerate(to_model):
         tail = items[-loaded.max_len:]
         if tail:
             seq[row, -len(tail):] = torch.tensor(tail)
-    scores = loaded.model.score(seq.to(device)).float()
+    scores = loaded.model.score(seq.to(device)).float().nan_to_num(nan=float("-inf"))
+    top = []
     for row, items in enumerate(to_model):
-        if items:
-            scores[row, torch.tensor(items, device=device) - 1] = float("-inf")
-    top = scores.topk(min(k, n_items), dim=1).indices.cpu().numpy() + 1
-    if loaded.item_ids is None:
-        return top.tolist()
+        order = scores[row].argsort(descending=True, stable=True).cpu().numpy() + 1
+        top.append(order[~np.isin(order, items)][:k])
     return [[loaded.item_ids[i] for i in row] for row in top]

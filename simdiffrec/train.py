@@ -23,11 +23,15 @@ from .config import SELECT_BY, Config
 from .data import SequenceData
 from .device import autocast, resolve_device
 from .evaluate import evaluate, scorer
-from .files import atomic_path
+from .files import FileFault, read_torch, save_torch
 from .model import LOSSES, SimDiffRec
 
 # Settings that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = {"epochs", "patience", "eval_every", "device"}
+
+
+class Diverged(ValueError):
+    """Training produced a loss that is not finite: the weights are lost, the run ends."""
 
 
 @dataclass
@@ -126,6 +130,7 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
         cfg = cfg.replace(max_len=data.max_len)
     elif cfg.max_len != data.max_len:
         raise ValueError(f"max_len={cfg.max_len} but the data was prepared with max_len={data.max_len}")
+    cfg = cfg.for_items(data.n_items)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -140,13 +145,16 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
         state, best_weights = load_checkpoint(resume, cfg, model, optimizer)
 
     score = scorer(cfg, model, device)
-    bar = tqdm(total=cfg.epochs, initial=state.epoch, desc="epochs", unit="ep", disable=not progress)
+    # No total and so no ETA: early stopping ends most runs long before cfg.epochs; the postfix
+    # says how many evaluations without progress remain before it does.
+    bar = tqdm(initial=state.epoch, desc="epochs", unit="ep", disable=not progress)
     eval_seconds = 0.0
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
         batches = plan_epoch(data.train_lengths, cfg.batch_size, device)
         losses = run_epoch(cfg, model, optimizer, data, batches, temperature(cfg, epoch), progress,
                            alpha_factor(cfg, epoch))
+        check_finite(losses, epoch, cfg)
         state.train_seconds += time.perf_counter() - started
         state.epoch = epoch
         bar.update(1)
@@ -169,7 +177,7 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
         stopping = state.bad_evals >= cfg.patience
         total = sum(v for k, v in losses.items() if k.startswith("loss_"))
         bar.set_postfix({"loss": f"{total:.3f}", SELECT_BY: f"{valid[SELECT_BY]:.4f}",
-                         "best": state.best_epoch})
+                         "best": state.best_epoch, "early stop in ≤": f"{cfg.patience - state.bad_evals} evals"})
         if report is not None:
             snapshot = (state, best_weights)
             report(Evaluation(epoch=epoch, valid=valid, losses=losses, best_epoch=state.best_epoch,
@@ -213,6 +221,16 @@ def run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, 
     return {f"loss_{n}" if n in LOSSES else n: v for n, v in zip(names, means)}
 
 
+def check_finite(losses: dict[str, float], epoch: int, cfg: Config) -> None:
+    """Raise Diverged when an epoch's mean loss is NaN or infinite (read once per epoch anyway:
+    no extra device sync); its weights are then NaN too, and must never be evaluated or kept."""
+    bad = {name: value for name, value in losses.items() if name.startswith("loss_") and not math.isfinite(value)}
+    if bad:
+        name, value = next(iter(bad.items()))
+        raise Diverged(f"{name} became {value} at epoch {epoch}: training diverged; lower --lr "
+                       f"(now {cfg.lr:g})")
+
+
 def _copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -232,8 +250,7 @@ def save_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec, optimizer:
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
 
 
 def load_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec,
@@ -242,7 +259,8 @@ def load_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    payload = torch.load(path, map_location=next(model.parameters()).device, weights_only=False)
+    payload = read_torch(path, ("config", "n_items", "model", "optimizer", "best_model", "state", "rng"),
+                         map_location=next(model.parameters()).device)
     saved = Config.from_dict(payload["config"], source=str(path))
     changed = sorted(k for k, v in saved.to_dict().items()
                      if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v)
@@ -250,8 +268,11 @@ def load_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec,
         detail = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ValueError(f"checkpoint {path} was made with other settings or data ({detail or 'n_items'}); "
                          "only " + ", ".join(sorted(RESUMABLE_CHANGES)) + " may change on resume")
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise FileFault(f"checkpoint {path}: weights do not fit its settings ({str(err).splitlines()[0]})") from None
     torch.set_rng_state(payload["rng"]["cpu"].cpu())
     if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in payload["rng"]["cuda"]])

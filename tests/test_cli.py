@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,13 +18,36 @@ TINY = ["--hidden", "16", "--inner", "32", "--steps", "50", "--k-noise", "3", "-
         "--dropout", "0.1", "--attn-dropout", "0.1", "--lr", "0.005", "--quiet"]
 
 
-@pytest.fixture
-def seq_file(tmp_path: Path) -> Path:
+def write_table(path: Path) -> Path:
     """An interaction table with string ids, so the id map is exercised end to end."""
-    path = tmp_path / "tiny.csv"
     rows = [f"u{u},i{i},{t}" for u, s in enumerate(synthetic_sequences()) for t, i in enumerate(s)]
     path.write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
     return path
+
+
+@pytest.fixture
+def seq_file(tmp_path: Path) -> Path:
+    return write_table(tmp_path / "tiny.csv")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One small trained run (30 items i1..i30) for the tests that read a model folder."""
+    root = tmp_path_factory.mktemp("trained")
+    data = write_table(root / "tiny.csv")
+    assert main(["train", "--data", str(data), "--out", str(root / "run"), "--epochs", "1", *TINY]) == 0
+    return root / "run"
+
+
+def one_line_error(capsys, *parts: str) -> str:
+    """The error is the last line of stderr (after the data line, if any), and says all of `parts`."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert ": error: " in last and sum(": error: " in line for line in err.splitlines()) == 1, err
+    for part in parts:
+        assert part in last, err
+    return last
 
 
 def test_train_writes_metrics_config_and_a_model_that_reproduces_them(seq_file, tmp_path, capsys):
@@ -108,3 +132,133 @@ def test_a_missing_optional_package_is_one_line(seq_file, tmp_path, capsys, monk
     assert main(["tune", "--data", str(seq_file), "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "'ray'" in err and "not installed" in err
+
+
+def test_a_diverged_run_is_one_line_and_writes_no_model(seq_file, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--data", str(seq_file), "--out", str(out), *TINY, "--epochs", "3", "--lr", "1e6"]) == 2
+    one_line_error(capsys, "at epoch 1", "lower --lr")
+    assert not (out / "metrics.json").exists() and not (out / "best_checkpoint").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--alpha", "nan"), ("--tau", "inf"), ("--lr", "nan"), ("--dropout", "nan")])
+def test_a_float_setting_must_be_finite(seq_file, tmp_path, capsys, flag, value):
+    assert main(["train", "--data", str(seq_file), "--out", str(tmp_path / "r"), *TINY, "--epochs", "1",
+                 flag, value]) == 2
+    one_line_error(capsys, f"{flag[2:]}={value}: must be a finite number")
+
+
+def test_k_beyond_the_items_is_recorded_as_used(seq_file, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--data", str(seq_file), "--out", str(out), *TINY, "--epochs", "1",
+                 "--k-noise", "100000"]) == 0
+    assert "k_noise=100000 exceeds the data's 30 items - 1: using 29" in capsys.readouterr().err
+    assert Config.load_yaml(out / "config.yaml").k_noise == 29
+    assert Config.load_yaml(out / "best_checkpoint" / "config.yaml").k_noise == 29
+
+
+def test_a_key_given_twice_in_a_config_file_names_file_line_and_key(seq_file, tmp_path, capsys):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("alpha: 0.1\nbeta: 0.2\nalpha: 0.4\n")
+    assert main(["train", "--data", str(seq_file), "--out", str(tmp_path / "r"), "--config", str(conf)]) == 2
+    one_line_error(capsys, f"{conf}:3", "duplicate key 'alpha'")
+
+
+def test_train_never_silently_replaces_an_earlier_run(seq_file, tmp_path, capsys):
+    out = tmp_path / "r"
+    run = ["train", "--data", str(seq_file), "--out", str(out), *TINY, "--epochs", "1"]
+    assert main(run) == 0
+    before = (out / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert main(run) == 2
+    one_line_error(capsys, str(out), "--resume", "--force")
+    assert (out / "metrics.json").read_bytes() == before
+    # --force replaces the earlier run as a whole: a replacement that fails leaves none of it behind
+    assert main([*run, "--force", "--seed", "7", "--lr", "1e6"]) == 2
+    assert not {"metrics.json", "checkpoint.pt", "best_checkpoint"} & {p.name for p in out.iterdir()}
+    assert main([*run, "--seed", "7"]) == 0
+    assert (out / "metrics.json").read_bytes() != before
+
+
+def test_without_a_terminal_train_prints_lines_not_bars(seq_file, tmp_path, capsys):
+    args = ["train", "--data", str(seq_file), "--out", str(tmp_path / "r"), "--epochs", "2",
+            *[a for a in TINY if a != "--quiet"]]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "\x1b[" not in captured.err
+    assert [line.split()[:2] for line in captured.out.splitlines() if line.startswith("epoch")] == \
+        [["epoch", "1"], ["epoch", "2"]]
+
+
+def test_recommend_names_unknown_ids_and_never_returns_the_history(trained, capsys):
+    folder = str(trained / "best_checkpoint")
+    capsys.readouterr()
+    assert main(["recommend", folder, "--history", "i3 abc 99999999 i4", "-k", "28"]) == 0
+    captured = capsys.readouterr()
+    assert "abc 99999999" in captured.err and len(captured.err.strip().splitlines()) == 1
+    items = captured.out.strip().split("\t")[1].split()
+    assert len(items) == 28 and not {"i3", "i4"} & set(items)
+    for k in ("0", "29"):  # 30 items, 2 in the history: 1..28
+        assert main(["recommend", folder, "--history", "i3 i4", "-k", k]) == 2
+        one_line_error(capsys, f"k={k}", "between 1 and 28")
+
+
+def test_recommend_refuses_a_model_folder_without_its_id_map(trained, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "best_checkpoint", folder)
+    (folder / "items.parquet").unlink()
+    assert main(["recommend", str(folder), "--history", "i3"]) == 2
+    one_line_error(capsys, str(folder / "items.parquet"))
+
+
+def test_a_crafted_or_damaged_model_file_is_one_line_and_runs_nothing(trained, tmp_path, capsys):
+    import shutil
+
+    from .test_files import Payload
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "best_checkpoint", folder)
+    marker = tmp_path / "code-ran"
+    torch.save({"n_items": Payload(marker)}, folder / "model.pt")
+    assert main(["recommend", str(folder), "--history", "i3"]) == 2
+    one_line_error(capsys, str(folder / "model.pt"), "refused")
+    assert not marker.exists()
+    (folder / "model.pt").write_bytes(b"")
+    assert main(["evaluate", str(folder), "--data", "x.csv"]) == 2
+    one_line_error(capsys, str(folder / "model.pt"))
+
+
+def test_every_flag_says_what_it_does():
+    from simdiffrec.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = action.help or ""
+            assert text and not text.startswith("("), f"{name} {action.option_strings or action.dest}: {text!r}"
+    max_len = next(a for a in commands["train"]._actions if a.dest == "max_len")
+    assert "None" not in max_len.help and "50" in max_len.help
+
+
+def test_threads_default_to_one_on_a_busy_machine(monkeypatch, seq_file, tmp_path, capsys):
+    from simdiffrec import device
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (6.0, 6.0, 6.0))
+    assert device.default_threads() == 1
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    assert device.default_threads() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert device.default_threads() == 2
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--data", str(seq_file), "--out", str(tmp_path / "r"), "--threads", "0"]) == 2
+        one_line_error(capsys, "--threads 0")
+    finally:
+        torch.set_num_threads(threads)

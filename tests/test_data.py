@@ -12,7 +12,7 @@ import pytest
 from simdiffrec.data import describe, load_data, to_sequences
 from simdiffrec.readers import DataError, kcore, read_file, read_inter, read_sequence_file, read_table
 
-from .conftest import shared_file
+from .conftest import shared_file, synthetic_sequences
 
 
 def write(path: Path, text: str) -> Path:
@@ -230,3 +230,11 @@ def test_real_benchmarks_match_table_1(name, counts):
     lo, hi = data.test.history_ptr[row], data.test.history_ptr[row + 1]
     assert data.user_ids[0] == first[0] and int(data.test.targets[row]) == first[-1]
     assert data.test.history_items[lo:hi].tolist() == first[1:-1]
+
+
+def test_exact_duplicate_rows_are_counted_with_a_warning(tmp_path):
+    path = tmp_path / "dup.csv"
+    rows = [f"u{u},i{i},{t}" for u, seq in enumerate(synthetic_sequences(n_users=20)) for t, i in enumerate(seq)]
+    path.write_text("user_id,item_id,timestamp\n" + "\n".join(rows + rows[:3]) + "\n")
+    with pytest.warns(UserWarning, match="3 exact duplicate interaction row"):
+        load_data(path, kcore=0)

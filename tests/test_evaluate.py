@@ -49,3 +49,50 @@ def test_popularity_baseline_matches_the_published_reference():
     m = evaluate(popularity_scorer(data.test, data.n_items), data.test)
     assert m["HR@10"] == pytest.approx(0.0090, abs=5e-5)
     assert m["HR@20"] == pytest.approx(0.0143, abs=5e-5)
+
+
+def test_ties_never_favour_the_target():
+    """A scorer that gives every item the same score is no better than chance (here: ranks last)."""
+    constant = lambda x: torch.zeros(x.shape[0], 50)  # noqa: E731
+    split = split_of(inputs=[[1], [2, 3], [4]], targets=[7, 8, 9], histories=[[1], [2, 3], [4]])
+    m = evaluate(constant, split)
+    candidates = 50 - 2  # the fewest unmasked candidates of any user
+    assert m["HR@10"] <= 10 / candidates and m["HR@10"] == 0.0
+    # one tie with a single other item: rank 1, not 0
+    tied = lambda x: torch.tensor([[5.0, 5.0, 1.0]]).expand(x.shape[0], -1).clone()  # noqa: E731
+    assert target_ranks(tied, split_of([[3]], [1], [[3]])).tolist() == [1]
+
+
+def test_a_nan_or_inf_score_never_gets_a_good_rank():
+    nan = lambda x: torch.full((x.shape[0], 6), float("nan"))  # noqa: E731
+    split = split_of(inputs=[[1], [2]], targets=[3, 4], histories=[[1], [2]])
+    assert target_ranks(nan, split).tolist() == [6, 6]  # target not finite: a miss
+    assert evaluate(nan, split)["HR@5"] == 0.0  # (rank 6 = after all 6 items)
+
+    def some_inf(x):  # the target finite and best, but one other item +inf and one NaN
+        s = torch.arange(6, dtype=torch.float).expand(x.shape[0], -1).clone()
+        s[:, 5] = 10.0  # item 6: the target
+        s[:, 0], s[:, 1] = float("inf"), float("nan")
+        return s
+
+    assert target_ranks(some_inf, split_of([[3]], [6], [[3]])).tolist() == [2]
+    # a non-finite score of a history item is masked like any history item
+    assert target_ranks(some_inf, split_of([[1, 2]], [6], [[1, 2]])).tolist() == [0]
+
+
+def test_the_scorer_takes_the_item_table_product_in_fp32(monkeypatch, tiny_data):
+    """Under bf16 autocast (CUDA's, here the CPU's) the encoder may run in bf16, the scores not."""
+
+    from simdiffrec import evaluate as ev
+    from simdiffrec.config import Config
+    from simdiffrec.model import SimDiffRec
+
+    cfg = Config(hidden=16, inner=32)
+    model = SimDiffRec(cfg, tiny_data.n_items, tiny_data.max_len).eval()
+    monkeypatch.setattr(ev, "autocast", lambda cfg, device: torch.autocast("cpu", dtype=torch.bfloat16))
+    seq = tiny_data.valid.inputs[:8]
+    scores = ev.scorer(cfg, model, torch.device("cpu"))(seq)
+    assert scores.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.represent(seq)
+    assert torch.equal(scores, model.item_logits(h.float()))

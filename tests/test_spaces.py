@@ -87,6 +87,8 @@ def test_fixed_settings_and_max_epochs_reach_the_config(tmp_path):
     ({"parameters": {"alpha": {"type": "normal", "low": 0.1, "high": 0.5}}}, "parameters.alpha.type"),
     ({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5, "sigma": 1}}}, "parameters.alpha.sigma"),
     ({"parameters": {"k_noise": {"type": "float", "low": 1.0, "high": 5.5}}}, "k_noise"),
+    ({"parameters": {"layers": {"type": "float", "low": 1, "high": 3}}}, "parameters.layers.type"),
+    ({"parameters": {"schedule": {"type": "int", "low": 1, "high": 3}}}, "parameters.schedule.type"),
     ({"parameters": {"k_noise": {"type": "int", "low": 1.5, "high": 5}}}, "parameters.k_noise.low"),
     ({"parameters": {"dropout": {"type": "float", "low": 0.1, "high": 1.0}}}, "dropout"),
     ({"parameters": {"k_sample": {"type": "categorical", "choices": []}}}, "parameters.k_sample.choices"),
@@ -130,3 +132,20 @@ def test_not_yaml_is_one_line(tmp_path):
     path.write_text("parameters: {alpha: [")
     with pytest.raises(ValueError, match="not valid YAML"):
         spaces.load(path)
+
+
+def test_a_key_given_twice_names_the_file_line_and_key(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "parameters: {beta: {type: float, low: 0.1, high: 0.5}}\n")
+    with pytest.raises(ValueError, match=rf"{path}:\d+: .*duplicate key 'parameters'"):
+        spaces.load(path)
+
+
+def test_tune_all_names_must_stay_inside_out(tmp_path):
+    from tuner.jobs import plan_all
+
+    for datasets in ("../x=data.txt", "a/b=data.txt", "..", "beauty,/etc=x"):
+        with pytest.raises(ValueError, match="not a plain name"):
+            plan_all(datasets, tmp_path, None, None)
+    assert [j.out for j in plan_all("toys,my-data.v2=x.txt", tmp_path, None, None)] == \
+        [tmp_path / "toys", tmp_path / "my-data.v2"]

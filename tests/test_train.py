@@ -6,7 +6,7 @@ import torch
 from simdiffrec.config import Config
 from simdiffrec.data import SequenceData, load_data
 from simdiffrec.evaluate import evaluate, popularity_scorer
-from simdiffrec.train import Evaluation, temperature, train
+from simdiffrec.train import Diverged, Evaluation, temperature, train
 
 from .conftest import shared_file
 
@@ -80,3 +80,18 @@ def test_two_epochs_on_toys_beat_popularity():
     popular = evaluate(popularity_scorer(data.test, data.n_items), data.test)
     result = train(Config(epochs=2, alpha=0.1, beta=0.1), data)
     assert result.test["HR@10"] > popular["HR@10"] >= 0.0089
+
+
+def test_a_diverged_run_ends_with_a_reason_not_a_perfect_score(tiny_data):
+    reports = []
+    with pytest.raises(Diverged, match=r"became nan at epoch 1: .*lower --lr"):
+        train(Config(epochs=3, lr=1e6, **{k: v for k, v in SMALL.items() if k != "lr"}), tiny_data,
+              report=reports.append)
+    assert reports == []  # nothing was evaluated, saved or crowned
+
+
+def test_the_epoch_bar_promises_no_eta_it_cannot_keep(tiny_data, capsys):
+    train(Config(epochs=3, patience=5, alpha=0.0, beta=0.0, **SMALL), tiny_data, progress=True, test=False)
+    epoch_bars = [part for part in capsys.readouterr().err.split("\r") if part.startswith("epochs")]
+    assert epoch_bars and "early stop in ≤=5 evals" in epoch_bars[-1]
+    assert not any("/3" in bar or "<" in bar for bar in epoch_bars)  # no total, no ETA

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -58,6 +59,9 @@ def plan_all(datasets: str, out: Path, space_dir: Path | None, storage: str | No
     jobs = []
     for entry in filter(None, (e.strip() for e in datasets.split(","))):
         name, _, data = entry.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or set(name) == {"."}:
+            raise ValueError(f"--datasets: {name!r} is not a plain name (letters, digits, '-', '_', '.'): "
+                             "it names the folder OUT/NAME, which must stay inside --out")
         space = str(space_dir / f"{name}.yaml") if space_dir else None
         experiment = f"{storage.rstrip('/')}/{name}" if storage else None
         jobs.append(Job(data or name, space, out / name, experiment))

@@ -24,9 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from simdiffrec.config import Config
+from simdiffrec.config import Config, read_yaml
 
 # Settings a trial never samples: the tuner owns epochs (ASHA's max) and device (Ray's GPU);
 # max_len and kcore shape the prepared data, which all trials share.
@@ -38,6 +36,9 @@ TYPE_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "lo
              "categorical": {"choices"}}
 TOP_KEYS = {"parameters", "fixed", "points_to_evaluate", "asha"}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
+# Each setting's value type as Config declares it ("int | None" -> "int"): a float range for an
+# integer setting would pass the extremes check (1.0, 3.0) and then fail every trial on 1.7.
+SETTING_TYPES = {f.name: str(f.type).split(" | ")[0] for f in dataclasses.fields(Config)}
 
 
 @dataclass(frozen=True)
@@ -131,11 +132,7 @@ def find(space: str | Path) -> Path:
 
 def load(space: str | Path) -> Space:
     path = find(space)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
-    return parse(raw, str(path))
+    return parse(read_yaml(path), str(path))
 
 
 def parse(raw: Any, source: str) -> Space:
@@ -175,6 +172,10 @@ def _param(name: str, spec: Any, earlier: list[Param], source: str) -> Param:
     if kind not in TYPE_KEYS:
         raise ValueError(f"{where}.type: {kind!r}; expected one of {', '.join(TYPE_KEYS)}")
     _no_unknown(spec, TYPE_KEYS[kind] | {"type", "when"}, source, f"parameters.{name}.")
+    setting = SETTING_TYPES[name]
+    if kind != "categorical" and (setting not in ("int", "float") or (kind, setting) == ("float", "int")):
+        fits = "int" if setting == "int" else "categorical"
+        raise ValueError(f"{where}.type: {kind} for {name}, a setting of type {setting}; use type: {fits}")
     when = _when(spec["when"], earlier, where) if "when" in spec else None
     if kind == "categorical":
         choices = spec.get("choices")
