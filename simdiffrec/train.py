@@ -27,7 +27,7 @@ from .evaluate import evaluate, scorer
 from .model import SimDiffRec
 
 # Settings that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"epochs", "patience", "eval_every", "device"}
+RESUMABLE_CHANGES = {"epochs", "patience", "eval_every", "device", "compile"}
 
 
 @dataclass
@@ -37,18 +37,32 @@ class Batch:
     item_pos: torch.Tensor  # flat indices of the positions holding an item in the (B, width) batch
 
 
-def plan_epoch(lengths: np.ndarray, batch_size: int, device: torch.device) -> list[Batch]:
-    """Shuffle rows (torch's CPU generator, so checkpoints capture it) and cut batches."""
+def plan_epoch(lengths: np.ndarray, batch_size: int, device: torch.device, batching: str = "tokens") -> list[Batch]:
+    """Cut one epoch into batches, every row exactly once, each batch trimmed to its longest row.
+
+    `random`: shuffled rows, `batch_size` at a time.  `tokens`: rows sorted by length (shuffled
+    within a length), cut into batches of at most `batch_size` × mean length real positions,
+    in random order: as many positions per step as `random` on average, so a loss averaged over
+    a batch's positions weights them as before, but almost no padding.  All shuffles draw from
+    torch's CPU generator, so checkpoints capture them.
+    """
     perm = torch.randperm(len(lengths)).numpy()
-    plans, item_pos_parts = [], []
-    for start in range(0, len(perm), batch_size):
-        rows = perm[start:start + batch_size]
+    if batching == "random":
+        groups = np.split(perm, range(batch_size, len(perm), batch_size))
+    else:
+        perm = perm[np.argsort(lengths[perm], kind="stable")]
+        groups = np.split(perm, token_cuts(lengths[perm], batch_size * lengths.mean()))
+        groups = [groups[i] for i in torch.randperm(len(groups)).tolist()]
+    perm = np.concatenate(groups)
+    plans, item_pos_parts, start = [], [], 0
+    for rows in groups:
         lens = lengths[rows]
         width = int(lens.max())
         first = np.arange(len(rows)) * width + width - lens  # flat index of each row's first item
         offsets = np.cumsum(lens) - lens
         item_pos_parts.append(np.arange(lens.sum()) - np.repeat(offsets - first, lens))
         plans.append((start, start + len(rows), width, lens.sum()))
+        start += len(rows)
     perm_dev = torch.from_numpy(perm).to(device)
     item_pos_dev = torch.from_numpy(np.concatenate(item_pos_parts)).to(device)
     batches, at = [], 0
@@ -56,6 +70,18 @@ def plan_epoch(lengths: np.ndarray, batch_size: int, device: torch.device) -> li
         batches.append(Batch(perm_dev[start:stop], width, item_pos_dev[at:at + count]))
         at += count
     return batches
+
+
+def token_cuts(lengths: np.ndarray, budget: float) -> list[int]:
+    """Where to cut rows of these lengths, in order, so that no batch holds more than `budget`
+    real positions (a single longer row makes a batch of its own)."""
+    cuts, used = [], 0
+    for i, n in enumerate(lengths.tolist()):
+        if used and used + n > budget:
+            cuts.append(i)
+            used = 0
+        used += n
+    return cuts
 
 
 def temperature(cfg: Config, epoch: int) -> float:
@@ -139,7 +165,7 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
     eval_seconds = 0.0
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
-        batches = plan_epoch(data.train_lengths, cfg.batch_size, device)
+        batches = plan_epoch(data.train_lengths, cfg.batch_size, device, cfg.batching)
         losses = run_epoch(cfg, model, optimizer, data, batches, temperature(cfg, epoch), progress)
         state.train_seconds += time.perf_counter() - started
         state.epoch = epoch

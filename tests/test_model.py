@@ -178,11 +178,12 @@ def test_contrastive_loss_is_infonce_over_positive_and_negative_views():
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
-def test_plan_epoch_covers_every_row_once_with_exact_real_positions():
+@pytest.mark.parametrize("batching", ["random", "tokens"])
+def test_plan_epoch_covers_every_row_once_with_exact_real_positions(batching):
     torch.manual_seed(0)
     lengths = torch.randint(1, 9, (37,)).numpy()
     seen = []
-    for b in plan_epoch(lengths, batch_size=8, device=torch.device("cpu")):
+    for b in plan_epoch(lengths, batch_size=8, device=torch.device("cpu"), batching=batching):
         rows = b.rows.numpy()
         seen += rows.tolist()
         assert b.width == lengths[rows].max()
@@ -191,6 +192,24 @@ def test_plan_epoch_covers_every_row_once_with_exact_real_positions():
             mask[r, b.width - n:] = True
         assert torch.equal(b.item_pos, mask.reshape(-1).nonzero().squeeze(1))
     assert sorted(seen) == list(range(37))
+
+
+def test_token_batches_respect_the_budget_and_trim_padding_away():
+    torch.manual_seed(0)
+    lengths = torch.randint(1, 51, (2000,)).numpy() // torch.randint(1, 10, (2000,)).numpy() + 1
+    budget = 64 * lengths.mean()
+    random = plan_epoch(lengths, 64, torch.device("cpu"), "random")
+    tokens = plan_epoch(lengths, 64, torch.device("cpu"), "tokens")
+    assert all(len(b.item_pos) <= budget for b in tokens)
+    assert abs(len(tokens) - len(random)) <= 0.05 * len(random)  # about as many steps as random batching
+
+    def padding(plan):
+        return 1 - sum(len(b.item_pos) for b in plan) / sum(len(b.rows) * b.width for b in plan)
+
+    assert padding(tokens) < 0.1 < 0.5 < padding(random)
+    again = plan_epoch(lengths, 64, torch.device("cpu"), "tokens")  # another epoch: other batches
+    assert [len(b.rows) for b in again] != [len(b.rows) for b in tokens]
+    assert not torch.equal(torch.cat([b.rows for b in again]), torch.cat([b.rows for b in tokens]))
 
 
 def test_bce_negatives_are_items_other_than_the_target():
