@@ -57,7 +57,7 @@ def test_left_trimming_keeps_positions():
 
 def test_similarity_noise_is_brute_force_topk_mean_without_self():
     model = make_model(k_noise=3)
-    seq, item_pos = batch([[1, 2, 3, 4], [5, 6]], width=4)
+    seq, item_pos = batch([[1, 2, 3, 4], [5, 6], [2, 5, 2]], width=4)  # items recur: found once, used everywhere
     z0 = model.encoder.items(seq)
     noise = model.noise(z0, seq.reshape(-1)[item_pos], item_pos)
     table = model.encoder.items.weight.detach()
@@ -71,6 +71,29 @@ def test_similarity_noise_is_brute_force_topk_mean_without_self():
             top = sorted(sims, key=sims.get, reverse=True)[:3]
             assert item not in top
             assert torch.allclose(noise[b, p], table[top].mean(0), atol=1e-6)
+
+
+def test_similarity_noise_gradient_reaches_each_neighbour_once_per_position():
+    model = make_model(k_noise=2)
+    seq, item_pos = batch([[3, 3, 7], [3, 9]], width=3)
+    items = seq.reshape(-1)[item_pos]
+    model.noise(model.encoder.items(seq).detach(), items, item_pos).sum().backward()
+    table = model.encoder.items.weight.detach()
+    expected = torch.zeros(table.shape[0])
+    for item in items.tolist():  # the brute force: each position's own top-2 neighbours, weight 1/2
+        sims = table[1:] @ table[item]
+        sims[item - 1] = float("-inf")
+        expected[sims.topk(2).indices + 1] += 0.5
+    assert torch.allclose(model.encoder.items.weight.grad, expected[:, None].expand_as(table), atol=1e-6)
+
+
+def test_choices_in_augmentation_read_fp32_scores_under_autocast():
+    model = make_model()
+    h = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, exact = model.item_logits(h), model.item_logits(h, fp32=True)
+    assert low.dtype == torch.bfloat16 and exact.dtype == torch.float32
+    assert torch.equal(exact, h @ model.item_table().T)
 
 
 def test_gaussian_noise_ablation_has_embedding_scale():
@@ -137,7 +160,7 @@ def test_hard_negative_is_the_k_sample_th_ranked_item(exclude):
     logits = torch.randn(6, 30)
     items = torch.tensor([1, 5, 9, 13, 17, 30])
     logits[torch.arange(6), items - 1] = 10.0  # the original item ranks first
-    best, kth = ranked_items(logits, items, k_sample=4, exclude_original=exclude)
+    best, kth = ranked_items(logits.clone(), items, k_sample=4, exclude_original=exclude)
     for r in range(6):
         order = [int(i) + 1 for i in logits[r].argsort(descending=True)]
         if exclude:
