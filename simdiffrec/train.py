@@ -161,12 +161,13 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
         state, best_weights = load_checkpoint(resume, cfg, model, optimizer)
 
     score = scorer(cfg, model, device)
+    losses_fn = step_losses(cfg, model, device)
     bar = tqdm(total=cfg.epochs, initial=state.epoch, desc="epochs", unit="ep", disable=not progress)
     eval_seconds = 0.0
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
         batches = plan_epoch(data.train_lengths, cfg.batch_size, device, cfg.batching)
-        losses = run_epoch(cfg, model, optimizer, data, batches, temperature(cfg, epoch), progress)
+        losses = run_epoch(cfg, model, losses_fn, optimizer, data, batches, temperature(cfg, epoch), progress)
         state.train_seconds += time.perf_counter() - started
         state.epoch = epoch
         bar.update(1)
@@ -208,9 +209,26 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
                        minutes=(state.train_seconds + state.eval_seconds) / 60, history=state.history)
 
 
-def run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, data: SequenceData,
-              batches: list[Batch], tau: float, progress: bool = False) -> dict[str, float]:
-    """One pass over `batches`; returns the mean of each loss (the epoch's one device sync)."""
+def step_losses(cfg: Config, model: SimDiffRec, device: torch.device) -> Callable[..., dict[str, torch.Tensor]]:
+    """`model.losses`, or its torch.compile'd form where `cfg.compile` asks for it (auto: CUDA).
+
+    On a GPU a step is ~1,600 small kernels, launch-bound; compiled, they fuse.  Shapes are
+    dynamic, so the batches' varying widths and position counts do not recompile; torch.unique's
+    data-dependent shape splits the graph there.  Under `auto` a failed compilation falls back to
+    running eagerly instead of ending the run.
+    """
+    if cfg.compile == "off" or (cfg.compile == "auto" and device.type != "cuda"):
+        return model.losses
+    if cfg.compile == "auto":
+        torch._dynamo.config.suppress_errors = True
+    return torch.compile(model.losses, dynamic=True)
+
+
+def run_epoch(cfg: Config, model: SimDiffRec, losses: Callable[..., dict[str, torch.Tensor]],
+              optimizer: torch.optim.Optimizer, data: SequenceData, batches: list[Batch], tau: float,
+              progress: bool = False) -> dict[str, float]:
+    """One pass over `batches` with `losses` (`step_losses`); returns the mean of each loss (the
+    epoch's one device sync)."""
     model.train()
     device = data.train_input.device
     totals: dict[str, torch.Tensor] = {}
@@ -219,7 +237,7 @@ def run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, 
         seq = data.train_input[batch.rows, cut:]
         target = data.train_target[batch.rows, cut:]
         with autocast(cfg, device):
-            parts = model.losses(seq, target, batch.item_pos, tau)
+            parts = losses(seq, target, batch.item_pos, tau)
         loss = model.objective(parts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
