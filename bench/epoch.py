@@ -81,17 +81,17 @@ def measure(cfg: Config, data: SequenceData, batches: int | None, repeats: int) 
             "warmup": times[0][0] - per_batch * times[0][1], "graphs": counters["stats"]["unique_graphs"] - graphs}
 
 
-def cpu_floor(data: SequenceData, batch_size: int) -> float | None:
+def cpu_floor(data: SequenceData, batch_size: int, script: Path) -> float | None:
     """Seconds of the floor epoch for this data (cpu_floor.py in a subprocess, same threads), or None."""
-    if not FLOOR.is_file():
-        print(f"note: {FLOOR} not found: no ratio to the CPU floor (it lives outside the project, in "
-              f"../shared/tools/ next to the project root)", file=sys.stderr)
+    if not script.is_file():
+        print(f"note: {script} not found: no ratio to the CPU floor (cpu_floor.py lives outside the "
+              f"project, in ../shared/tools/ next to the project root; --floor names another place)", file=sys.stderr)
         return None
     positions = int(data.train_lengths.sum())
     steps = math.ceil(len(data.train_lengths) / batch_size)
     args = ["--positions", str(positions), "--items", str(data.n_items), "--batch-positions", str(positions // steps)]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    out = subprocess.run([sys.executable, str(FLOOR), *args], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["floor_s"]
 
 
@@ -105,13 +105,14 @@ def main() -> None:
                         help="comma-separated indices into the variant list")
     parser.add_argument("--batching", default="random,tokens", help="comma-separated batching settings")
     parser.add_argument("--compile", default="auto", help="comma-separated compile settings (auto, on, off)")
+    parser.add_argument("--floor", type=Path, default=FLOOR, help=f"cpu_floor.py (default {FLOOR})")
     args = parser.parse_args()
     device = resolve_device(args.device)
     data = load_data(args.data).to(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"data {args.data}: {len(data.train_lengths):,} training sequences, {data.n_items:,} items; "
           f"device {name}; torch {torch.__version__}")
-    floor = cpu_floor(data, Config().batch_size) if device.type == "cpu" else None
+    floor = cpu_floor(data, Config().batch_size, args.floor) if device.type == "cpu" else None
     if floor is not None:
         print(f"CPU floor (cpu_floor.py, this data): {floor:.1f} s/epoch")
     print("| variant | batching | compile | s/epoch | sequences/s | eval s/split | warm-up s | graphs "
