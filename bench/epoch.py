@@ -9,6 +9,7 @@ the baseline of the last-but-one column: what SimDiffRec's noise, diffusion, res
 extra encoder passes cost.  On the CPU the last column divides by the floor that
 ../shared/tools/cpu_floor.py (outside the project) measures first, in the same run, for this
 data's positions and items: the item-table work no full-softmax SimDiffRec epoch can avoid.
+The floor is measured again right before each variant, since a shared machine's load drifts.
 Each figure is the median of --repeats timings after one warm-up pass; `warm-up s` is what that
 first pass took beyond the median (compilation, allocator), `graphs` how many graphs
 torch.compile built for the variant (recompilations included).
@@ -81,12 +82,8 @@ def measure(cfg: Config, data: SequenceData, batches: int | None, repeats: int) 
             "warmup": times[0][0] - per_batch * times[0][1], "graphs": counters["stats"]["unique_graphs"] - graphs}
 
 
-def cpu_floor(data: SequenceData, batch_size: int, script: Path) -> float | None:
-    """Seconds of the floor epoch for this data (cpu_floor.py in a subprocess, same threads), or None."""
-    if not script.is_file():
-        print(f"note: {script} not found: no ratio to the CPU floor (cpu_floor.py lives outside the "
-              f"project, in ../shared/tools/ next to the project root; --floor names another place)", file=sys.stderr)
-        return None
+def cpu_floor(data: SequenceData, batch_size: int, script: Path) -> float:
+    """Seconds of the floor epoch for this data (cpu_floor.py in a subprocess, same threads)."""
     positions = int(data.train_lengths.sum())
     steps = math.ceil(len(data.train_lengths) / batch_size)
     args = ["--positions", str(positions), "--items", str(data.n_items), "--batch-positions", str(positions // steps)]
@@ -112,21 +109,24 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"data {args.data}: {len(data.train_lengths):,} training sequences, {data.n_items:,} items; "
           f"device {name}; torch {torch.__version__}")
-    floor = cpu_floor(data, Config().batch_size, args.floor) if device.type == "cpu" else None
-    if floor is not None:
-        print(f"CPU floor (cpu_floor.py, this data): {floor:.1f} s/epoch")
+    floor_script = args.floor if device.type == "cpu" else None
+    if floor_script and not floor_script.is_file():
+        print(f"note: {floor_script} not found: no ratio to the CPU floor (cpu_floor.py lives outside the "
+              f"project, in ../shared/tools/ next to the project root; --floor names another place)", file=sys.stderr)
+        floor_script = None
     print("| variant | batching | compile | s/epoch | sequences/s | eval s/split | warm-up s | graphs "
-          "| ratio to SASRec | ratio to floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| ratio to SASRec | floor s/epoch | ratio to floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     chosen = [list(VARIANTS.items())[int(i)] for i in args.variants.split(",")]
     base: dict[tuple[str, str], float] = {}
     for compile_ in args.compile.split(","):
         for batching in args.batching.split(","):
             for label, overrides in chosen:
                 cfg = Config(device=str(device), max_len=data.max_len, batching=batching, compile=compile_, **overrides)
+                floor = cpu_floor(data, cfg.batch_size, floor_script) if floor_script else None
                 r = measure(cfg, data, args.batches, args.repeats)
                 base.setdefault((compile_, batching), r["epoch"])
-                to_floor = f"{r['epoch'] / floor:.2f}" if floor else "-"
+                to_floor = f"{floor:.1f} | {r['epoch'] / floor:.2f}" if floor else "- | -"
                 print(f"| {label} | {batching} | {compile_} | {r['epoch']:.3f} | {r['seq_per_s']:,.0f} | "
                       f"{r['eval']:.3f} | {r['warmup']:.2f} | {r['graphs']} | "
                       f"{r['epoch'] / base[compile_, batching]:.2f} | {to_floor} |", flush=True)
