@@ -9,8 +9,9 @@
 #
 #   bash bench/device_run.sh            # tables on stdout, logs under $OUT
 #
-# Sections: training/evaluation speed (bench/epoch.py, full epochs), packing (bench/packing.py
-# with 1, 2, 4, 8 trials), and a SimDiffRec accuracy run (at most ACCURACY_EPOCHS epochs, default
+# Sections: training/evaluation speed (bench/epoch.py, full epochs; random vs token batching,
+# eager vs torch.compile, with compile warm-up and graph counts), packing (bench/packing.py with
+# 1, 2, 4, 8 trials, without and with NVIDIA MPS; MPS=off skips the MPS rounds), and a SimDiffRec accuracy run (at most ACCURACY_EPOCHS epochs, default
 # 100, cut at ACCURACY_MINUTES, default 4; the per-epoch valid lines survive a cut).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -21,10 +22,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 
 echo "## speed"
-python3 bench/epoch.py --data .devdata/Beauty.txt --repeats 3 2>&1 | tee "$OUT/epoch.log"
+python3 bench/epoch.py --data .devdata/Beauty.txt --repeats 3 --batching random,tokens --compile off,on \
+    --variants 0,1 2>&1 | tee "$OUT/epoch.log"
 
 echo "## packing"
-python3 bench/packing.py --data .devdata/Beauty.txt --trials 1,2,4,8 2>&1 | tee "$OUT/packing.log"
+python3 bench/packing.py --data .devdata/Beauty.txt --trials 1,2,4,8 --mps "${MPS:-both}" 2>&1 | tee "$OUT/packing.log"
 
 echo "## accuracy (SimDiffRec, the paper's Beauty settings)"
 timeout "$(( ${ACCURACY_MINUTES:-4} * 60 ))" python3 -m simdiffrec.cli train --data .devdata/Beauty.txt \

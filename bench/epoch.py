@@ -3,31 +3,46 @@
     python bench/epoch.py --data ../shared/data/Beauty.txt              # full epochs
     python bench/epoch.py --data ../shared/data/Beauty.txt --batches 20  # CPU: a slice, extrapolated
 
-Plain SASRec (α = β = 0, the same code path) is the baseline measured in the same run; the ratio
-is what SimDiffRec's similarity noise, diffusion, restoration and two extra encoder passes cost.
-Each figure is the median of --repeats timings after one warm-up.
+Each variant runs with every --batching (random: the old plan, as baseline in the same run) and
+every --compile setting.  Plain SASRec (α = β = 0, the same code path) with the same batching is
+the baseline of the last-but-one column: what SimDiffRec's noise, diffusion, restoration and two
+extra encoder passes cost.  On the CPU the last column divides by the floor that
+../shared/tools/cpu_floor.py (outside the project) measures first, in the same run, for this
+data's positions and items: the item-table work no full-softmax SimDiffRec epoch can avoid.
+The floor is measured again right before each variant, since a shared machine's load drifts.
+Each figure is the median of --repeats timings after one warm-up pass; `warm-up s` is what that
+first pass took beyond the median (compilation, allocator), `graphs` how many graphs
+torch.compile built for the variant (recompilations included).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from simdiffrec.config import Config
-from simdiffrec.data import load_data
+from simdiffrec.data import SequenceData, load_data
 from simdiffrec.device import resolve_device
 from simdiffrec.evaluate import evaluate, scorer
 from simdiffrec.model import SimDiffRec
-from simdiffrec.train import plan_epoch, run_epoch
+from simdiffrec.train import plan_epoch, run_epoch, step_losses
 
 VARIANTS = {
     "SASRec (alpha=beta=0, ce)": dict(alpha=0.0, beta=0.0),
     "SimDiffRec (alpha=beta=0.4, ce)": dict(alpha=0.4, beta=0.4),
     "SimDiffRec (alpha=beta=0.4, bce)": dict(alpha=0.4, beta=0.4, sr_loss="bce"),
 }
+FLOOR = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "cpu_floor.py"
 
 
 def sync(device: torch.device) -> None:
@@ -35,21 +50,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(cfg: Config, data, batches: int | None, repeats: int) -> dict[str, float]:
+def measure(cfg: Config, data: SequenceData, batches: int | None, repeats: int) -> dict[str, float]:
     device = data.train_input.device
     torch.manual_seed(cfg.seed)
     model = SimDiffRec(cfg, data.n_items, data.max_len).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-    full = len(plan_epoch(data.train_lengths, cfg.batch_size, device))
-    epoch_times, rows = [], 0
-    for i in range(repeats + 1):
-        plan = plan_epoch(data.train_lengths, cfg.batch_size, device)[:batches]
-        rows = sum(len(b.rows) for b in plan)
+    losses = step_losses(cfg, model, device)
+    graphs = counters["stats"]["unique_graphs"]
+    full = len(plan_epoch(data.train_lengths, cfg.batch_size, device, cfg.batching))
+    times = []
+    for _ in range(repeats + 1):
+        plan = plan_epoch(data.train_lengths, cfg.batch_size, device, cfg.batching)[:batches]
         sync(device)
         start = time.perf_counter()
-        run_epoch(cfg, model, optimizer, data, plan, tau=cfg.tau)  # ends with a device sync
-        if i:  # the first pass is the warm-up
-            epoch_times.append((time.perf_counter() - start) * full / len(plan))
+        run_epoch(cfg, model, losses, optimizer, data, plan, tau=cfg.tau)  # ends with a device sync
+        times.append((time.perf_counter() - start, len(plan)))
+    per_batch = statistics.median(t / n for t, n in times[1:])
     model.eval()
 
     score = scorer(cfg, model, device)
@@ -59,11 +75,21 @@ def measure(cfg: Config, data, batches: int | None, repeats: int) -> dict[str, f
             sync(device)
             start = time.perf_counter()
             evaluate(score, data.valid)
-            if i:
+            if i:  # the first pass is the warm-up
                 eval_times.append(time.perf_counter() - start)
-    epoch = statistics.median(epoch_times)
+    epoch = per_batch * full
     return {"epoch": epoch, "seq_per_s": len(data.train_lengths) / epoch, "eval": statistics.median(eval_times),
-            "timed_rows": rows}
+            "warmup": times[0][0] - per_batch * times[0][1], "graphs": counters["stats"]["unique_graphs"] - graphs}
+
+
+def cpu_floor(data: SequenceData, batch_size: int, script: Path) -> float:
+    """Seconds of the floor epoch for this data (cpu_floor.py in a subprocess, same threads)."""
+    positions = int(data.train_lengths.sum())
+    steps = math.ceil(len(data.train_lengths) / batch_size)
+    args = ["--positions", str(positions), "--items", str(data.n_items), "--batch-positions", str(positions // steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["floor_s"]
 
 
 def main() -> None:
@@ -74,22 +100,36 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", default=",".join(str(i) for i in range(len(VARIANTS))),
                         help="comma-separated indices into the variant list")
+    parser.add_argument("--batching", default="random,tokens", help="comma-separated batching settings")
+    parser.add_argument("--compile", default="auto", help="comma-separated compile settings (auto, on, off)")
+    parser.add_argument("--floor", type=Path, default=FLOOR, help=f"cpu_floor.py (default {FLOOR})")
     args = parser.parse_args()
     device = resolve_device(args.device)
     data = load_data(args.data).to(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"data {args.data}: {len(data.train_lengths):,} training sequences, {data.n_items:,} items; "
           f"device {name}; torch {torch.__version__}")
-    print(f"| variant | s/epoch | sequences/s | eval s/split | ratio to SASRec |")
-    print(f"|---|---|---|---|---|")
+    floor_script = args.floor if device.type == "cpu" else None
+    if floor_script and not floor_script.is_file():
+        print(f"note: {floor_script} not found: no ratio to the CPU floor (cpu_floor.py lives outside the "
+              f"project, in ../shared/tools/ next to the project root; --floor names another place)", file=sys.stderr)
+        floor_script = None
+    print("| variant | batching | compile | s/epoch | sequences/s | eval s/split | warm-up s | graphs "
+          "| ratio to SASRec | floor s/epoch | ratio to floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     chosen = [list(VARIANTS.items())[int(i)] for i in args.variants.split(",")]
-    base = None
-    for label, overrides in chosen:
-        cfg = Config(device=str(device), max_len=data.max_len, **overrides)
-        r = measure(cfg, data, args.batches, args.repeats)
-        base = base or r["epoch"]
-        print(f"| {label} | {r['epoch']:.3f} | {r['seq_per_s']:,.0f} | {r['eval']:.3f} | {r['epoch'] / base:.2f} |",
-              flush=True)
+    base: dict[tuple[str, str], float] = {}
+    for compile_ in args.compile.split(","):
+        for batching in args.batching.split(","):
+            for label, overrides in chosen:
+                cfg = Config(device=str(device), max_len=data.max_len, batching=batching, compile=compile_, **overrides)
+                floor = cpu_floor(data, cfg.batch_size, floor_script) if floor_script else None
+                r = measure(cfg, data, args.batches, args.repeats)
+                base.setdefault((compile_, batching), r["epoch"])
+                to_floor = f"{floor:.1f} | {r['epoch'] / floor:.2f}" if floor else "- | -"
+                print(f"| {label} | {batching} | {compile_} | {r['epoch']:.3f} | {r['seq_per_s']:,.0f} | "
+                      f"{r['eval']:.3f} | {r['warmup']:.2f} | {r['graphs']} | "
+                      f"{r['epoch'] / base[compile_, batching]:.2f} | {to_floor} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 trials side by side (the way `simdiffrec tune --trials-per-gpu K` packs them) against one alone.
 
     python bench/packing.py --data ../shared/data/Beauty.txt            # on a GPU machine
+    python bench/packing.py --data ../shared/data/Beauty.txt --mps both # and again under NVIDIA MPS
     python bench/packing.py --tiny                                      # CPU smoke run, seconds
 
 Each trial is a separate process running `simdiffrec.train` (training plus the validation pass
@@ -9,13 +10,17 @@ after every epoch, as in a search) on the same device; all of a round start toge
 barrier.  A trial's throughput is training sequences per second of wall time between its first
 and last evaluation (the first epoch, with its start-up costs, is left out); a round's total is
 the sum over its trials.  Trials per GPU-hour assume trials of --trial-epochs epochs (ASHA stops
-most trials earlier, so a search gets through more).
+most trials earlier, so a search gets through more).  `--mps on` runs the rounds with an NVIDIA
+MPS control daemon started for them (`nvidia-cuda-mps-control -d`, stopped afterwards), so the
+trials' kernels share the GPU at once instead of time-slicing; `--mps both` runs without, then with.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
+import subprocess
 import sys
 import time
 
@@ -62,6 +67,19 @@ def run_round(k: int, cfg: Config, data: SequenceData) -> tuple[list[float], flo
     return rates, max(peak for _, peak in outcomes)
 
 
+@contextlib.contextmanager
+def mps_daemon(enabled: bool):
+    """An NVIDIA MPS control daemon for the processes started inside (nothing when not enabled)."""
+    if not enabled:
+        yield
+        return
+    subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, check=False)
+
+
 def synthetic(n_users: int = 300, n_items: int = 100, seed: int = 0) -> SequenceData:
     """Users walking the items in order from random starts (as the tests' data)."""
     rng = np.random.default_rng(seed)
@@ -78,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trial-epochs", type=int, default=100,
                         help="length of a full trial, for trials per GPU-hour (default 100: ASHA's max_t)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on synthetic data, on the CPU")
+    parser.add_argument("--mps", choices=("off", "on", "both"), default="off",
+                        help="run the rounds under an NVIDIA MPS daemon (on), without (off) or both ways")
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first is warm-up)")
@@ -92,17 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = len(data.train_lengths)
     print(f"# packing on {name}: {args.data if not args.tiny else 'synthetic'} ({rows:,} training sequences), "
           f"{args.epochs} epochs per trial, torch {torch.__version__}")
-    print("| trials | seq/s per trial | total seq/s | vs one alone | trials per GPU-hour | peak GiB per trial |")
-    print("|---|---|---|---|---|---|")
+    print("| MPS | trials | seq/s per trial | total seq/s | vs one alone | trials per GPU-hour | peak GiB per trial |")
+    print("|---|---|---|---|---|---|---|")
     alone = None
-    for k in (int(x) for x in args.trials.split(",")):
-        rates, peak = run_round(k, cfg, data)
-        total = sum(rates)
-        alone = alone or total  # the first round (normally k=1) is the reference
-        per_hour = 3600 * total / (rows * args.trial_epochs)
-        memory = "-" if np.isnan(peak) else f"{peak:.2f}"
-        print(f"| {k} | {total / k:,.0f} | {total:,.0f} | {total / alone:.2f}x | {per_hour:.1f} | {memory} |",
-              flush=True)
+    for mps in {"off": [False], "on": [True], "both": [False, True]}[args.mps]:
+        with mps_daemon(mps):
+            for k in (int(x) for x in args.trials.split(",")):
+                rates, peak = run_round(k, cfg, data)
+                total = sum(rates)
+                alone = alone or total  # the first round (normally k=1 without MPS) is the reference
+                per_hour = 3600 * total / (rows * args.trial_epochs)
+                memory = "-" if np.isnan(peak) else f"{peak:.2f}"
+                print(f"| {'on' if mps else 'off'} | {k} | {total / k:,.0f} | {total:,.0f} | {total / alone:.2f}x "
+                      f"| {per_hour:.1f} | {memory} |", flush=True)
     return 0
 
 

@@ -28,6 +28,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rounding": ("z0", "pred"),
     "tau_schedule": ("constant", "linear", "cosine"),
     "similarity": ("cosine", "dot"),
+    "batching": ("tokens", "random"),
+    "compile": ("auto", "on", "off"),
 }
 
 
@@ -76,12 +78,14 @@ class Config:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 256
+    batching: str = "tokens"  # rows grouped by length under a budget of real positions, or random rows
     epochs: int = 200
     eval_every: int = 1
     patience: int = 10
     seed: int = 42
     device: str = "auto"
     amp: bool = True
+    compile: str = "auto"  # torch.compile the training step: auto = on CUDA only
 
     def __post_init__(self) -> None:
         self.check()

@@ -185,9 +185,15 @@ class SimDiffRec(nn.Module):
         """Embeddings of items 1..n (row j is item j + 1)."""
         return self.encoder.items.weight[1:]
 
-    def item_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Eq. 2 / Eq. 14: dot products with every item, (..., d) -> (..., n_items)."""
-        return h @ self.item_table().T
+    def item_logits(self, h: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+        """Eq. 2 / Eq. 14: dot products with every item, (..., d) -> (..., n_items).
+
+        `fp32` computes them in full precision even under autocast: for scores that pick items
+        and positions, where bf16's 8-bit mantissa would turn near-ties into arbitrary choices."""
+        if not fp32:
+            return h @ self.item_table().T
+        with torch.autocast(h.device.type, enabled=False):
+            return h.float() @ self.item_table().float().T
 
     def represent(self, seq: torch.Tensor) -> torch.Tensor:
         """The sequence representation: the encoder output at the last position."""
@@ -243,12 +249,14 @@ class SimDiffRec(nn.Module):
             scale = self.item_table().detach().pow(2).mean().sqrt()
             noise_items = torch.randn(item_pos.shape[0], d, device=z0.device, dtype=z0.dtype) * scale
         else:
+            # The neighbours depend on the item alone: find them once per distinct item of the batch.
             table = self.item_table()
+            distinct, inverse = torch.unique(items, return_inverse=True)
             with torch.no_grad():
-                sim = self.item_logits(z0.reshape(-1, d)[item_pos])
-                sim.scatter_(1, (items - 1)[:, None], float("-inf"))  # self-masking
+                sim = self.item_logits(table[distinct - 1])
+                sim.scatter_(1, (distinct - 1)[:, None], float("-inf"))  # self-masking
                 top = sim.topk(self.k_noise, dim=1).indices
-            noise_items = table[top].mean(1)
+            noise_items = table[top].mean(1)[inverse]
         return z0.new_zeros(B * w, d).index_put((item_pos,), noise_items.to(z0.dtype)).view(B, w, d)
 
     def diffusion_loss(self, z0: torch.Tensor, noise: torch.Tensor, is_item: torch.Tensor,
@@ -284,7 +292,7 @@ class SimDiffRec(nn.Module):
         with no_dropout(self.denoiser, not cfg.aug_dropout):
             h = restore(lambda z, t: self.denoiser(z, t, is_item), z_T, self.z0_weight, self.noise_weight,
                         cfg.restore_steps, last=lambda z, t: self.denoiser.hidden(z, t, is_item))
-        logits = self.item_logits(h.reshape(-1, d)[item_pos]).float()
+        logits = self.item_logits(h.reshape(-1, d)[item_pos], fp32=True)
         if cfg.aug_positions == "confidence":
             conf_items = (logits.max(1).values - logits.logsumexp(1)).exp()  # Eq. 15-16
         else:
@@ -357,10 +365,11 @@ def ranked_items(logits: torch.Tensor, items: torch.Tensor, k_sample: int,
     """The top-ranked and the k_sample-th ranked item ids per position (logits: (n, n_items)).
 
     With `exclude_original` the position's own item is not a candidate, so the positive view
-    always changes the sequence there (a restored original would make it a copy).
+    always changes the sequence there (a restored original would make it a copy); it is masked
+    in `logits` itself, which the caller no longer needs: a copy would be n × n_items again.
     """
     if exclude_original:
-        logits = logits.scatter(1, (items - 1)[:, None], float("-inf"))
+        logits.scatter_(1, (items - 1)[:, None], float("-inf"))
     ranked = logits.topk(k_sample, dim=1).indices + 1
     return ranked[:, 0], ranked[:, -1]
 

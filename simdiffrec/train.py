@@ -27,7 +27,7 @@ from .files import FileFault, read_torch, save_torch
 from .model import LOSSES, SimDiffRec
 
 # Settings that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"epochs", "patience", "eval_every", "device"}
+RESUMABLE_CHANGES = {"epochs", "patience", "eval_every", "device", "compile"}
 
 
 class Diverged(ValueError):
@@ -41,18 +41,32 @@ class Batch:
     item_pos: torch.Tensor  # flat indices of the positions holding an item in the (B, width) batch
 
 
-def plan_epoch(lengths: np.ndarray, batch_size: int, device: torch.device) -> list[Batch]:
-    """Shuffle rows (torch's CPU generator, so checkpoints capture it) and cut batches."""
+def plan_epoch(lengths: np.ndarray, batch_size: int, device: torch.device, batching: str = "tokens") -> list[Batch]:
+    """Cut one epoch into batches, every row exactly once, each batch trimmed to its longest row.
+
+    `random`: shuffled rows, `batch_size` at a time.  `tokens`: rows sorted by length (shuffled
+    within a length), cut into batches of at most `batch_size` × mean length real positions,
+    in random order: as many positions per step as `random` on average, so a loss averaged over
+    a batch's positions weights them as before, but almost no padding.  All shuffles draw from
+    torch's CPU generator, so checkpoints capture them.
+    """
     perm = torch.randperm(len(lengths)).numpy()
-    plans, item_pos_parts = [], []
-    for start in range(0, len(perm), batch_size):
-        rows = perm[start:start + batch_size]
+    if batching == "random":
+        groups = np.split(perm, range(batch_size, len(perm), batch_size))
+    else:
+        perm = perm[np.argsort(lengths[perm], kind="stable")]
+        groups = np.split(perm, token_cuts(lengths[perm], batch_size * lengths.mean()))
+        groups = [groups[i] for i in torch.randperm(len(groups)).tolist()]
+    perm = np.concatenate(groups)
+    plans, item_pos_parts, start = [], [], 0
+    for rows in groups:
         lens = lengths[rows]
         width = int(lens.max())
         first = np.arange(len(rows)) * width + width - lens  # flat index of each row's first item
         offsets = np.cumsum(lens) - lens
         item_pos_parts.append(np.arange(lens.sum()) - np.repeat(offsets - first, lens))
         plans.append((start, start + len(rows), width, lens.sum()))
+        start += len(rows)
     perm_dev = torch.from_numpy(perm).to(device)
     item_pos_dev = torch.from_numpy(np.concatenate(item_pos_parts)).to(device)
     batches, at = [], 0
@@ -60,6 +74,18 @@ def plan_epoch(lengths: np.ndarray, batch_size: int, device: torch.device) -> li
         batches.append(Batch(perm_dev[start:stop], width, item_pos_dev[at:at + count]))
         at += count
     return batches
+
+
+def token_cuts(lengths: np.ndarray, budget: float) -> list[int]:
+    """Where to cut rows of these lengths, in order, so that no batch holds more than `budget`
+    real positions (a single longer row makes a batch of its own)."""
+    cuts, used = [], 0
+    for i, n in enumerate(lengths.tolist()):
+        if used and used + n > budget:
+            cuts.append(i)
+            used = 0
+        used += n
+    return cuts
 
 
 def temperature(cfg: Config, epoch: int) -> float:
@@ -145,14 +171,15 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
         state, best_weights = load_checkpoint(resume, cfg, model, optimizer)
 
     score = scorer(cfg, model, device)
+    losses_fn = step_losses(cfg, model, device)
     # No total and so no ETA: early stopping ends most runs long before cfg.epochs; the postfix
     # says how many evaluations without progress remain before it does.
     bar = tqdm(initial=state.epoch, desc="epochs", unit="ep", disable=not progress)
     eval_seconds = 0.0
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
-        batches = plan_epoch(data.train_lengths, cfg.batch_size, device)
-        losses = run_epoch(cfg, model, optimizer, data, batches, temperature(cfg, epoch), progress,
+        batches = plan_epoch(data.train_lengths, cfg.batch_size, device, cfg.batching)
+        losses = run_epoch(cfg, model, losses_fn, optimizer, data, batches, temperature(cfg, epoch), progress,
                            alpha_factor(cfg, epoch))
         check_finite(losses, epoch, cfg)
         state.train_seconds += time.perf_counter() - started
@@ -197,10 +224,27 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
                        minutes=(state.train_seconds + state.eval_seconds) / 60, history=state.history)
 
 
-def run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, data: SequenceData,
-              batches: list[Batch], tau: float, progress: bool = False, alpha_factor: float = 1.0) -> dict[str, float]:
-    """One pass over `batches`; returns the mean of each loss (`loss_sr`, ...) and of L_cl's
-    health numbers (`cl_margin`, ...), read in the epoch's one device sync."""
+def step_losses(cfg: Config, model: SimDiffRec, device: torch.device) -> Callable[..., dict[str, torch.Tensor]]:
+    """`model.losses`, or its torch.compile'd form where `cfg.compile` asks for it (auto: CUDA).
+
+    On a GPU a step is ~1,600 small kernels, launch-bound; compiled, they fuse.  Shapes are
+    dynamic, so the batches' varying widths and position counts do not recompile; torch.unique's
+    data-dependent shape splits the graph there.  Under `auto` a failed compilation falls back to
+    running eagerly instead of ending the run.
+    """
+    if cfg.compile == "off" or (cfg.compile == "auto" and device.type != "cuda"):
+        return model.losses
+    if cfg.compile == "auto":
+        torch._dynamo.config.suppress_errors = True
+    return torch.compile(model.losses, dynamic=True)
+
+
+def run_epoch(cfg: Config, model: SimDiffRec, losses: Callable[..., dict[str, torch.Tensor]],
+              optimizer: torch.optim.Optimizer, data: SequenceData, batches: list[Batch], tau: float,
+              progress: bool = False, alpha_factor: float = 1.0) -> dict[str, float]:
+    """One pass over `batches` with `losses` (`step_losses`); returns the mean of each loss
+    (`loss_sr`, ...) and of L_cl's health numbers (`cl_margin`, ...), read in the epoch's one
+    device sync."""
     model.train()
     device = data.train_input.device
     totals: dict[str, torch.Tensor] = {}
@@ -209,7 +253,7 @@ def run_epoch(cfg: Config, model: SimDiffRec, optimizer: torch.optim.Optimizer, 
         seq = data.train_input[batch.rows, cut:]
         target = data.train_target[batch.rows, cut:]
         with autocast(cfg, device):
-            parts = model.losses(seq, target, batch.item_pos, tau)
+            parts = losses(seq, target, batch.item_pos, tau)
         loss = model.objective(parts, alpha_factor)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -58,7 +58,7 @@ def test_left_trimming_keeps_positions():
 
 def test_similarity_noise_is_brute_force_topk_mean_without_self():
     model = make_model(k_noise=3)
-    seq, item_pos = batch([[1, 2, 3, 4], [5, 6]], width=4)
+    seq, item_pos = batch([[1, 2, 3, 4], [5, 6], [2, 5, 2]], width=4)  # items recur: found once, used everywhere
     z0 = model.encoder.items(seq)
     noise = model.noise(z0, seq.reshape(-1)[item_pos], item_pos)
     table = model.encoder.items.weight.detach()
@@ -72,6 +72,29 @@ def test_similarity_noise_is_brute_force_topk_mean_without_self():
             top = sorted(sims, key=sims.get, reverse=True)[:3]
             assert item not in top
             assert torch.allclose(noise[b, p], table[top].mean(0), atol=1e-6)
+
+
+def test_similarity_noise_gradient_reaches_each_neighbour_once_per_position():
+    model = make_model(k_noise=2)
+    seq, item_pos = batch([[3, 3, 7], [3, 9]], width=3)
+    items = seq.reshape(-1)[item_pos]
+    model.noise(model.encoder.items(seq).detach(), items, item_pos).sum().backward()
+    table = model.encoder.items.weight.detach()
+    expected = torch.zeros(table.shape[0])
+    for item in items.tolist():  # the brute force: each position's own top-2 neighbours, weight 1/2
+        sims = table[1:] @ table[item]
+        sims[item - 1] = float("-inf")
+        expected[sims.topk(2).indices + 1] += 0.5
+    assert torch.allclose(model.encoder.items.weight.grad, expected[:, None].expand_as(table), atol=1e-6)
+
+
+def test_choices_in_augmentation_read_fp32_scores_under_autocast():
+    model = make_model()
+    h = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, exact = model.item_logits(h), model.item_logits(h, fp32=True)
+    assert low.dtype == torch.bfloat16 and exact.dtype == torch.float32
+    assert torch.equal(exact, h @ model.item_table().T)
 
 
 def test_gaussian_noise_ablation_has_embedding_scale():
@@ -138,7 +161,7 @@ def test_hard_negative_is_the_k_sample_th_ranked_item(exclude):
     logits = torch.randn(6, 30)
     items = torch.tensor([1, 5, 9, 13, 17, 30])
     logits[torch.arange(6), items - 1] = 10.0  # the original item ranks first
-    best, kth = ranked_items(logits, items, k_sample=4, exclude_original=exclude)
+    best, kth = ranked_items(logits.clone(), items, k_sample=4, exclude_original=exclude)
     for r in range(6):
         order = [int(i) + 1 for i in logits[r].argsort(descending=True)]
         if exclude:
@@ -179,11 +202,12 @@ def test_contrastive_loss_is_infonce_over_positive_and_negative_views():
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
-def test_plan_epoch_covers_every_row_once_with_exact_real_positions():
+@pytest.mark.parametrize("batching", ["random", "tokens"])
+def test_plan_epoch_covers_every_row_once_with_exact_real_positions(batching):
     torch.manual_seed(0)
     lengths = torch.randint(1, 9, (37,)).numpy()
     seen = []
-    for b in plan_epoch(lengths, batch_size=8, device=torch.device("cpu")):
+    for b in plan_epoch(lengths, batch_size=8, device=torch.device("cpu"), batching=batching):
         rows = b.rows.numpy()
         seen += rows.tolist()
         assert b.width == lengths[rows].max()
@@ -192,6 +216,24 @@ def test_plan_epoch_covers_every_row_once_with_exact_real_positions():
             mask[r, b.width - n:] = True
         assert torch.equal(b.item_pos, mask.reshape(-1).nonzero().squeeze(1))
     assert sorted(seen) == list(range(37))
+
+
+def test_token_batches_respect_the_budget_and_trim_padding_away():
+    torch.manual_seed(0)
+    lengths = torch.randint(1, 51, (2000,)).numpy() // torch.randint(1, 10, (2000,)).numpy() + 1
+    budget = 64 * lengths.mean()
+    random = plan_epoch(lengths, 64, torch.device("cpu"), "random")
+    tokens = plan_epoch(lengths, 64, torch.device("cpu"), "tokens")
+    assert all(len(b.item_pos) <= budget for b in tokens)
+    assert abs(len(tokens) - len(random)) <= 0.05 * len(random)  # about as many steps as random batching
+
+    def padding(plan):
+        return 1 - sum(len(b.item_pos) for b in plan) / sum(len(b.rows) * b.width for b in plan)
+
+    assert padding(tokens) < 0.1 < 0.5 < padding(random)
+    again = plan_epoch(lengths, 64, torch.device("cpu"), "tokens")  # another epoch: other batches
+    assert [len(b.rows) for b in again] != [len(b.rows) for b in tokens]
+    assert not torch.equal(torch.cat([b.rows for b in again]), torch.cat([b.rows for b in tokens]))
 
 
 def test_bce_negatives_are_items_other_than_the_target():
