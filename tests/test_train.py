@@ -94,9 +94,10 @@ def test_a_diverged_run_ends_with_a_reason_not_a_perfect_score(tiny_data):
 
 
 def test_the_epoch_bar_promises_no_eta_it_cannot_keep(tiny_data, capsys):
-    train(Config(epochs=3, patience=5, alpha=0.0, beta=0.0, **SMALL), tiny_data, progress=True, test=False)
+    result = train(Config(epochs=3, patience=5, alpha=0.0, beta=0.0, **SMALL), tiny_data, progress=True, test=False)
     epoch_bars = [part for part in capsys.readouterr().err.split("\r") if part.startswith("epochs")]
-    assert epoch_bars and "early stop in ≤=5 evals" in epoch_bars[-1]
+    left = 5 - (3 - result.best_epoch)  # evaluations without a better one that early stopping still allows
+    assert epoch_bars and f"early stop in ≤={left} evals" in epoch_bars[-1]
     assert not any("/3" in bar or "<" in bar for bar in epoch_bars)  # no total, no ETA
 
 
