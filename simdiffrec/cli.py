@@ -116,7 +116,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                          f"on {loaded.model.n_items}: not the same prepared data")
     score = scorer(loaded.config, loaded.model, device)  # as in training, so the numbers match the run's
     with torch.no_grad():
-        metrics = {split: evaluate(score, getattr(data, split).to(device)) for split in args.split}
+        metrics = {split: evaluate(score, getattr(data, split).to(device), mask_history=args.mask_history)
+                   for split in args.split}
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -261,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(p)
     p.add_argument("--split", nargs="+", choices=("valid", "test"), default=["valid", "test"])
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--mask-history", action=argparse.BooleanOptionalAction, default=True,
+                   help="remove the user's history from the candidates (--no-mask-history: keep it, as RecBole does)")
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("recommend", help="top-k items for histories given in your item ids")
