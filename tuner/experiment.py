@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow.fs
 import yaml
 from ray.air.result import Result
-from ray.tune import ExperimentAnalysis
+from ray.tune import Checkpoint, ExperimentAnalysis
 
 from simdiffrec.files import write_atomic
 
@@ -36,25 +36,17 @@ PACKAGES = ("simdiffrec", "torch", "ray", "optuna", "numpy", "pandas", "pyarrow"
 
 def export(experiment: str, out: str | Path) -> dict[str, Any]:
     """Write the three exports of `experiment` into `out`; return best_config.yaml's content."""
-    fs, path = _filesystem(experiment)
-    try:
-        analysis = ExperimentAnalysis(path, storage_filesystem=fs)
-    except ValueError:
-        raise FileNotFoundError(f"{experiment}: no Ray Tune experiment there (no experiment_state file)") from None
+    analysis, results = read(experiment)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {trial.trial_id: _result(trial.path, fs) for trial in analysis.trials}
     _write_parquet(out / "results.parquet", results_frame(analysis, results))
     best = _best(analysis, results)
     if best is None:
         raise ValueError(f"{experiment}: no trial has reported a checkpoint yet; nothing to export")
     trial, checkpoint, metrics = best
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        checkpoint.to_directory(tmp)
-        model = Path(tmp) / MODEL_DIR
-        saved = json.loads((model / "metrics.json").read_text())
-        settings = yaml.safe_load((model / "config.yaml").read_text())
-        _replace_dir(model, out / "best_checkpoint")
+    copy_model(checkpoint, out / "best_checkpoint")
+    saved = json.loads((out / "best_checkpoint" / "metrics.json").read_text())
+    settings = yaml.safe_load((out / "best_checkpoint" / "config.yaml").read_text())
     statuses = pd.Series([t.status for t in analysis.trials]).value_counts()
     config = {
         "dataset": saved.get("data"),
@@ -70,6 +62,24 @@ def export(experiment: str, out: str | Path) -> dict[str, Any]:
     }
     write_atomic(out / "best_config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
     return config
+
+
+def read(experiment: str) -> tuple[ExperimentAnalysis, dict[str, Result | None]]:
+    """The trials of an experiment folder or URI, and what each reported (None: nothing yet)."""
+    fs, path = _filesystem(experiment)
+    try:
+        analysis = ExperimentAnalysis(path, storage_filesystem=fs)
+    except ValueError:
+        raise FileNotFoundError(f"{experiment}: no Ray Tune experiment there (no experiment_state file)") from None
+    return analysis, {trial.trial_id: _result(trial.path, fs) for trial in analysis.trials}
+
+
+def copy_model(checkpoint: Checkpoint, target: Path) -> None:
+    """Put the model folder of a reported checkpoint (MODEL_DIR) at `target`, replacing it whole."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        checkpoint.to_directory(tmp)
+        _replace_dir(Path(tmp) / MODEL_DIR, target)
 
 
 def results_frame(analysis: ExperimentAnalysis, results: dict[str, Result | None]) -> pd.DataFrame:

@@ -52,16 +52,26 @@ class SearchRequest:
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
 
 
+def parse_datasets(datasets: str) -> dict[str, str]:
+    """`name,name=path,...` (--datasets) as name -> data (the path, else the name itself)."""
+    parsed = {}
+    for entry in filter(None, (e.strip() for e in datasets.split(","))):
+        name, _, data = entry.partition("=")
+        if name in parsed:
+            raise ValueError(f"--datasets: {name} is given twice")
+        parsed[name] = data or name
+    if not parsed:
+        raise ValueError("--datasets: no dataset given")
+    return parsed
+
+
 def plan_all(datasets: str, out: Path, space_dir: Path | None, storage: str | None) -> list[Job]:
     """tune-all's jobs from `name,name=path,...`; every space is checked before any search starts."""
     jobs = []
-    for entry in filter(None, (e.strip() for e in datasets.split(","))):
-        name, _, data = entry.partition("=")
+    for name, data in parse_datasets(datasets).items():
         space = str(space_dir / f"{name}.yaml") if space_dir else None
         experiment = f"{storage.rstrip('/')}/{name}" if storage else None
-        jobs.append(Job(data or name, space, out / name, experiment))
-    if not jobs:
-        raise ValueError("--datasets: no dataset given")
+        jobs.append(Job(data, space, out / name, experiment))
     for job in jobs:
         space_for(job)
     return jobs
@@ -117,7 +127,7 @@ def _new(job: Job, max_epochs: int | None, given: dict[str, Any]):
         if tune.Tuner.can_restore(started):
             raise ValueError(f"{job.out} already holds a search: continue it with --resume, or choose another --out")
     space = spaces.load(space_for(job)).with_max_epochs(max_epochs)
-    settings = search.SearchSettings(experiment=job.experiment or _default_experiment(job.out),
+    settings = search.SearchSettings(experiment=job.experiment or default_experiment(job.out),
                                      **{k: v for k, v in given.items() if v is not None})
     return space, settings
 
@@ -142,9 +152,10 @@ def _resumed(job: Job, max_epochs: int | None, given: dict[str, Any]):
     return space, search.SearchSettings(**{**record["settings"], **resources})
 
 
-def _default_experiment(out: Path) -> str:
+def default_experiment(out: Path, name: str | None = None) -> str:
+    """Where Ray keeps OUT's experiment: $SIMDIFFREC_STORAGE/NAME (NAME: OUT's last part), else OUT/experiment."""
     root = os.environ.get(STORAGE_ENV)
-    return f"{root.rstrip('/')}/{out.resolve().name}" if root else str(out / "experiment")
+    return f"{root.rstrip('/')}/{name or out.resolve().name}" if root else str(out / "experiment")
 
 
 def space_for(job: Job) -> Path:
