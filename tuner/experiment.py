@@ -65,7 +65,8 @@ def export(experiment: str, out: str | Path) -> dict[str, Any]:
 
 
 def read(experiment: str) -> tuple[ExperimentAnalysis, dict[str, Result | None]]:
-    """The trials of an experiment folder or URI, and what each reported (None: nothing yet)."""
+    """The experiment's trials (its saved state) and what each reported (its folder), from files
+    alone: a finished, interrupted or still running search, a local folder or a URI."""
     fs, path = _filesystem(experiment)
     try:
         analysis = ExperimentAnalysis(path, storage_filesystem=fs)
