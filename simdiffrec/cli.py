@@ -248,7 +248,8 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     out = final_folder(args.experiment, args.out)
     table = finalize(args.experiment, out, args.seeds, args.top, retrain_request(args), args.search)
     for _, row in table.iterrows():
-        diff = "" if row["is_baseline"] else f" ({row['test/NDCG@10_diff']:+.4f} vs baseline, p={row['test/NDCG@10_p']:.2g})"
+        diff = "" if row["is_baseline"] else \
+            f" ({row['test/NDCG@10_diff']:+.4f} vs baseline, p={row['test/NDCG@10_p']:.2g})"
         print(f"{row['configuration']}: {int(row['seeds'])} seeds, test NDCG@10 {row['test/NDCG@10_mean']:.4f} "
               f"± {row['test/NDCG@10_std']:.4f}{diff}")
     print(f"-> {out}/final.md, final.parquet, final_runs.parquet, final_checkpoint/")
@@ -268,7 +269,8 @@ def add_retrain_commands(sub: argparse._SubParsersAction) -> None:
                                         "several seeds; mean ± std, paired tests, the final model")
     p.add_argument("experiment", help="the search's experiment folder (tune's OUT/experiment) or URI")
     p.add_argument("--seeds", type=int, default=5, help="runs per configuration (default 5; the paper ran ten)")
-    p.add_argument("--top", type=int, default=3, help="configurations to retrain, best valid NDCG@10 first (default 3)")
+    p.add_argument("--top", type=int, default=3,
+                   help="configurations to retrain, best valid NDCG@10 first (default 3)")
     p.add_argument("--out", type=Path, help="folder for final.md, final.parquet, final_runs.parquet, "
                                             "final_checkpoint/ (default: EXPERIMENT's folder/final)")
     p.add_argument("--search", type=Path, help="the search's folder, holding search.yaml and space.yaml "
@@ -288,7 +290,8 @@ def add_retrain_commands(sub: argparse._SubParsersAction) -> None:
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runs")
-    g.add_argument("--max-epochs", type=int, help="epochs at most, if early stopping has not ended a run (default 200)")
+    g.add_argument("--max-epochs", type=int,
+                   help="epochs at most, if early stopping has not ended a run (default 200)")
     g.add_argument("--patience", type=int, help="epochs without a better valid NDCG@10 before a run stops "
                                                 "(default: the search's for finalize, else 10)")
     add_resource_flags(g, "continue the interrupted runs in OUT")
@@ -331,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", nargs="+", choices=("valid", "test"), default=["valid", "test"])
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--mask-history", action=argparse.BooleanOptionalAction, default=True,
-                   help="remove the user's history from the candidates (--no-mask-history: keep it, as RecBole does)")
+                   help="remove the user's history from the candidates "
+                        "(--no-mask-history: keep it, as RecBole does)")
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("recommend", help="top-k items for histories given in your item ids")

@@ -49,7 +49,8 @@ def tiny_search(ray_cluster, data_file, tmp_path_factory) -> Path:
     """A finished search of three trials, two epochs each."""
     out = tmp_path_factory.mktemp("search")
     space = tmp_path_factory.mktemp("space") / "space.yaml"
-    space.write_text(yaml.safe_dump({**SPACE, "asha": {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2}}, sort_keys=False))
+    asha = {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2}
+    space.write_text(yaml.safe_dump({**SPACE, "asha": asha}, sort_keys=False))
     assert main(["tune", "--data", str(data_file), "--space", str(space), "--out", str(out),
                  "--num-samples", "3", "--gpu", "never"]) == 0
     return out
@@ -144,7 +145,8 @@ grid.run(plan, out, search.SearchSettings(experiment=str(out / "experiment"), ma
 def test_an_interrupted_grid_continues_each_run_from_its_checkpoint(ray_cluster, data_file, tmp_path):
     slow = {**TINY, "batch_size": 8, "epochs": 12, "patience": 100}  # epochs long enough to interrupt a run
     plan = grid.Plan(datasets={"d": {"source": str(data_file), "columns": {}, "max_len": 10, "kcore": 0}},
-                     runs={"a": {"dataset": "d", "config": slow}, "b": {"dataset": "d", "config": {**slow, "alpha": 0.1}}},
+                     runs={"a": {"dataset": "d", "config": slow},
+                           "b": {"dataset": "d", "config": {**slow, "alpha": 0.1}}},
                      seeds=[0, 1])
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(dataclasses.asdict(plan)))
     out = tmp_path / "out"
