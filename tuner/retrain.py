@@ -123,7 +123,7 @@ def reproduce(datasets: str, out: Path, seeds: int, request: RetrainRequest) -> 
     settings for it; write the table beside the paper's numbers; return table.parquet's table."""
     _at_least_one(seeds=seeds)
     paper = verdict.paper_results()
-    plan_data, runs_plan, order = {}, {}, {}
+    plan_data, runs_plan, order, labels = {}, {}, {}, {}
     for name, source in parse_datasets(datasets).items():
         paper_settings = dict(paper["settings"].get(name, paper["settings"]["default"]))
         max_len = paper_settings.pop("max_len", None)
@@ -131,13 +131,15 @@ def reproduce(datasets: str, out: Path, seeds: int, request: RetrainRequest) -> 
         order[name] = list(REPRODUCE)
         for configuration, changes in REPRODUCE.items():
             config = {**Config().to_dict(), **paper_settings, **changes, "max_len": max_len}
-            runs_plan[f"{name}.{configuration}"] = {"dataset": name, "config": _settings(config, request)}
+            run = f"{name}.{configuration}"
+            runs_plan[run] = {"dataset": name, "config": _settings(config, request)}
+            labels[run] = (name, configuration)
     plan = grid.Plan(datasets=plan_data, runs=runs_plan, seeds=list(range(seeds)))
     runs = request.run(plan, out)
     if runs.empty:
         raise ValueError(f"{out}: no run finished; nothing to write (--resume retries them)")
-    runs.insert(0, "dataset", runs["run"].map(lambda r: plan.runs[r]["dataset"]))
-    runs.insert(1, "configuration", runs["run"].str.partition(".")[2])
+    runs.insert(0, "dataset", runs["run"].map(lambda r: labels[r][0]))
+    runs.insert(1, "configuration", runs["run"].map(lambda r: labels[r][1]))
     table = verdict.reproduce_table(runs, order, paper)
     write_atomic(out / "runs.parquet", runs.drop(columns=["run"]).to_parquet(index=False))
     write_atomic(out / "table.parquet", table.to_parquet(index=False))
