@@ -31,7 +31,7 @@ SIMDIFFREC = [sys.executable, "-m", "simdiffrec.cli"]
 @pytest.fixture(scope="module")
 def ray_cluster():
     os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never a `ray start` one
     yield
     ray.shutdown()
 

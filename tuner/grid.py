@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -117,8 +118,8 @@ def run(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool = F
     for name in plan.runs:
         plan.config(name, plan.seeds[0])  # a bad setting fails here, before Ray starts
     settings = _record(plan, out, settings, resume)
-    if not ray.is_initialized():
-        ray.init(address=ray_address)
+    if not ray.is_initialized():  # the cluster named, else a Ray of these runs alone: never one `ray start` left here
+        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or "local")
     data, info = {}, {}
     for name, spec in plan.datasets.items():
         prepared, stats = load_and_describe(spec["source"], max_len=spec["max_len"], kcore=spec["kcore"],
