@@ -180,7 +180,8 @@ def finished(experiment: str) -> pd.DataFrame:
     keep = ["run", "seed", "trial_id", *(c for c in frame.columns
                                         if c.split("/")[0] in ("valid", "test", UNMASKED)),
             "best_epoch", "epochs", "minutes", "gpu"]
-    return frame[keep].sort_values(["run", "seed"], ignore_index=True)
+    counts = {c: int for c in ("seed", "best_epoch", "epochs", "gpu")}  # read back as floats beside NaN rows
+    return frame[keep].astype(counts).sort_values(["run", "seed"], ignore_index=True)
 
 
 def save_final_model(experiment: str, trial_id: str, target: Path) -> None:
