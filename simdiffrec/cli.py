@@ -1,5 +1,5 @@
-"""`simdiffrec train | evaluate | recommend | tune | tune-all | export`: the one face over the
-core (`simdiffrec`) and the search (`tuner`).
+"""`simdiffrec train | evaluate | recommend | tune | tune-all | export | finalize | reproduce`: the
+one face over the core (`simdiffrec`) and the search and retraining (`tuner`).
 
 Nothing imports this module; it parses flags and calls one function of the core or the tuner per
 command.  Heavy imports (torch, Ray, Optuna) happen inside the commands, so `--help` is fast and a
@@ -24,6 +24,7 @@ from .config import CHOICES, Config
 
 if TYPE_CHECKING:
     from tuner.jobs import SearchRequest
+    from tuner.retrain import RetrainRequest
 
 COLUMNS = ("user_col", "item_col", "time_col")  # of a .csv/.parquet file
 STORAGE_ENV = "SIMDIFFREC_STORAGE"  # tuner.jobs.STORAGE_ENV, named here without importing the tuner
@@ -186,7 +187,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                          f"on {loaded.model.n_items}: not the same prepared data")
     score = scorer(loaded.config, loaded.model, device)  # as in training, so the numbers match the run's
     with torch.no_grad():
-        metrics = {split: evaluate(score, getattr(data, split).to(device)) for split in args.split}
+        metrics = {split: evaluate(score, getattr(data, split).to(device), mask_history=args.mask_history)
+                   for split in args.split}
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -282,19 +284,94 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--num-samples", type=int, help="trials in all (default 20)")
     g.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA never stops (default: the space's)")
+    g.add_argument("--seed", type=int, help="seed of Optuna's TPE sampler (default 0)")
+    g.add_argument("--optuna-storage", help="database URL for the Optuna study, e.g. sqlite:///study.db, "
+                                            "to watch it with optuna-dashboard (default: in memory)")
+    add_resource_flags(g, "continue the interrupted search(es) in OUT")
+
+
+def add_resource_flags(g: argparse._ArgumentGroup, resume: str) -> None:
+    """Where and how trials run: a search's, finalize's and reproduce's flags alike."""
     g.add_argument("--trials-per-gpu", type=int, help="trials sharing one GPU: each asks for 1/N of it (default 1)")
     g.add_argument("--cpus-per-trial", type=float, help="CPUs Ray reserves for each trial (default 1)")
     g.add_argument("--gpu", choices=("auto", "always", "never"),
                    help="auto: GPU trials when the cluster has GPUs; always: also when an autoscaler has "
                         "none up yet; never: CPU trials (default auto)")
     g.add_argument("--max-concurrent", type=int, help="trials running at once (default 8)")
-    g.add_argument("--seed", type=int, help="seed of Optuna's TPE sampler (default 0)")
-    g.add_argument("--optuna-storage", help="database URL for the Optuna study, e.g. sqlite:///study.db, "
-                                            "to watch it with optuna-dashboard (default: in memory)")
     g.add_argument("--max-failures", type=int, help="retries of a failed trial from its checkpoint (default 2)")
     g.add_argument("--ray-address", help="Ray cluster to join; auto: the one `ray start` began on this machine "
-                                         "(default: RAY_ADDRESS, else a Ray of this search alone, on 127.0.0.1)")
-    g.add_argument("--resume", action="store_true", help="continue the interrupted search(es) in OUT")
+                                         "(default: RAY_ADDRESS, else a Ray of this run alone, on 127.0.0.1)")
+    g.add_argument("--resume", action="store_true", help=resume)
+
+
+# --- retraining: finalize, reproduce (tuner/retrain.py) --------------------------------------
+
+def retrain_request(args: argparse.Namespace) -> "RetrainRequest":
+    from tuner.jobs import prefer_loopback
+
+    prefer_loopback(args.ray_address)  # before Ray is imported (tuner.retrain imports it)
+    from tuner.retrain import GRID_FLAGS, RetrainRequest
+
+    return RetrainRequest(settings={k: getattr(args, k) for k in GRID_FLAGS if getattr(args, k) is not None},
+                          max_epochs=args.max_epochs, patience=args.patience, resume=args.resume,
+                          ray_address=args.ray_address)
+
+
+def cmd_finalize(args: argparse.Namespace) -> int:
+    request = retrain_request(args)
+    from tuner.retrain import final_folder, finalize
+
+    out = final_folder(args.experiment, args.out)
+    table = finalize(args.experiment, out, args.seeds, args.top, request, args.search)
+    for _, row in table.iterrows():
+        diff = "" if row["is_baseline"] else \
+            f" ({row['test/NDCG@10_diff']:+.4f} vs baseline, p={row['test/NDCG@10_p']:.2g})"
+        print(f"{row['configuration']}: {int(row['seeds'])} seeds, test NDCG@10 {row['test/NDCG@10_mean']:.4f} "
+              f"± {row['test/NDCG@10_std']:.4f}{diff}")
+    print(f"-> {out}/final.md, final.parquet, final_runs.parquet, final_checkpoint/")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    request = retrain_request(args)
+    from tuner.retrain import reproduce
+
+    reproduce(args.datasets, args.out, args.seeds, request)
+    print((args.out / "table.md").read_text(), end="")
+    return 0
+
+
+def add_retrain_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finalize", help="retrain a search's best configurations and a SASRec baseline with "
+                                        "several seeds; mean ± std, paired tests, the final model")
+    p.add_argument("experiment", help="the search's experiment folder (tune's OUT/experiment) or URI")
+    p.add_argument("--seeds", type=int, default=5, help="runs per configuration (default 5; the paper ran ten)")
+    p.add_argument("--top", type=int, default=3,
+                   help="configurations to retrain, best valid NDCG@10 first (default 3)")
+    p.add_argument("--out", type=Path, help="folder for final.md, final.parquet, final_runs.parquet, "
+                                            "final_checkpoint/ (default: EXPERIMENT's folder/final)")
+    p.add_argument("--search", type=Path, help="the search's folder, holding search.yaml and space.yaml "
+                                               "(default: EXPERIMENT's folder)")
+    add_run_flags(p)
+    p.set_defaults(run=cmd_finalize)
+
+    p = sub.add_parser("reproduce", help="the paper's SASRec, SimDiffRec and ablations on its datasets, "
+                                         "beside its numbers")
+    p.add_argument("--datasets", required=True,
+                   help="comma-separated dataset names (beauty,toys,...); NAME=PATH reads NAME's data from a file")
+    p.add_argument("--seeds", type=int, default=5, help="runs per configuration (default 5; the paper ran ten)")
+    p.add_argument("--out", required=True, type=Path, help="folder for table.md, table.parquet, runs.parquet")
+    add_run_flags(p)
+    p.set_defaults(run=cmd_reproduce)
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runs")
+    g.add_argument("--max-epochs", type=int,
+                   help="epochs at most, if early stopping has not ended a run (default 200)")
+    g.add_argument("--patience", type=int, help="epochs without a better valid NDCG@10 before a run stops "
+                                                "(default: the search's for finalize, else 10)")
+    add_resource_flags(g, "continue the interrupted runs in OUT")
 
 
 # --- the parser -----------------------------------------------------------------------------
@@ -339,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the splits to evaluate (default both)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     add_threads_flag(p)
+    p.add_argument("--mask-history", action=argparse.BooleanOptionalAction, default=True,
+                   help="remove the user's history from the candidates "
+                        "(--no-mask-history: keep it, as RecBole does)")
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("recommend", help="top-k items for histories given in your item ids")
@@ -349,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_recommend)
 
     add_search_commands(sub)
+    add_retrain_commands(sub)
     return parser
 
 

@@ -5,8 +5,9 @@ against the target, so a model can never gain from a tie (a constant scorer rank
 last).  A score that is not finite counts as above the target, and a target whose own score is
 not finite is a miss, so a diverged model scores zero, never perfect.  Items the user already
 interacted with are removed from the candidates, except the target itself (repeat purchases
-exist in the Amazon data and must stay findable).  Metrics are summed on the device and read
-once at the end.
+exist in the Amazon data and must stay findable).  `mask_history=False` keeps them, as RecBole
+(on which the paper's numbers were computed) does for sequential models.  Metrics are summed on
+the device and read once at the end.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def metric_names(ks: tuple[int, ...] = KS) -> list[str]:
     return [f"{m}@{k}" for m in ("HR", "NDCG") for k in ks] + ["MRR"]
 
 
-def target_ranks(score: Scorer, split: EvalSplit, batch_size: int = 4096) -> torch.Tensor:
-    """0-based rank of each user's target among all items not in their history, on the device."""
+def target_ranks(score: Scorer, split: EvalSplit, batch_size: int = 4096, mask_history: bool = True) -> torch.Tensor:
+    """0-based rank of each user's target among all items (not in their history, unless
+    `mask_history` is False), on the device."""
     n_users, max_len = split.inputs.shape
     device = split.inputs.device
     lengths = np.diff(split.history_ptr)
@@ -44,11 +46,12 @@ def target_ranks(score: Scorer, split: EvalSplit, batch_size: int = 4096) -> tor
         targets = (split.targets[start:stop] - 1)[:, None]
         target_scores = scores.gather(1, targets)
         ahead = (scores >= target_scores) | ~scores.isfinite()  # ties and NaN/inf count against
-        lo, hi = split.history_ptr[start], split.history_ptr[stop]
-        rows = torch.repeat_interleave(torch.arange(stop - start, device=device),
-                                       torch.from_numpy(lengths[start:stop]).to(device),
-                                       output_size=int(hi - lo))  # known here: no device sync
-        ahead[rows, split.history_items[lo:hi] - 1] = False
+        if mask_history:
+            lo, hi = split.history_ptr[start], split.history_ptr[stop]
+            rows = torch.repeat_interleave(torch.arange(stop - start, device=device),
+                                           torch.from_numpy(lengths[start:stop]).to(device),
+                                           output_size=int(hi - lo))  # known here: no device sync
+            ahead[rows, split.history_items[lo:hi] - 1] = False
         ahead.scatter_(1, targets, False)  # the target is not ahead of itself
         rank = ahead.sum(1)
         ranks.append(torch.where(target_scores[:, 0].isfinite(), rank, scores.shape[1]))
@@ -65,8 +68,9 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[st
     return dict(zip(metric_names(ks), torch.stack(values).tolist()))
 
 
-def evaluate(score: Scorer, split: EvalSplit, ks: tuple[int, ...] = KS, batch_size: int = 4096) -> dict[str, float]:
-    return metrics_from_ranks(target_ranks(score, split, batch_size), ks)
+def evaluate(score: Scorer, split: EvalSplit, ks: tuple[int, ...] = KS, batch_size: int = 4096,
+             mask_history: bool = True) -> dict[str, float]:
+    return metrics_from_ranks(target_ranks(score, split, batch_size, mask_history), ks)
 
 
 def scorer(cfg: Config, model: "SimDiffRec", device: torch.device) -> Scorer:

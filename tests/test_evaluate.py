@@ -42,6 +42,14 @@ def test_history_is_masked_but_never_the_target():
     assert target_ranks(scores, split, batch_size=2).tolist() == [1, 0, 2]
 
 
+def test_without_history_masking_history_items_compete_as_in_recbole():
+    scores = lambda x: torch.arange(1, 7, dtype=torch.float).expand(x.shape[0], -1).clone()  # noqa: E731
+    split = split_of(inputs=[[6, 5], [1], [4, 2]], targets=[3, 6, 4], histories=[[6, 5], [1], [4, 2]])
+    # user 0: 6, 5, 4 beat 3 -> rank 3; user 1: rank 0; user 2: 6, 5 beat 4 -> rank 2
+    assert target_ranks(scores, split, batch_size=2, mask_history=False).tolist() == [3, 0, 2]
+    assert evaluate(scores, split, mask_history=False)["HR@5"] == 1.0
+
+
 def test_popularity_baseline_matches_the_published_reference():
     """Most-popular on Toys (counts of everything before the test item) vs ../shared/data/README.md."""
     seqs = [list(map(int, line.split()[1:])) for line in shared_file("Toys_and_Games.txt").open()]

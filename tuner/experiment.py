@@ -117,6 +117,13 @@ def results_frame(trials: list[Trial]) -> pd.DataFrame:
     return table[front + [c for c in table.columns if c not in front]]
 
 
+def copy_model(run: Experiment, trial: Trial, checkpoint: str, target: Path) -> None:
+    """Copy the model folder (MODEL_DIR) of one of `trial`'s checkpoints to the new folder `target`."""
+    target.mkdir(parents=True)
+    pyarrow.fs.copy_files(f"{trial.folder}/{checkpoint}/{MODEL_DIR}", str(target), source_filesystem=run.fs,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+
+
 def best(trials: list[Trial]) -> tuple[Trial, str, dict[str, Any]] | None:
     """(trial, checkpoint folder name, its metrics) of the highest finite METRIC among the kept
     checkpoints of the trials that did not fail: the best trial at its best epoch, since Ray keeps
@@ -156,9 +163,7 @@ def _stage(run: Experiment, found: tuple[Trial, str, dict[str, Any]], stage: Pat
     """Write the three exports into `stage`; return best_config.yaml's content."""
     trial, checkpoint, metrics = found
     model = stage / "best_checkpoint"
-    model.mkdir()
-    pyarrow.fs.copy_files(f"{trial.folder}/{checkpoint}/{MODEL_DIR}", str(model), source_filesystem=run.fs,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    copy_model(run, trial, checkpoint, model)
     saved = json.loads((model / "metrics.json").read_text())
     statuses = pd.Series([t.status for t in run.trials]).value_counts()
     config = {

@@ -54,19 +54,29 @@ class SearchRequest:
     ray_address: str | None = None  # None: RAY_ADDRESS, else a Ray of this search alone
 
 
-def plan_all(datasets: str, out: Path, space_dir: Path | None, storage: str | None) -> list[Job]:
-    """tune-all's jobs from `name,name=path,...`; every space is checked before any search starts."""
-    jobs = []
+def parse_datasets(datasets: str) -> dict[str, str]:
+    """`name,name=path,...` (--datasets) as name -> data (the path, else the name itself)."""
+    parsed = {}
     for entry in filter(None, (e.strip() for e in datasets.split(","))):
         name, _, data = entry.partition("=")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or set(name) == {"."}:
             raise ValueError(f"--datasets: {name!r} is not a plain name (letters, digits, '-', '_', '.'): "
                              "it names the folder OUT/NAME, which must stay inside --out")
+        if name in parsed:
+            raise ValueError(f"--datasets: {name} is given twice")
+        parsed[name] = data or name
+    if not parsed:
+        raise ValueError("--datasets: no dataset given")
+    return parsed
+
+
+def plan_all(datasets: str, out: Path, space_dir: Path | None, storage: str | None) -> list[Job]:
+    """tune-all's jobs from `name,name=path,...`; every space is checked before any search starts."""
+    jobs = []
+    for name, data in parse_datasets(datasets).items():
         space = str(space_dir / f"{name}.yaml") if space_dir else None
         experiment = f"{storage.rstrip('/')}/{name}" if storage else None
-        jobs.append(Job(data or name, space, out / name, experiment))
-    if not jobs:
-        raise ValueError("--datasets: no dataset given")
+        jobs.append(Job(data, space, out / name, experiment))
     for job in jobs:
         space_for(job)
     return jobs
@@ -90,8 +100,7 @@ def run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
 
 
 def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
-    address = request.ray_address or os.environ.get("RAY_ADDRESS")  # None: a Ray of this search alone
-    _loopback_unless_joining(address)
+    address = prefer_loopback(request.ray_address)
     import ray
 
     from simdiffrec.config import Config
@@ -111,21 +120,31 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
         record = {"data": job.data, "columns": job.columns, "space": space.source,
                   "max_epochs": space.asha.max_epochs, "settings": dataclasses.asdict(settings)}
         write_atomic(job.out / RECORD, yaml.safe_dump(record, sort_keys=False).encode())
-    if not ray.is_initialized():
-        ray.init(address=address or "local")  # never a cluster that `ray start` left on this machine
+    init_ray(address)
     setup = TrialSetup(data=ray.put(data), data_info={"source": job.data, **stats}, space=space,
                        max_epochs=space.asha.max_epochs)
     search.run(make_trainable(setup), space, settings, resume=resume)
     return export(settings.experiment, job.out)
 
 
-def _loopback_unless_joining(address: str | None) -> None:
-    """A search that starts its own Ray keeps it on 127.0.0.1: without this, Ray's GCS, raylet and
-    workers listen on every interface.  Not when joining a cluster, whose other nodes must reach
-    the driver.  Ray reads the setting when first imported, so an already imported Ray (a caller's
-    own ray.init) is left as it is."""
+def prefer_loopback(address: str | None) -> str | None:
+    """The cluster to join (`address`, else RAY_ADDRESS), or None: a Ray of this run alone, which
+    then keeps every process on 127.0.0.1 (without this, Ray's GCS, raylet and workers listen on
+    every interface).  Ray reads the setting when first imported: call this before importing Ray;
+    an already imported Ray (a caller's own ray.init) is left as it is."""
+    address = address or os.environ.get("RAY_ADDRESS")
     if address is None and "ray" not in sys.modules:
         os.environ.setdefault(LOOPBACK_ENV, "0")
+    return address
+
+
+def init_ray(address: str | None) -> None:
+    """Join the cluster `address` (see `prefer_loopback`), else start a Ray of this run alone:
+    never one that a `ray start` left on this machine."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or "local")
 
 
 def _new(job: Job, max_epochs: int | None, given: dict[str, Any]):
@@ -139,7 +158,7 @@ def _new(job: Job, max_epochs: int | None, given: dict[str, Any]):
         if tune.Tuner.can_restore(started):
             raise ValueError(f"{job.out} already holds a search: continue it with --resume, or choose another --out")
     space = spaces.load(space_for(job)).with_max_epochs(max_epochs)
-    settings = search.SearchSettings(experiment=job.experiment or _default_experiment(job.out),
+    settings = search.SearchSettings(experiment=job.experiment or default_experiment(job.out),
                                      **{k: v for k, v in given.items() if v is not None})
     return space, settings
 
@@ -164,9 +183,10 @@ def _resumed(job: Job, max_epochs: int | None, given: dict[str, Any]):
     return space, search.SearchSettings(**{**record["settings"], **resources})
 
 
-def _default_experiment(out: Path) -> str:
+def default_experiment(out: Path, name: str | None = None) -> str:
+    """Where Ray keeps OUT's experiment: $SIMDIFFREC_STORAGE/NAME (NAME: OUT's last part), else OUT/experiment."""
     root = os.environ.get(STORAGE_ENV)
-    return f"{root.rstrip('/')}/{out.resolve().name}" if root else str(out / "experiment")
+    return f"{root.rstrip('/')}/{name or out.resolve().name}" if root else str(out / "experiment")
 
 
 def space_for(job: Job) -> Path:

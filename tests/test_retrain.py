@@ -1,0 +1,169 @@
+"""finalize and reproduce end to end on CPU: a tiny search retrained with two seeds into final.md,
+final.parquet and a final model that `simdiffrec evaluate` opens; the paper's grid on a tiny
+file named beauty; resume.  One Ray instance (4 CPUs) serves the module."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+import yaml
+
+from simdiffrec.cli import main
+from tuner import grid, search, verdict
+from tuner.experiment import read
+from tuner.retrain import REPRODUCE
+
+from .conftest import synthetic_sequences
+from .test_tuner import SPACE, TINY, _interrupted, _snapshot_when
+
+SIMDIFFREC = [sys.executable, "-m", "simdiffrec.cli"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never a `ray start` one
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("inputs") / "seq.txt"
+    sequences = synthetic_sequences(n_users=150, n_items=40, length=12, seed=1)
+    path.write_text("".join(f"{u} {' '.join(map(str, s))}\n" for u, s in enumerate(sequences, 1)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_search(ray_cluster, data_file, tmp_path_factory) -> Path:
+    """A finished search of three trials, two epochs each."""
+    out = tmp_path_factory.mktemp("search")
+    space = tmp_path_factory.mktemp("space") / "space.yaml"
+    asha = {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2}
+    space.write_text(yaml.safe_dump({**SPACE, "asha": asha}, sort_keys=False))
+    assert main(["tune", "--data", str(data_file), "--space", str(space), "--out", str(out),
+                 "--num-samples", "3", "--gpu", "never"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def final(tiny_search) -> Path:
+    assert main(["finalize", str(tiny_search / "experiment"), "--seeds", "2", "--top", "2",
+                 "--max-epochs", "2", "--gpu", "never"]) == 0
+    return tiny_search / "final"  # the default --out
+
+
+def test_finalize_writes_one_row_per_configuration_and_per_run(final, tiny_search):
+    table = pd.read_parquet(final / "final.parquet")
+    assert table["configuration"].tolist() == ["top-1", "top-2", "baseline"]
+    assert table["is_baseline"].tolist() == [False, False, True] and (table["seeds"] == 2).all()
+    for split in ("valid", "test"):
+        for m in verdict.METRICS:
+            assert {f"{split}/{m}_mean", f"{split}/{m}_std"} <= set(table.columns)
+    assert table.loc[2, "test/NDCG@10_diff"] == 0 and pd.isna(table.loc[2, "test/NDCG@10_p"])
+    assert set(table["device"]) == {"cpu"} and (table["minutes_total"] > 0).all()
+    assert (table["epochs_mean"] == 2).all()
+
+    results = pd.read_parquet(tiny_search / "results.parquet")
+    best = results.groupby("trial_id")["valid/NDCG@10"].max().sort_values(ascending=False)
+    top1 = results[results["trial_id"] == best.index[0]].iloc[0]
+    assert table.loc[0, "param/alpha"] == top1["alpha"] and table.loc[0, "param/lr"] == top1["lr"]
+    assert table.loc[2, "param/alpha"] == 0.0  # the baseline: SASRec with the best's other settings
+
+    runs = pd.read_parquet(final / "final_runs.parquet")
+    assert list(runs.columns) == verdict.RUN_COLUMNS and len(runs) == 6
+    top = runs[runs["configuration"] == "top-1"]
+    assert table.loc[0, "test/HR@10_mean"] == pytest.approx(top["test/HR@10"].mean())
+    base = runs[runs["configuration"] == "baseline"].set_index("seed")["test/HR@10"]
+    assert table.loc[0, "test/HR@10_diff"] == pytest.approx((top.set_index("seed")["test/HR@10"] - base).mean())
+    assert "paired t-test" in (final / "final.md").read_text()
+
+
+def test_the_final_model_is_the_median_seed_and_evaluate_reproduces_it(final, data_file):
+    table = pd.read_parquet(final / "final.parquet")
+    runs = pd.read_parquet(final / "final_runs.parquet")
+    chosen = verdict.median_seed(runs, table.loc[table["valid/NDCG@10_mean"].idxmax(), "configuration"])
+    run = subprocess.run([*SIMDIFFREC, "evaluate", str(final / "final_checkpoint"), "--data", str(data_file)],
+                         capture_output=True, text=True, check=True)
+    metrics = json.loads(run.stdout)
+    assert metrics["valid"]["NDCG@10"] == pytest.approx(chosen["valid/NDCG@10"], abs=1e-6)
+    assert metrics["test"]["HR@10"] == pytest.approx(chosen["test/HR@10"], abs=1e-6)
+    unmasked = subprocess.run([*SIMDIFFREC, "evaluate", str(final / "final_checkpoint"), "--data", str(data_file),
+                               "--split", "test", "--no-mask-history"], capture_output=True, text=True, check=True)
+    saved = json.loads((final / "final_checkpoint" / "metrics.json").read_text())
+    assert json.loads(unmasked.stdout)["test"]["HR@10"] == pytest.approx(saved["test_unmasked"]["HR@10"], abs=1e-6)
+
+
+def test_finalize_resumes_its_finished_runs_and_refuses_other_flags(final, tiny_search, capsys):
+    before = pd.read_parquet(final / "final_runs.parquet")
+    experiment = str(tiny_search / "experiment")
+    assert main(["finalize", experiment, "--seeds", "2", "--top", "2", "--max-epochs", "2", "--resume"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(final / "final_runs.parquet"), before)  # nothing retrained
+    assert main(["finalize", experiment, "--seeds", "3", "--top", "2", "--max-epochs", "2", "--resume"]) == 2
+    assert "seeds" in capsys.readouterr().err
+    assert main(["finalize", experiment, "--seeds", "2", "--top", "2", "--max-epochs", "2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_reproduce_trains_the_papers_grid_beside_its_numbers(ray_cluster, data_file, tmp_path):
+    out = tmp_path / "reproduce"
+    assert main(["reproduce", "--datasets", f"beauty={data_file}", "--seeds", "1", "--max-epochs", "1",
+                 "--gpu", "never", "--out", str(out)]) == 0
+    table = pd.read_parquet(out / "table.parquet")
+    assert table["configuration"].tolist() == list(REPRODUCE) and (table["seeds"] == 1).all()
+    simdiffrec = table.set_index("configuration").loc["simdiffrec"]
+    assert simdiffrec["paper/HR@10"] == 0.0932
+    assert simdiffrec["gap/HR@10"] == pytest.approx(simdiffrec["test_unmasked/HR@10_mean"] - 0.0932)
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert (runs["test_unmasked/HR@10"] <= runs["test/HR@10"] + 1e-12).all()  # masking only removes competitors
+    record = yaml.safe_load((out / "grid.yaml").read_text())["plan"]
+    assert record["runs"]["beauty.simdiffrec"]["config"]["alpha"] == 0.4  # Section 5.4's Beauty setting
+    assert record["runs"]["beauty.no-k_sample"]["config"]["hard_negative"] is False
+    assert "| simdiffrec | HR@10 | 1 |" in (out / "table.md").read_text()
+
+
+RUN_GRID = """
+import sys, yaml
+from pathlib import Path
+from tuner import grid, search
+plan = grid.Plan(**yaml.safe_load(Path(sys.argv[1]).read_text()))
+out = Path(sys.argv[2])
+grid.run(plan, out, search.SearchSettings(experiment=str(out / "experiment"), max_concurrent=2, gpu="never"))
+"""
+
+
+def test_an_interrupted_grid_continues_each_run_from_its_checkpoint(ray_cluster, data_file, tmp_path):
+    slow = {**TINY, "batch_size": 8, "epochs": 12, "patience": 100}  # epochs long enough to interrupt a run
+    plan = grid.Plan(datasets={"d": {"source": str(data_file), "columns": {}, "max_len": 10, "kcore": 0}},
+                     runs={"a": {"dataset": "d", "config": slow},
+                           "b": {"dataset": "d", "config": {**slow, "alpha": 0.1}}},
+                     seeds=[0, 1])
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(dataclasses.asdict(plan)))
+    out = tmp_path / "out"
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}  # snapshot the experiment state often
+    driver = subprocess.Popen([sys.executable, "-c", RUN_GRID, str(tmp_path / "plan.yaml"), str(out)], env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        trials = _snapshot_when(out / "experiment", timeout=180, ready=lambda trials: (
+            any(t.status == "TERMINATED" for t in trials) and any(_interrupted(t) for t in trials)))
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait()
+    interrupted = [t.trial_id for t in trials if _interrupted(t)]
+
+    runs = grid.run(plan, out, search.SearchSettings(experiment=str(out / "experiment"), gpu="never"), resume=True)
+    assert sorted(zip(runs["run"], runs["seed"])) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert (runs["epochs"] == 12).all()
+    _, results = read(str(out / "experiment"))
+    for trial_id in interrupted:  # continued from its checkpoint, not from epoch 1 (every report, as written)
+        assert (results[trial_id].metrics_dataframe["epoch"] == 1).sum() == 1

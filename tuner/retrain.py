@@ -1,0 +1,165 @@
+"""From a search to a verdict: `finalize` retrains a search's best configurations and a SASRec
+baseline with several seeds; `reproduce` trains the paper's configurations on its datasets.
+Both plan a grid (`grid.Plan`), run it as one Ray Tune run (`grid.run`), and write their tables
+(`verdict`).
+
+    finalize   DIR/final.md, final.parquet (per configuration), final_runs.parquet (per run),
+               final_checkpoint/ (the best configuration's median seed: a model folder)
+    reproduce  DIR/table.md, table.parquet (per dataset and configuration), runs.parquet
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from simdiffrec.config import Config
+from simdiffrec.files import write_atomic
+
+from . import grid, search, spaces, verdict
+from .experiment import read, results_frame
+from .jobs import RECORD, SPACE_COPY, default_experiment, parse_datasets
+from .protocol import METRIC
+
+GRID_FLAGS = ("trials_per_gpu", "cpus_per_trial", "gpu", "max_concurrent", "max_failures")  # of SearchSettings
+BASELINE = "baseline"
+SASREC = {"alpha": 0.0, "beta": 0.0, "sr_loss": "ce"}
+# reproduce's configurations: the two SASRec losses, SimDiffRec, the three ablations of Table 3
+REPRODUCE = {"sasrec-bce": {"alpha": 0.0, "beta": 0.0, "sr_loss": "bce"},
+             "sasrec-ce": {"alpha": 0.0, "beta": 0.0, "sr_loss": "ce"},
+             "simdiffrec": {},
+             "no-k_noise": {"noise_type": "gaussian"},
+             "no-c_aug": {"aug_positions": "random"},
+             "no-k_sample": {"hard_negative": False}}
+
+
+@dataclasses.dataclass
+class RetrainRequest:
+    """How to train the runs, besides what they are."""
+
+    settings: dict[str, Any]  # GRID_FLAGS that were given
+    max_epochs: int | None = None  # None: Config's
+    patience: int | None = None  # None: the search's (finalize), Config's (reproduce)
+    resume: bool = False
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
+
+    def run(self, plan: grid.Plan, out: Path) -> pd.DataFrame:
+        experiment = default_experiment(out, f"{out.resolve().parent.name}-{out.resolve().name}")
+        settings = search.SearchSettings(experiment=experiment, **self.settings)
+        return grid.run(plan, out, settings, self.resume, self.ray_address)
+
+
+def top_trials(experiment: str, top: int) -> list[tuple[str, dict[str, Any]]]:
+    """(trial id, searched parameters) of the `top` trials by best valid NDCG@10, best first;
+    failed trials are left out."""
+    run = read(experiment)
+    frame = results_frame(run.trials)
+    if METRIC not in frame.columns:
+        raise ValueError(f"{experiment}: no trial has reported {METRIC} yet")
+    frame = frame[(frame["status"] != "ERROR") & frame[METRIC].notna()]
+    best = frame.groupby("trial_id", sort=False)[METRIC].max().sort_values(ascending=False, kind="stable")
+    if best.empty:
+        raise ValueError(f"{experiment}: no trial without errors has reported {METRIC}")
+    configs = {t.trial_id: dict(t.config) for t in run.trials}
+    return [(trial_id, configs[trial_id]) for trial_id in best.index[:top]]
+
+
+def final_folder(experiment: str, out: Path | None) -> Path:
+    """finalize's --out: as given, else the folder holding EXPERIMENT plus /final."""
+    if out is not None:
+        return out
+    if "://" in experiment:
+        raise ValueError(f"{experiment}: for an experiment at a URI, give --out (and the search's folder, --search)")
+    return Path(experiment).parent / "final"
+
+
+def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainRequest,
+             search_dir: Path | None = None) -> pd.DataFrame:
+    """Retrain the search's top configurations and the baseline; write the final files into OUT;
+    return final.parquet's table.  The data and the fixed settings are the search's (SEARCH_DIR's
+    search.yaml and space.yaml; SEARCH_DIR defaults to the folder holding EXPERIMENT)."""
+    if "://" in experiment and search_dir is None:
+        raise ValueError(f"{experiment}: for an experiment at a URI, give the search's folder (--search)")
+    search_dir = Path(search_dir or Path(experiment).parent)
+    if not (search_dir / RECORD).is_file():
+        raise FileNotFoundError(f"{search_dir / RECORD}: missing; --search names the folder of the search "
+                                "(where tune wrote search.yaml and space.yaml)")
+    _at_least_one(seeds=seeds, top=top)
+    record = yaml.safe_load((search_dir / RECORD).read_text())
+    space = spaces.load(search_dir / SPACE_COPY)
+    chosen = top_trials(experiment, top)
+    params = {f"top-{i}": p for i, (_, p) in enumerate(chosen, 1)}
+    best = params["top-1"]
+    params[BASELINE] = {**best, **{k: v for k, v in SASREC.items() if k in best}}
+    configs = {name: _settings(space.config(p, 1).to_dict(), request) for name, p in params.items()}
+    configs[BASELINE].update(SASREC)
+    fixed = Config.from_dict(space.fixed, source=space.source)
+    plan = grid.Plan(datasets={"data": {"source": record["data"], "columns": record["columns"],
+                                        "max_len": fixed.max_len, "kcore": fixed.kcore}},
+                     runs={name: {"dataset": "data", "config": c} for name, c in configs.items()},
+                     seeds=list(range(seeds)))
+    runs = request.run(plan, out).rename(columns={"run": "configuration"})
+    if runs.empty:
+        raise ValueError(f"{out}: no run finished; nothing to write (--resume retries them)")
+    table = verdict.final_table(runs, params, BASELINE)
+    top_config = table.loc[table["valid/NDCG@10_mean"].idxmax(), "configuration"]
+    chosen_run = verdict.median_seed(runs, top_config)
+    grid.save_final_model(yaml.safe_load((out / grid.RECORD).read_text())["experiment"], chosen_run["trial_id"],
+                          out / "final_checkpoint")
+    write_atomic(out / "final_runs.parquet", runs[verdict.RUN_COLUMNS].to_parquet(index=False))
+    write_atomic(out / "final.parquet", table.to_parquet(index=False))
+    about = {"experiment": experiment, "top": len(chosen), "seeds": seeds,
+             "patience": configs["top-1"]["patience"], "max_epochs": configs["top-1"]["epochs"]}
+    write_atomic(out / "final.md", verdict.final_markdown(table, chosen_run, about).encode())
+    return table
+
+
+def reproduce(datasets: str, out: Path, seeds: int, request: RetrainRequest) -> pd.DataFrame:
+    """Train REPRODUCE's configurations on each dataset (`name` or `name=path`) at the paper's
+    settings for it; write the table beside the paper's numbers; return table.parquet's table."""
+    _at_least_one(seeds=seeds)
+    paper = verdict.paper_results()
+    plan_data, runs_plan, order, labels = {}, {}, {}, {}
+    for name, source in parse_datasets(datasets).items():
+        paper_settings = dict(paper["settings"].get(name, paper["settings"]["default"]))
+        max_len = paper_settings.pop("max_len", None)
+        plan_data[name] = {"source": source, "columns": {}, "max_len": max_len, "kcore": Config.kcore}
+        order[name] = list(REPRODUCE)
+        for configuration, changes in REPRODUCE.items():
+            config = {**Config().to_dict(), **paper_settings, **changes, "max_len": max_len}
+            run = f"{name}.{configuration}"
+            runs_plan[run] = {"dataset": name, "config": _settings(config, request)}
+            labels[run] = (name, configuration)
+    plan = grid.Plan(datasets=plan_data, runs=runs_plan, seeds=list(range(seeds)))
+    runs = request.run(plan, out)
+    if runs.empty:
+        raise ValueError(f"{out}: no run finished; nothing to write (--resume retries them)")
+    runs.insert(0, "dataset", runs["run"].map(lambda r: labels[r][0]))
+    runs.insert(1, "configuration", runs["run"].map(lambda r: labels[r][1]))
+    table = verdict.reproduce_table(runs, order, paper)
+    write_atomic(out / "runs.parquet", runs.drop(columns=["run"]).to_parquet(index=False))
+    write_atomic(out / "table.parquet", table.to_parquet(index=False))
+    about = {"seeds": seeds, "patience": next(iter(runs_plan.values()))["config"]["patience"],
+             "max_epochs": next(iter(runs_plan.values()))["config"]["epochs"]}
+    write_atomic(out / "table.md", verdict.reproduce_markdown(table, about).encode())
+    return table
+
+
+def _settings(config: dict[str, Any], request: RetrainRequest) -> dict[str, Any]:
+    """A run's settings for the grid: every epoch evaluated, --max-epochs and --patience applied,
+    the seed left to the grid."""
+    config = {**config, "eval_every": 1, "device": "auto", "epochs": request.max_epochs or Config.epochs}
+    config.pop("seed")
+    if request.patience is not None:
+        config["patience"] = request.patience
+    return config
+
+
+def _at_least_one(**counts: int) -> None:
+    for flag, value in counts.items():
+        if value < 1:
+            raise ValueError(f"--{flag} {value}: must be at least 1")
