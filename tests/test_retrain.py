@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +24,7 @@ from tuner.experiment import read
 from tuner.retrain import REPRODUCE
 
 from .conftest import synthetic_sequences
-from .test_tuner import SPACE, TINY, _interrupted, _snapshot_when
+from .test_tuner import SPACE, TINY
 
 SIMDIFFREC = [sys.executable, "-m", "simdiffrec.cli"]
 
@@ -142,6 +143,14 @@ grid.run(plan, out, search.SearchSettings(experiment=str(out / "experiment"), ma
 """
 
 
+def _reported(experiment: Path) -> dict[str, list[dict]]:
+    """Each trial's complete result.json lines (what it reported so far), by trial id."""
+    try:
+        return {t.trial_id: t.rows for t in read(str(experiment)).trials}
+    except (ValueError, OSError):  # no saved state yet
+        return {}
+
+
 def test_an_interrupted_grid_continues_each_run_from_its_checkpoint(ray_cluster, data_file, tmp_path):
     slow = {**TINY, "batch_size": 8, "epochs": 12, "patience": 100}  # epochs long enough to interrupt a run
     plan = grid.Plan(datasets={"d": {"source": str(data_file), "columns": {}, "max_len": 10, "kcore": 0}},
@@ -154,16 +163,22 @@ def test_an_interrupted_grid_continues_each_run_from_its_checkpoint(ray_cluster,
     driver = subprocess.Popen([sys.executable, "-c", RUN_GRID, str(tmp_path / "plan.yaml"), str(out)], env=env,
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        trials = _snapshot_when(out / "experiment", timeout=180, ready=lambda trials: (
-            any(t.status == "TERMINATED" for t in trials) and any(_interrupted(t) for t in trials)))
+        deadline = time.monotonic() + 300
+        while True:  # until one run is done and another has reported (so checkpointed) but is not
+            trials = _reported(out / "experiment")
+            last = [grid.DONE in rows[-1] for rows in trials.values() if rows]  # a finished run's last report
+            if True in last and False in last:
+                break
+            assert time.monotonic() < deadline, "the grid never reached the state to interrupt"
+            time.sleep(0.1)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
         driver.wait()
-    interrupted = [t.trial_id for t in trials if _interrupted(t)]
+    interrupted = [trial_id for trial_id, rows in trials.items() if rows and grid.DONE not in rows[-1]]
 
     runs = grid.run(plan, out, search.SearchSettings(experiment=str(out / "experiment"), gpu="never"), resume=True)
     assert sorted(zip(runs["run"], runs["seed"])) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
     assert (runs["epochs"] == 12).all()
-    _, results = read(str(out / "experiment"))
+    rows = {t.trial_id: t.rows for t in read(str(out / "experiment")).trials}
     for trial_id in interrupted:  # continued from its checkpoint, not from epoch 1 (every report, as written)
-        assert (results[trial_id].metrics_dataframe["epoch"] == 1).sum() == 1
+        assert sum(row.get("epoch") == 1 for row in rows[trial_id]) == 1
