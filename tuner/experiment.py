@@ -36,14 +36,9 @@ PACKAGES = ("simdiffrec", "torch", "ray", "optuna", "numpy", "pandas", "pyarrow"
 
 def export(experiment: str, out: str | Path) -> dict[str, Any]:
     """Write the three exports of `experiment` into `out`; return best_config.yaml's content."""
-    fs, path = _filesystem(experiment)
-    try:
-        analysis = ExperimentAnalysis(path, storage_filesystem=fs)
-    except ValueError:
-        raise FileNotFoundError(f"{experiment}: no Ray Tune experiment there (no experiment_state file)") from None
+    analysis, results = read(experiment)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {trial.trial_id: _result(trial.path, fs) for trial in analysis.trials}
     _write_parquet(out / "results.parquet", results_frame(analysis, results))
     best = _best(analysis, results)
     if best is None:
@@ -70,6 +65,17 @@ def export(experiment: str, out: str | Path) -> dict[str, Any]:
     }
     write_atomic(out / "best_config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
     return config
+
+
+def read(experiment: str) -> tuple[ExperimentAnalysis, dict[str, Result | None]]:
+    """The experiment's trials (its saved state) and what each reported (its folder), from files
+    alone: a finished, interrupted or still running search, a local folder or a URI."""
+    fs, path = _filesystem(experiment)
+    try:
+        analysis = ExperimentAnalysis(path, storage_filesystem=fs)
+    except ValueError:
+        raise FileNotFoundError(f"{experiment}: no Ray Tune experiment there (no experiment_state file)") from None
+    return analysis, {trial.trial_id: _result(trial.path, fs) for trial in analysis.trials}
 
 
 def results_frame(analysis: ExperimentAnalysis, results: dict[str, Result | None]) -> pd.DataFrame:
@@ -113,7 +119,7 @@ def _result(trial_path: str, fs: pyarrow.fs.FileSystem) -> Result | None:
     """What a trial wrote, read from its folder (fresher than an interrupted run's state file)."""
     try:
         return Result.from_path(trial_path, storage_filesystem=fs)
-    except RuntimeError:  # created but never reported
+    except (RuntimeError, ValueError):  # created but never reported; result.json half-written
         return None
 
 

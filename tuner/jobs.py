@@ -21,9 +21,9 @@ import yaml
 from simdiffrec.data import load_and_describe
 from simdiffrec.files import write_atomic
 
-RECORD = "search.yaml"
+from .protocol import RECORD, SPACE_COPY
+
 STORAGE_ENV = "SIMDIFFREC_STORAGE"  # where experiments go by default, as NAME: set by cluster.yaml to an S3 URI
-SPACE_COPY = "space.yaml"
 # SearchSettings fields a user may give; None means "not given" (the default, or the record's on resume).
 SEARCH_FLAGS = ("num_samples", "trials_per_gpu", "cpus_per_trial", "gpu", "max_concurrent", "seed",
                 "optuna_storage", "max_failures")
