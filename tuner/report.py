@@ -24,12 +24,14 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from simdiffrec.config import SELECT_BY
 from simdiffrec.files import write_atomic
 
 from . import spaces
 from .protocol import METRIC
-from .status import Search, clock, counts, load, parameters
+from .status import Search, clock, counts, load
 
 FINAL_DIR = "final"  # where finalize writes, in the folder holding the experiment
 FINAL_METRICS = ("HR@10", "NDCG@10")  # the bar chart's
@@ -98,10 +100,10 @@ def leaderboard(search: Search, top: int) -> Section:
     table = pd.DataFrame({"rank": range(1, len(board) + 1), "trial": board["trial_id"], "#": board["number"],
                           "outcome": board["outcome"],
                           "epochs": [f"{e}/{search.max_epochs}" for e in board["epochs"]],
-                          "best epoch": board["best_epoch"], METRIC: board["best"], "valid/HR@10": board["HR@10"],
+                          "best epoch": board["best_epoch"], SELECT_BY: board["best"], "HR@10": board["HR@10"],
                           **{name: board.get(f"param/{name}") for name in search.params}})
-    return Section("Leaderboard", f"The {len(board)} best trials by their best {METRIC} (# is the order the "
-                   "searcher proposed them in).", table=_table(table))
+    return Section("Leaderboard", f"The {len(board)} best trials by their best {METRIC}, with that epoch's "
+                   "HR@10 (# is the order the searcher proposed them in).", table=_table(table))
 
 
 def learning_curves(search: Search) -> Section:
@@ -185,7 +187,8 @@ def importance(search: Search) -> Section:
     import optuna
 
     everywhere = [n for n in search.params if all(n in t.params for t in study.trials)]
-    found = optuna.importance.get_param_importances(study, params=everywhere)
+    found = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), params=everywhere)
     fig = Figure(figsize=(7, 0.45 * len(found) + 1.2), layout="constrained")
     ax = fig.add_subplot()
     names = list(found)[::-1]
@@ -197,7 +200,7 @@ def importance(search: Search) -> Section:
     ax.grid(axis="x", alpha=0.3)
     left_out = [n for n in search.params if n not in everywhere]
     text = (f"How much of the variation in the trials' best {METRIC} each parameter explains: Optuna's "
-            f"default evaluator (PED-ANOVA) over the {len(study.trials)} trials that ended. With few trials, "
+            f"PED-ANOVA evaluator over the {len(study.trials)} trials that ended. With few trials, "
             "read it as a hint." + (f" Left out, as not every trial sampled them: {', '.join(left_out)} "
                                    "(see the next figure)." if left_out else ""))
     return Section(title, text, _png(fig), "importance.png")
@@ -226,6 +229,9 @@ def slices(search: Search) -> Section:
             ax.set_xticks(range(len(choices)), [str(c) for c in choices])
         elif param and param.log:
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         points = ax.scatter(x, trials["best"][kept], c=trials["number"][kept], cmap="viridis", s=22,
                             vmin=trials["number"].min(), vmax=trials["number"].max(), edgecolors="none")
         ax.set_title(name if kept.all() else f"{name} ({kept.sum()} trials)", fontsize=10)
@@ -351,7 +357,7 @@ h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top
 .meta { color: #666; font-size: 0.9em; } p { max-width: 60em; }
 img { max-width: 100%; height: auto; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
-td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: right; white-space: nowrap; }
+td, th { border: 1px solid #ddd; padding: 3px 6px; text-align: right; white-space: nowrap; }
 th { background: #f4f4f4; } td:first-child { text-align: left; }
 .scroll { overflow-x: auto; }
 """

@@ -167,7 +167,7 @@ def format_status(search: Search, top: int = 10, now: float | None = None) -> st
     for rank, (_, row) in enumerate(board.iterrows(), 1):
         lines.append(f"{rank:>4}  {row['trial_id']:<8} {row['number']:>4}  {row['outcome']:<13} "
                      f"{row['epochs']:>3}/{search.max_epochs:<3} {row['best_epoch']:>7} "
-                     f"{row['best']:>8.4f} {row['HR@10']:>7.4f}")
+                     f"{row['best']:>8.4f} {'' if _missing(row['HR@10']) else format(row['HR@10'], '.4f'):>7}")
         lines += textwrap.wrap(parameters(row, search.params), WIDTH, initial_indent=" " * 6,
                                subsequent_indent=" " * 6)
     return "\n".join(lines) + "\n"
