@@ -218,7 +218,7 @@ def test_report_shows_finalize_table_from_its_default_folder_or_final(finished, 
     page = check_page(tmp_path / "report", {"learning_curves.png", "best_so_far.png", "importance.png",
                                             "slices.png", "final.png"})
     section = page[page.index("Final comparison"):]
-    assert "<td>baseline</td>" in section and "<td>0.0123</td>" in section and "0.1000 ± 0.0040" in section
+    assert "<td>baseline</td>" in section and "+0.0200 (p 0.0123)" in section and "0.1000 ± 0.0040" in section
 
     elsewhere = tmp_path / "elsewhere"
     shutil.move(out / "final", elsewhere)

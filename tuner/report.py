@@ -101,9 +101,9 @@ def leaderboard(search: Search, top: int) -> Section:
                           "outcome": board["outcome"],
                           "epochs": [f"{e}/{search.max_epochs}" for e in board["epochs"]],
                           "best epoch": board["best_epoch"], SELECT_BY: board["best"], "HR@10": board["HR@10"],
-                          **{name: board.get(f"param/{name}") for name in search.params}})
-    return Section("Leaderboard", f"The {len(board)} best trials by their best {METRIC}, with that epoch's "
-                   "HR@10 (# is the order the searcher proposed them in).", table=_table(table))
+                          **{name: board[f"param/{name}"] for name in search.params if f"param/{name}" in board}})
+    return Section("Leaderboard", f"Trials by their best {METRIC}, with that epoch's HR@10 (top {top}; # is the "
+                   "order the searcher proposed them in).", table=_table(table))
 
 
 def learning_curves(search: Search) -> Section:
@@ -141,11 +141,11 @@ def learning_curves(search: Search) -> Section:
             handles.append(ax.plot([], [], marker=marker, ls="", ms=7, mfc=face, mec="black")[0])
             labels.append(f"last epoch: {name}")
     ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0,
-              title=f"best {len(top)}: rank. #trial id (best)", title_fontsize=8)
+              title="rank. #number trial (its best)", title_fontsize=8)
     ax.set(xlabel="epoch", ylabel=METRIC, xlim=(0.5, max(search.max_epochs, results["epoch"].max()) + 0.5))
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    text = (f"Each line is a trial's {METRIC} after each epoch; the {len(top)} best trials in colour. A trial "
+    text = (f"Each line is a trial's {METRIC} after each epoch; the best {TOP_CURVES} in colour. A trial "
             "that ended before the last epoch has its last point marked: ✕ ASHA stopped it, ○ its own "
             "patience did, ▶ it is still running, ■ it failed. Dotted lines: ASHA's rungs, the epochs at which "
             "it compares trials.")
@@ -257,24 +257,22 @@ def finalized(folder: Path) -> Section:
         means, stds = final[f"test/{metric}_mean"], final[f"test/{metric}_std"]
         bars = ax.bar(at + (i - (len(FINAL_METRICS) - 1) / 2) * width, means, width, yerr=stds, capsize=4,
                       label=f"test {metric}")
-        ax.bar_label(bars, [f"{m:.4f}" for m in means], fontsize=7, padding=2)
+        ax.bar_label(bars, [f"{m:.4f}" for m in means], label_type="center", color="white", fontsize=8)
     ax.set_xticks(at, final["configuration"])
     ax.set(ylabel="mean ± std over seeds")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     shown = {"configuration": final["configuration"], "seeds": final["seeds"]}
-    for split in ("valid", "test"):
-        for metric in ("HR@10", "NDCG@10"):
-            shown[f"{split} {metric}"] = [f"{m:.4f} ± {s:.4f}" for m, s in
-                                          zip(final[f"{split}/{metric}_mean"], final[f"{split}/{metric}_std"])]
-    for metric in ("HR@10", "NDCG@10"):
-        shown[f"test {metric} − baseline"] = final[f"test/{metric}_diff"]
-        shown[f"p ({metric})"] = final[f"test/{metric}_p"]
+    for metric in FINAL_METRICS:
+        shown[f"test {metric}"] = _spread(final, f"test/{metric}")
+        shown[f"Δ {metric} vs baseline (p)"] = [f"{d:+.4f} (p {p:.3g})" if pd.notna(d) else "" for d, p in
+                                                zip(final[f"test/{metric}_diff"], final[f"test/{metric}_p"])]
+    shown[f"valid {SELECT_BY}"] = _spread(final, f"valid/{SELECT_BY}")
     shown.update({"epochs": final["epochs_mean"], "minutes": final["minutes_total"], "device": final["device"]})
     shown.update({c.removeprefix("param/"): final[c] for c in final.columns if c.startswith("param/")})
     text = (f"The top configurations and the baseline retrained with several seeds and evaluated on the test "
-            f"split ({html.escape(str(folder))}): mean ± standard deviation over seeds; the difference to the "
-            "baseline and its p-value.")
+            f"split ({html.escape(str(folder))}): mean ± standard deviation over seeds; Δ: the difference of the "
+            "means to the baseline, with its p-value.")
     return Section("Final comparison on test", text, _png(fig), "final.png", _table(pd.DataFrame(shown)))
 
 
@@ -326,6 +324,10 @@ def _rungs(search: Search) -> list[int]:
         rungs.append(epoch)
         epoch *= asha.reduction_factor
     return rungs
+
+
+def _spread(final: pd.DataFrame, metric: str) -> list[str]:
+    return [f"{m:.4f} ± {s:.4f}" for m, s in zip(final[f"{metric}_mean"], final[f"{metric}_std"])]
 
 
 def _jitter(n: int) -> np.ndarray:
