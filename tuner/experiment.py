@@ -119,8 +119,8 @@ def _result(trial_path: str, fs: pyarrow.fs.FileSystem) -> Result | None:
     """What a trial wrote, read from its folder (fresher than an interrupted run's state file)."""
     try:
         return Result.from_path(trial_path, storage_filesystem=fs)
-    except (RuntimeError, ValueError):  # created but never reported; result.json half-written
-        return None
+    except (RuntimeError, ValueError, KeyError):  # a running trial's files: nothing reported yet, a
+        return None  # half-written result.json line, or a checkpoint folder ahead of its result line
 
 
 def _filesystem(experiment: str) -> tuple[pyarrow.fs.FileSystem, str]:

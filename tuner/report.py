@@ -36,7 +36,7 @@ from .status import Search, clock, counts, load
 FINAL_DIR = "final"  # where finalize writes, in the folder holding the experiment
 FINAL_METRICS = ("HR@10", "NDCG@10")  # the bar chart's
 TOP_CURVES = 5  # learning curves drawn in colour and named
-MARKERS = {"ASHA-stopped": ("X", "black"), "early-stopped": ("o", "white"), "running": (">", "tab:green"),
+MARKERS = {"ASHA-stopped": ("X", "black"), "early-stopped": ("o", "white"), "running": (">", "gold"),
            "failed": ("s", "tab:red")}  # a trial's last point, by outcome ("finished" gets none)
 
 
@@ -120,8 +120,8 @@ def learning_curves(search: Search) -> Section:
         trial = trials.loc[trial_id]
         if trial_id in top:
             rank = top.index(trial_id)
-            ax.plot(rows["epoch"], rows[METRIC], color=colormaps["tab10"](rank), lw=2, zorder=10 - rank,
-                    label=f"{rank + 1}. #{trial['number']} {trial_id} ({trial['best']:.4f})")
+            ax.plot(rows["epoch"], rows[METRIC], color=colormaps["tab10"](rank), lw=2, marker="o", ms=3,
+                    zorder=10 - rank, label=f"{rank + 1}. #{trial['number']} {trial_id} ({trial['best']:.4f})")
         else:
             ax.plot(rows["epoch"], rows[METRIC], color="tab:gray", lw=1, alpha=0.45, zorder=2)
         if trial["outcome"] in MARKERS:
