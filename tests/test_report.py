@@ -178,6 +178,8 @@ def test_report_of_a_finished_search_has_every_figure_and_the_leaderboard(finish
     assert "<h2>Leaderboard</h2>" in page and f"<td>{best}</td>" in page
     assert page.index(f"<td>{best}</td>") < min(page.index(f"<td>{t}</td>") for t in set(reported["trial_id"]) - {best})
     assert "Final comparison" not in page
+    assert f"<td>trials</td><td>{TRIALS} of {TRIALS}</td>" in page
+    assert "<td>GPU share per trial</td><td>none (CPU trials)</td>" in page
     assert "Left out, as not every trial sampled them: tau_end" in page
 
 

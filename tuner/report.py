@@ -21,17 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from simdiffrec.config import SELECT_BY
 from simdiffrec.files import write_atomic
 
 from . import spaces
 from .protocol import METRIC
-from .status import Search, clock, counts, load
+from .status import Search, clock, counts, load, missing
 
 FINAL_DIR = "final"  # where finalize writes, in the folder holding the experiment
 FINAL_METRICS = ("HR@10", "NDCG@10")  # the bar chart's
@@ -50,7 +52,8 @@ class Section:
 
 
 def write_report(path: str, out: str | Path, final: str | Path | None = None, top: int = 10) -> Path:
-    """Read the search at `path` (OUT folder or experiment) and write OUT/report.html + PNGs."""
+    """Read the search at `path` (its OUT folder or experiment) and write `out`/report.html and the
+    PNGs; finalize's table comes from `final`, else from final/ beside the experiment."""
     search = load(path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,8 +187,6 @@ def importance(search: Search) -> Section:
     reason, study = _study(search)
     if study is None:
         return Section(title, reason)
-    import optuna
-
     everywhere = [n for n in search.params if all(n in t.params for t in study.trials)]
     found = optuna.importance.get_param_importances(
         study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), params=everywhere)
@@ -278,10 +279,8 @@ def finalized(folder: Path) -> Section:
 
 # --- helpers --------------------------------------------------------------------------------
 
-def _study(search: Search):
+def _study(search: Search) -> tuple[str, optuna.Study | None]:
     """(why not, None) or ('', an Optuna study of the trials that ended, one per trial)."""
-    import optuna
-
     if search.space is None:
         return "Needs the search's space file: give the search's folder (the one holding space.yaml).", None
     ended = search.trials[search.trials["outcome"].isin(("finished", "early-stopped", "ASHA-stopped"))]
@@ -293,26 +292,23 @@ def _study(search: Search):
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line for a study in memory
     study = optuna.create_study(direction="maximize")
     for _, row in ended.iterrows():
-        params = {n: row[f"param/{n}"] for n in distributions if _present(row.get(f"param/{n}"))}
-        study.add_trial(optuna.trial.create_trial(
-            params=params, distributions={n: distributions[n] for n in params}, value=row["best"]))
+        params = {n: row[f"param/{n}"] for n in distributions if not missing(row.get(f"param/{n}"))}
+        try:
+            study.add_trial(optuna.trial.create_trial(
+                params=params, distributions={n: distributions[n] for n in params}, value=row["best"]))
+        except ValueError as err:  # a value outside space.yaml's distribution: the file was edited
+            why = f"Trial #{row['number']} does not fit {search.space.source}: {err}"
+            return html.escape(why), None
     return "", study
 
 
-def _distribution(param: spaces.Param):
+def _distribution(param: spaces.Param) -> BaseDistribution:
     """The Optuna distribution a space file's parameter samples from (what Param.suggest asks)."""
-    from optuna import distributions
-
     if param.type == "categorical":
-        return distributions.CategoricalDistribution(list(param.choices))
+        return CategoricalDistribution(list(param.choices))
     if param.type == "int":
-        return distributions.IntDistribution(int(param.low), int(param.high), log=param.log,
-                                             step=int(param.step or 1))
-    return distributions.FloatDistribution(param.low, param.high, log=param.log, step=param.step)
-
-
-def _present(value) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
+        return IntDistribution(int(param.low), int(param.high), log=param.log, step=int(param.step or 1))
+    return FloatDistribution(param.low, param.high, log=param.log, step=param.step)
 
 
 def _rungs(search: Search) -> list[int]:

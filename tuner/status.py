@@ -82,22 +82,22 @@ def trial_table(trials: list, results: pd.DataFrame, max_epochs: int, fixed: dic
     """One row per trial: its outcome, epochs run, best valid NDCG@10 and that epoch's HR@10,
     hours, GPU share, start time and parameters (`param/NAME`).  A trial whose result.json cannot
     be read yet falls back on the last result in Ray's saved state."""
-    rows = []
+    rows, by_trial = [], dict(tuple(results.groupby("trial_id"))) if len(results) else {}
     for trial in trials:
-        own = results[(results["trial_id"] == trial.trial_id)].dropna(subset=[METRIC]) \
-            if METRIC in results else pd.DataFrame()
+        reported = by_trial[trial.trial_id]  # results_frame gives every trial a row, reported or not
+        own = reported.dropna(subset=[METRIC]) if METRIC in reported else reported.iloc[:0]
         last = trial.last_result or {}
         if len(own):
             top = own.loc[own[METRIC].idxmax()]
             epochs, best, best_epoch, hr = own["epoch"].max(), top[METRIC], top["epoch"], top.get("valid/HR@10")
-            seconds = own["time_total_s"].max() if "time_total_s" in own else own["seconds_per_epoch"].sum()
+            seconds = own["time_total_s"].max()
         else:
             epochs, best, best_epoch = last.get("epoch", 0), last.get(BEST, math.nan), last.get("best_epoch", 0)
             hr, seconds = math.nan, last.get("time_total_s", 0.0)
         settings = {**fixed, **trial.config}
         patience = settings.get("patience", Config.patience) * settings.get("eval_every", Config.eval_every)
         rows.append({
-            "trial_id": trial.trial_id, "number": int(trial.experiment_tag.split("_")[0]),
+            "trial_id": trial.trial_id, "number": int(reported["number"].iloc[0]),
             "outcome": outcome(trial.status, int(epochs), int(best_epoch), max_epochs, patience),
             "epochs": int(epochs), "best": best, "best_epoch": int(best_epoch), "HR@10": hr,
             "hours": seconds / 3600, "gpu": trial.placement_group_factory.required_resources.get("GPU", 0.0),
@@ -127,7 +127,7 @@ def counts(search: Search) -> dict[str, int]:
 def parameters(row: pd.Series, names: list[str]) -> str:
     """`alpha=0.4 beta=0.1 ...` for one trial; parameters it did not sample are left out."""
     values = [(n, row.get(f"param/{n}")) for n in names]
-    return " ".join(f"{n}={number(v)}" for n, v in values if not _missing(v))
+    return " ".join(f"{n}={number(v)}" for n, v in values if not missing(v))
 
 
 def number(value: Any) -> str:
@@ -146,10 +146,10 @@ def format_status(search: Search, top: int = 10, now: float | None = None) -> st
     of = f" of {search.num_samples}" if search.num_samples else ""
     lines.append(f"trials: {n}{of} | " + ", ".join(f"{count} {name}" for name, count in found.items()))
     start = search.trials["start"].dropna().min() if n else math.nan
-    if not _missing(start):
+    if not missing(start):
         last = search.results["timestamp"].max() if "timestamp" in search.results else math.nan
         began = datetime.datetime.fromtimestamp(start, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        since = "" if _missing(last) else f"; last report {clock(now - last)} ago, {clock(last - start)} in"
+        since = "" if missing(last) else f"; last report {clock(now - last)} ago, {clock(last - start)} in"
         lines.append(f"began {began}, {clock(now - start)} ago{since}; "
                      f"{search.trials['hours'].sum():.2f} trial-hours")
     board = search.leaderboard(top)
@@ -167,11 +167,12 @@ def format_status(search: Search, top: int = 10, now: float | None = None) -> st
     for rank, (_, row) in enumerate(board.iterrows(), 1):
         lines.append(f"{rank:>4}  {row['trial_id']:<8} {row['number']:>4}  {row['outcome']:<13} "
                      f"{row['epochs']:>3}/{search.max_epochs:<3} {row['best_epoch']:>7} "
-                     f"{row['best']:>8.4f} {'' if _missing(row['HR@10']) else format(row['HR@10'], '.4f'):>7}")
+                     f"{row['best']:>8.4f} {'' if missing(row['HR@10']) else format(row['HR@10'], '.4f'):>7}")
         lines += textwrap.wrap(parameters(row, search.params), WIDTH, initial_indent=" " * 6,
                                subsequent_indent=" " * 6)
     return "\n".join(lines) + "\n"
 
 
-def _missing(value: Any) -> bool:
+def missing(value: Any) -> bool:
+    """None or NaN: a value a trial did not report, or a parameter it did not sample."""
     return value is None or (isinstance(value, float) and math.isnan(value))
