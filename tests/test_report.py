@@ -66,7 +66,7 @@ def finished(tmp_path_factory) -> Path:
                                      gpu="never")
     record = {"data": "none", "space": str(out / SPACE_COPY), "max_epochs": 3, "settings": dataclasses.asdict(settings)}
     (out / RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a "ray start" one
     try:
         search.run(objective, space, settings)
     finally:
@@ -96,25 +96,22 @@ def copy_search(source: Path, target: Path, keep=None, status=None) -> Path:
 
 @pytest.fixture(scope="module")
 def running(finished, tmp_path_factory) -> Path:
-    """The search caught mid-way: trial 1 running (its result.json cut mid-line, Ray's state
-    lists it PENDING as it does a running trial), trial 2 created but not started yet."""
+    """The search caught mid-way: trial 1 running (one epoch reported, no checkpoint yet; Ray's
+    state lists it PENDING as it does a running trial), trial 2 created but not started, and the
+    last trial's result.json with its last line half-written."""
     out = copy_search(finished, tmp_path_factory.mktemp("running") / "out",
                       status=lambda i: "PENDING" if i < 2 else None)
     experiment = out / "experiment"
     state_file, = experiment.glob("experiment_state-*.json")
-    state = json.loads(state_file.read_text())
-    ids = [json.loads(trial)["trial_id"] for trial, _ in state["trial_data"][:2]]
-    first, second = (next(experiment.glob(f"*_{trial_id}_*")) for trial_id in ids)
-    text = (first / "result.json").read_text()
-    (first / "result.json").write_text(text[:len(text) - 40])  # the last line half-written
+    ids = [json.loads(trial)["trial_id"] for trial, _ in json.loads(state_file.read_text())["trial_data"]]
+    first, second, last = (next(experiment.glob(f"*_{trial_id}_*")) for trial_id in (ids[0], ids[1], ids[-1]))
+    (first / "result.json").write_text((first / "result.json").read_text().splitlines(keepends=True)[0])
+    for checkpoint in [*first.glob("checkpoint_*"), *second.glob("checkpoint_*")]:
+        shutil.rmtree(checkpoint)
     for name in ("result.json", "progress.csv"):
         (second / name).unlink()
-    for checkpoint in second.glob("checkpoint_*"):
-        shutil.rmtree(checkpoint)
-    metadata = json.loads(state["trial_data"][1][1])
-    metadata["last_result"], metadata["start_time"] = {}, None
-    state["trial_data"][1][1] = json.dumps(metadata)
-    state_file.write_text(json.dumps(state))
+    text = (last / "result.json").read_text()
+    (last / "result.json").write_text(text[:len(text) - 40])
     return out
 
 
@@ -206,7 +203,7 @@ def final_table() -> pd.DataFrame:
             for metric in FINAL_METRICS:
                 row[f"{split}/{metric}_mean"], row[f"{split}/{metric}_std"] = 0.1 - 0.01 * i, 0.004
         for metric in FINAL_METRICS:
-            row[f"test/{metric}_diff"] = np.nan if name == "baseline" else 0.02 - 0.01 * i
+            row[f"test/{metric}_diff"] = 0.02 - 0.01 * i if name != "baseline" else 0.0
             row[f"test/{metric}_p"] = np.nan if name == "baseline" else [0.0123, 0.2][i]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -221,6 +218,7 @@ def test_report_shows_finalize_table_from_its_default_folder_or_final(finished, 
                                             "slices.png", "final.png"})
     section = page[page.index("Final comparison"):]
     assert "<td>baseline</td>" in section and "+0.0200 (p 0.0123)" in section and "0.1000 ± 0.0040" in section
+    assert "+0.0000" not in section  # the baseline is not compared with itself
 
     elsewhere = tmp_path / "elsewhere"
     shutil.move(out / "final", elsewhere)

@@ -82,17 +82,18 @@ def cost(search: Search) -> Section:
     trials, found = search.trials, counts(search)
     of = f" of {search.num_samples}" if search.num_samples else ""
     hours = trials["hours"].sum()
-    shares = sorted(set(trials["gpu"]))
-    gpu = ", ".join(f"{s:g} ({1 / s:g} per GPU)" if s else "none (CPU trials)" for s in shares) or "none"
     rows = [("trials", f"{len(trials)}{of}"), *((name, str(n)) for name, n in found.items()),
-            ("trial-hours", f"{hours:.2f}"), ("GPU share per trial", gpu),
-            ("GPU-hours", f"{(trials['hours'] * trials['gpu']).sum():.2f}")]
+            ("trial-hours", f"{hours:.2f}")]
+    if search.gpu is not None:
+        share = f"{search.gpu:g} ({1 / search.gpu:g} trials per GPU)" if search.gpu else "none (CPU trials)"
+        rows += [("GPU share per trial", share), ("GPU-hours", f"{hours * search.gpu:.2f}")]
     start, last = trials["start"].min(), search.results.get("timestamp", pd.Series(dtype=float)).max()
     if pd.notna(start) and pd.notna(last):
         rows.append(("wall-clock, first trial to last report", clock(last - start)))
     text = ("<b>finished</b>: ran max epochs; <b>early-stopped</b>: stopped by its own patience; "
             "<b>ASHA-stopped</b>: ASHA ended it at a rung; trial-hours: each trial's own time (Ray's "
-            "time_total_s), summed.")
+            "time_total_s), summed; GPU share: what each trial asked Ray for (search.yaml; with gpu auto, "
+            "only when the cluster had GPUs).")
     return Section("Progress and cost", text, table=_table(pd.DataFrame(rows, columns=["", ""]), header=False))
 
 
@@ -266,8 +267,9 @@ def finalized(folder: Path) -> Section:
     shown = {"configuration": final["configuration"], "seeds": final["seeds"]}
     for metric in FINAL_METRICS:
         shown[f"test {metric}"] = _spread(final, f"test/{metric}")
-        shown[f"Δ {metric} vs baseline (p)"] = [f"{d:+.4f} (p {p:.3g})" if pd.notna(d) else "" for d, p in
-                                                zip(final[f"test/{metric}_diff"], final[f"test/{metric}_p"])]
+        shown[f"Δ {metric} vs baseline (p)"] = [
+            "" if baseline else f"{d:+.4f} (p {p:.3g})" for baseline, d, p in
+            zip(final["is_baseline"], final[f"test/{metric}_diff"], final[f"test/{metric}_p"])]
     shown[f"valid {SELECT_BY}"] = _spread(final, f"valid/{SELECT_BY}")
     shown.update({"epochs": final["epochs_mean"], "minutes": final["minutes_total"], "device": final["device"]})
     shown.update({c.removeprefix("param/"): final[c] for c in final.columns if c.startswith("param/")})

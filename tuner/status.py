@@ -2,8 +2,10 @@
 `simdiffrec status` prints it; `tuner/report.py` draws it.
 
 It reads what `experiment.read` reads, so it works on a finished, interrupted or running search
-without Ray.  While a search runs, Ray's saved state lags the trial folders by seconds and lists
-running trials as PENDING: a PENDING trial that has reported is counted as running.
+without Ray.  Of each trial it needs its id, status and config, the rest comes from its reported
+rows.  While a search runs, Ray's saved state lags the trial folders by seconds and lists running
+trials as PENDING: a PENDING trial that has reported is counted as running.  The GPU share is
+what the search asked Ray for (search.yaml's gpu and trials_per_gpu).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from simdiffrec.config import Config
 
 from . import spaces
 from .experiment import read, results_frame
-from .protocol import BEST, METRIC, RECORD, SPACE_COPY
+from .protocol import METRIC, RECORD, SPACE_COPY
 
 OUTCOMES = ("finished", "early-stopped", "ASHA-stopped", "running", "pending", "failed")
-TRIAL_COLUMNS = ("trial_id", "number", "outcome", "epochs", "best", "best_epoch", "HR@10", "hours", "gpu", "start")
+TRIAL_COLUMNS = ("trial_id", "number", "outcome", "epochs", "best", "best_epoch", "HR@10", "hours", "start")
 WIDTH = 100  # of the terminal text
 
 
@@ -39,6 +41,7 @@ class Search:
     space: spaces.Space | None  # the search's space (OUT/space.yaml), when known
     max_epochs: int
     num_samples: int | None  # trials the search was started to run, when known
+    gpu: float | None  # the GPU share each trial asked for (0: CPU trials); None: not known
 
     @property
     def params(self) -> list[str]:
@@ -69,39 +72,37 @@ def load(path: str) -> Search:
     """Everything `status` and `report` show, from an OUT folder or an experiment."""
     experiment, out = locate(path)
     analysis, reported = read(experiment)
-    results = results_frame(analysis, reported)
+    trials, results = analysis.trials, results_frame(analysis, reported)
     record = yaml.safe_load((out / RECORD).read_text()) if out else {}
+    settings = record.get("settings", {})
     space = spaces.load(out / SPACE_COPY) if out and (out / SPACE_COPY).is_file() else None
     epochs = results["epoch"].max() if "epoch" in results else math.nan
     max_epochs = int(record.get("max_epochs") or (0 if pd.isna(epochs) else epochs))
-    trials = trial_table(analysis.trials, results, max_epochs, space.fixed if space else {})
-    return Search(experiment, out, trials, results, space, max_epochs, record.get("settings", {}).get("num_samples"))
+    table = trial_table(trials, results, max_epochs, space.fixed if space else {})
+    gpu = (0.0 if settings["gpu"] == "never" else 1 / settings["trials_per_gpu"]) if settings else None
+    return Search(experiment, out, table, results, space, max_epochs, settings.get("num_samples"), gpu)
 
 
 def trial_table(trials: list, results: pd.DataFrame, max_epochs: int, fixed: dict[str, Any]) -> pd.DataFrame:
     """One row per trial: its outcome, epochs run, best valid NDCG@10 and that epoch's HR@10,
-    hours, GPU share, start time and parameters (`param/NAME`).  A trial whose result.json cannot
-    be read yet falls back on the last result in Ray's saved state."""
+    hours (Ray's time_total_s), start time and parameters (`param/NAME`)."""
     rows, by_trial = [], dict(tuple(results.groupby("trial_id"))) if len(results) else {}
     for trial in trials:
         reported = by_trial[trial.trial_id]  # results_frame gives every trial a row, reported or not
         own = reported.dropna(subset=[METRIC]) if METRIC in reported else reported.iloc[:0]
-        last = trial.last_result or {}
+        epochs, best, best_epoch, hr, seconds, start = 0, math.nan, 0, math.nan, 0.0, math.nan
         if len(own):
             top = own.loc[own[METRIC].idxmax()]
             epochs, best, best_epoch, hr = own["epoch"].max(), top[METRIC], top["epoch"], top.get("valid/HR@10")
             seconds = own["time_total_s"].max()
-        else:
-            epochs, best, best_epoch = last.get("epoch", 0), last.get(BEST, math.nan), last.get("best_epoch", 0)
-            hr, seconds = math.nan, last.get("time_total_s", 0.0)
+            start = own["timestamp"].iloc[0] - own["time_total_s"].iloc[0]  # its first report, less its time
         settings = {**fixed, **trial.config}
         patience = settings.get("patience", Config.patience) * settings.get("eval_every", Config.eval_every)
         rows.append({
             "trial_id": trial.trial_id, "number": int(reported["number"].iloc[0]),
             "outcome": outcome(trial.status, int(epochs), int(best_epoch), max_epochs, patience),
             "epochs": int(epochs), "best": best, "best_epoch": int(best_epoch), "HR@10": hr,
-            "hours": seconds / 3600, "gpu": trial.placement_group_factory.required_resources.get("GPU", 0.0),
-            "start": trial.run_metadata.start_time,
+            "hours": seconds / 3600, "start": start,
             **{f"param/{k}": v for k, v in trial.config.items()}})
     table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=TRIAL_COLUMNS)
     return table.sort_values("number", ignore_index=True)
