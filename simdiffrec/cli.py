@@ -1,5 +1,5 @@
-"""`simdiffrec train | evaluate | recommend | tune | tune-all | export | finalize | reproduce`: the
-one face over the core (`simdiffrec`) and the search and retraining (`tuner`).
+"""`simdiffrec train | evaluate | recommend | tune | tune-all | export | status | report | finalize |
+reproduce`: the one face over the core (`simdiffrec`) and the search and retraining (`tuner`).
 
 Nothing imports this module; it parses flags and calls one function of the core or the tuner per
 command.  Heavy imports (torch, Ray, Optuna) happen inside the commands, so `--help` is fast and a
@@ -243,6 +243,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from tuner.status import format_status, load
+
+    print(format_status(load(args.search), top=args.top), end="")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tuner.report import write_report
+
+    print(write_report(args.search, args.out, final=args.final, top=args.top))
+    return 0
+
+
 def print_best(best: dict[str, Any], out: Path) -> None:
     metrics = best["metrics"]
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["parameters"].items())
@@ -278,6 +292,19 @@ def add_search_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path,
                    help="folder for best_config.yaml, best_checkpoint/, results.parquet")
     p.set_defaults(run=cmd_export)
+
+    search_help = "the search's folder (tune's OUT) or its experiment folder or URI"
+    p = sub.add_parser("status", help="a search's progress and leaderboard, also while it runs")
+    p.add_argument("search", help=search_help)
+    p.add_argument("--top", type=int, default=10, help="trials in the leaderboard (default 10)")
+    p.set_defaults(run=cmd_status)
+
+    p = sub.add_parser("report", help="a search as an HTML page of figures: curves, importance, cost, final")
+    p.add_argument("search", help=search_help)
+    p.add_argument("--out", required=True, type=Path, help="folder for report.html and one PNG per figure")
+    p.add_argument("--final", type=Path, help="finalize's folder (default: final/ next to the experiment)")
+    p.add_argument("--top", type=int, default=10, help="trials in the leaderboard (default 10)")
+    p.set_defaults(run=cmd_report)
 
 
 def add_search_flags(p: argparse.ArgumentParser) -> None:

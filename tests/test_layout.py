@@ -54,9 +54,9 @@ def test_core_knows_nothing_of_ray_or_the_command_line_and_the_tuner_not_of_the_
             assert not {d for d in deps if d.split(".")[0] in ("tuner", "ray", "optuna")}, module
 
 
-def test_the_search_and_the_experiment_reader_do_not_pull_in_the_training_core():
+def test_the_search_and_the_experiment_readers_do_not_pull_in_the_training_core():
     deps = graph()
-    for module in ("tuner.search", "tuner.experiment", "tuner.protocol"):
+    for module in ("tuner.search", "tuner.experiment", "tuner.protocol", "tuner.status", "tuner.report"):
         reached, todo = set(), [module]
         while todo:
             for dep in deps.get(todo.pop(), set()) - reached:

@@ -22,10 +22,10 @@ import yaml
 from simdiffrec.data import load_and_describe
 from simdiffrec.files import locked, write_atomic
 
-RECORD = "search.yaml"
+from .protocol import RECORD, SPACE_COPY
+
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's one-machine mode, every process on 127.0.0.1
 STORAGE_ENV = "SIMDIFFREC_STORAGE"  # where experiments go by default, as NAME: set by cluster.yaml to an S3 URI
-SPACE_COPY = "space.yaml"
 # SearchSettings fields a user may give; None means "not given" (the default, or the record's on resume).
 SEARCH_FLAGS = ("num_samples", "trials_per_gpu", "cpus_per_trial", "gpu", "max_concurrent", "seed",
                 "optuna_storage", "max_failures")

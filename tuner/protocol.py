@@ -1,6 +1,7 @@
-"""What a trial reports and what its checkpoints hold: the names the trainable, the search and
-the exports agree on.  Light on purpose (no torch, no Ray), so that code which only reads an
-experiment or runs a search on another objective does not pull in the training core."""
+"""What a trial reports, what its checkpoints hold and what a search's folder keeps: the names the
+trainable, the search, the exports and the readers agree on.  Light on purpose (no torch, no
+Ray), so that code which only reads an experiment or runs a search on another objective does not
+pull in the training core."""
 
 from __future__ import annotations
 
@@ -11,3 +12,5 @@ BEST = f"best_valid/{SELECT_BY}"  # the trial's best so far: what Optuna learns 
 MODE = "max"
 CHECKPOINT_FILE = "checkpoint.pt"  # in each reported checkpoint: train()'s resumable state
 MODEL_DIR = "model"  # in each reported checkpoint: the model of that epoch, a simdiffrec model folder
+RECORD = "search.yaml"  # in a search's OUT folder: the settings it started with
+SPACE_COPY = "space.yaml"  # in a search's OUT folder: a copy of its space file

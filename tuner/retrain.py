@@ -22,8 +22,8 @@ from simdiffrec.files import write_atomic
 
 from . import grid, search, spaces, verdict
 from .experiment import read, results_frame
-from .jobs import RECORD, SPACE_COPY, default_experiment, parse_datasets
-from .protocol import METRIC
+from .jobs import default_experiment, parse_datasets
+from .protocol import METRIC, RECORD, SPACE_COPY
 
 GRID_FLAGS = ("trials_per_gpu", "cpus_per_trial", "gpu", "max_concurrent", "max_failures")  # of SearchSettings
 BASELINE = "baseline"

@@ -1,0 +1,236 @@
+"""`simdiffrec status` and `simdiffrec report` on a real Ray experiment of a cheap objective:
+finished, caught mid-search (a half-written result.json, a trial not started), a single trial,
+with and without finalize's table.  One small search serves the module; the other states are
+edited copies of it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import yaml
+from ray import tune
+
+from simdiffrec.cli import main
+from tuner import search, spaces
+from tuner.protocol import BEST, METRIC, RECORD, SPACE_COPY
+from tuner.status import outcome
+
+SPACE = {
+    "parameters": {
+        "alpha": {"type": "float", "low": 0.1, "high": 0.5},
+        "k_noise": {"type": "categorical", "choices": [1, 5, 25]},
+        "tau_schedule": {"type": "categorical", "choices": ["constant", "linear"]},
+        "tau_end": {"type": "float", "low": 0.05, "high": 1.0, "log": True, "when": {"tau_schedule": ["linear"]}},
+    },
+    "fixed": {"patience": 1},
+    "points_to_evaluate": [{"alpha": 0.3, "k_noise": 5, "tau_schedule": "constant"},
+                           {"alpha": 0.2, "k_noise": 1, "tau_schedule": "linear", "tau_end": 0.1}],
+    "asha": {"max_epochs": 3, "grace_period": 1, "reduction_factor": 2},
+}
+TRIALS = 6
+FINAL_METRICS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)]
+
+
+def objective(config: dict) -> None:
+    """Scores like training: best near alpha 0.3; a constant schedule improves every epoch, a
+    linear one peaks at epoch 1, after which its patience of 1 epoch stops it."""
+    peak, best, best_epoch = 0.2 - (config["alpha"] - 0.3) ** 2, 0.0, 0
+    for epoch in (1, 2, 3):
+        score = peak * (epoch if config["tau_schedule"] == "constant" else 1 / epoch) / 3
+        if score > best:
+            best, best_epoch = score, epoch
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "state.txt").write_text(str(epoch))
+            tune.report({"epoch": epoch, METRIC: score, BEST: best, "best_epoch": best_epoch,
+                         "valid/HR@10": 2 * score}, checkpoint=tune.Checkpoint.from_directory(folder))
+        if epoch - best_epoch >= 1:
+            return
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished search's OUT folder: experiment/, space.yaml and search.yaml as `tune` leaves them."""
+    out = tmp_path_factory.mktemp("search")
+    (out / SPACE_COPY).write_text(yaml.safe_dump(SPACE, sort_keys=False))
+    space = spaces.load(out / SPACE_COPY)
+    settings = search.SearchSettings(experiment=str(out / "experiment"), num_samples=TRIALS, max_concurrent=2,
+                                     gpu="never")
+    record = {"data": "none", "space": str(out / SPACE_COPY), "max_epochs": 3, "settings": dataclasses.asdict(settings)}
+    (out / RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a "ray start" one
+    try:
+        search.run(objective, space, settings)
+    finally:
+        ray.shutdown()
+    return out
+
+
+def copy_search(source: Path, target: Path, keep=None, status=None) -> Path:
+    """A copy of a search whose saved state keeps the trials `keep(i)` and sets `status(i)`."""
+    shutil.copytree(source, target)
+    record = yaml.safe_load((target / RECORD).read_text())
+    record["settings"]["experiment"] = str(target / "experiment")
+    (target / RECORD).write_text(yaml.safe_dump(record))
+    state_file, = (target / "experiment").glob("experiment_state-*.json")
+    state = json.loads(state_file.read_text())
+    trials = []
+    for i, (trial, metadata) in enumerate(state["trial_data"]):
+        if keep and not keep(i):
+            continue
+        trial = json.loads(trial)
+        trial["status"] = (status and status(i)) or trial["status"]
+        trials.append([json.dumps(trial), metadata])
+    state["trial_data"] = trials
+    state_file.write_text(json.dumps(state))
+    return target
+
+
+@pytest.fixture(scope="module")
+def running(finished, tmp_path_factory) -> Path:
+    """The search caught mid-way: trial 1 running (one epoch reported, no checkpoint yet; Ray's
+    state lists it PENDING as it does a running trial), trial 2 created but not started, and the
+    last trial's result.json with its last line half-written."""
+    out = copy_search(finished, tmp_path_factory.mktemp("running") / "out",
+                      status=lambda i: "PENDING" if i < 2 else None)
+    experiment = out / "experiment"
+    state_file, = experiment.glob("experiment_state-*.json")
+    ids = [json.loads(trial)["trial_id"] for trial, _ in json.loads(state_file.read_text())["trial_data"]]
+    first, second, last = (next(experiment.glob(f"*_{trial_id}_*")) for trial_id in (ids[0], ids[1], ids[-1]))
+    (first / "result.json").write_text((first / "result.json").read_text().splitlines(keepends=True)[0])
+    for checkpoint in [*first.glob("checkpoint_*"), *second.glob("checkpoint_*")]:
+        shutil.rmtree(checkpoint)
+    for name in ("result.json", "progress.csv"):
+        (second / name).unlink()
+    text = (last / "result.json").read_text()
+    (last / "result.json").write_text(text[:len(text) - 40])
+    return out
+
+
+def results(out: Path) -> pd.DataFrame:
+    rows = []
+    for result in (out / "experiment").glob("*/result.json"):
+        for line in result.read_text().splitlines():
+            if line.endswith("}"):
+                rows.append(json.loads(line))
+    return pd.DataFrame(rows)
+
+
+def check_page(report: Path, figures: set[str]) -> str:
+    page = (report / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page), "the page loads something from outside"
+    assert "<script" not in page
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert {p.name for p in report.glob("*.png")} == figures
+    assert len(images) == len(figures)
+    return page
+
+
+def test_outcome_tells_asha_stops_from_patience_and_the_end():
+    assert outcome("TERMINATED", 3, 2, max_epochs=3, patience=1) == "finished"
+    assert outcome("TERMINATED", 2, 1, max_epochs=3, patience=1) == "early-stopped"
+    assert outcome("TERMINATED", 2, 2, max_epochs=3, patience=1) == "ASHA-stopped"
+    assert outcome("TERMINATED", 2, 1, max_epochs=3, patience=2) == "ASHA-stopped"
+    assert outcome("ERROR", 1, 1, max_epochs=3, patience=1) == "failed"
+    assert outcome("PENDING", 2, 1, max_epochs=3, patience=1) == "running"
+    assert outcome("PENDING", 0, 0, max_epochs=3, patience=1) == "pending"
+
+
+def test_status_of_a_finished_search_counts_trials_and_names_the_best(finished, capsys):
+    assert main(["status", str(finished), "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    reported = results(finished)
+    best = reported.loc[reported[METRIC].idxmax()]
+    last = reported.groupby("trial_id")["epoch"].max()
+    stopped = reported.groupby("trial_id").apply(lambda r: r["epoch"].max() - r.loc[r[METRIC].idxmax(), "epoch"])
+    early, full = int((stopped[last < 3] >= 1).sum()), int((last == 3).sum())
+    assert f"trials: {TRIALS} of {TRIALS} | {full} finished, {early} early-stopped, " \
+           f"{TRIALS - full - early} ASHA-stopped, 0 running, 0 pending, 0 failed" in text
+    assert f"best: trial {best['trial_id']}" in text and f"{best[METRIC]:.4f}" in text
+    assert max(map(len, text.splitlines())) <= 100
+    assert sum(line[:4].strip().isdigit() for line in text.splitlines()) == 3  # --top 3 rows
+    assert main(["status", str(finished / "experiment")]) == 0  # the experiment folder works too
+    assert f"best: trial {best['trial_id']}" in capsys.readouterr().out
+
+
+def test_status_mid_search_counts_running_and_waiting_trials(running, capsys):
+    assert main(["status", str(running)]) == 0
+    text = capsys.readouterr().out
+    assert "1 running, 1 pending, 0 failed" in text and "best: trial" in text
+
+
+def test_report_of_a_finished_search_has_every_figure_and_the_leaderboard(finished, tmp_path):
+    assert main(["report", str(finished), "--out", str(tmp_path)]) == 0
+    page = check_page(tmp_path, {"learning_curves.png", "best_so_far.png", "importance.png", "slices.png"})
+    reported = results(finished)
+    best = reported.loc[reported[METRIC].idxmax(), "trial_id"]
+    assert "<h2>Leaderboard</h2>" in page and f"<td>{best}</td>" in page
+    assert page.index(f"<td>{best}</td>") < min(page.index(f"<td>{t}</td>") for t in set(reported["trial_id"]) - {best})
+    assert "Final comparison" not in page
+    assert f"<td>trials</td><td>{TRIALS} of {TRIALS}</td>" in page
+    assert "<td>GPU share per trial</td><td>none (CPU trials)</td>" in page
+    assert "Left out, as not every trial sampled them: tau_end" in page
+
+
+def test_report_mid_search_reads_what_is_there(running, tmp_path):
+    assert main(["report", str(running / "experiment"), "--out", str(tmp_path)]) == 0
+    page = check_page(tmp_path, {"learning_curves.png", "best_so_far.png", "importance.png", "slices.png"})
+    assert re.search(r"<td>running</td><td>1</td>", page) and re.search(r"<td>pending</td><td>1</td>", page)
+
+
+def test_report_of_a_single_trial_says_what_it_cannot_draw_yet(finished, tmp_path):
+    out = copy_search(finished, tmp_path / "one", keep=lambda i: i == 0)
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    page = check_page(tmp_path / "report", {"learning_curves.png"})
+    assert page.count("Needs at least 2 trials") == 3  # best so far, importance, slices
+
+
+def final_table() -> pd.DataFrame:
+    """finalize's final.parquet, by its contract: one row per configuration."""
+    rows = []
+    for i, name in enumerate(["top-1", "top-2", "baseline"]):
+        row = {"configuration": name, "is_baseline": name == "baseline", "seeds": 3, "epochs_mean": 40.0,
+               "minutes_total": 12.5, "device": "cpu", "param/alpha": [0.3, 0.25, 0.4][i]}
+        for split in ("valid", "test"):
+            for metric in FINAL_METRICS:
+                row[f"{split}/{metric}_mean"], row[f"{split}/{metric}_std"] = 0.1 - 0.01 * i, 0.004
+        for metric in FINAL_METRICS:
+            row[f"test/{metric}_diff"] = 0.02 - 0.01 * i if name != "baseline" else 0.0
+            row[f"test/{metric}_p"] = np.nan if name == "baseline" else [0.0123, 0.2][i]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_report_shows_finalize_table_from_its_default_folder_or_final(finished, tmp_path, capsys):
+    out = copy_search(finished, tmp_path / "search")
+    (out / "final").mkdir()
+    final_table().to_parquet(out / "final" / "final.parquet")
+    assert main(["report", str(out / "experiment"), "--out", str(tmp_path / "report")]) == 0
+    page = check_page(tmp_path / "report", {"learning_curves.png", "best_so_far.png", "importance.png",
+                                            "slices.png", "final.png"})
+    section = page[page.index("Final comparison"):]
+    assert "<td>baseline</td>" in section and "+0.0200 (p 0.0123)" in section and "0.1000 ± 0.0040" in section
+    assert "+0.0000" not in section  # the baseline is not compared with itself
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(out / "final", elsewhere)
+    assert main(["report", str(out), "--out", str(tmp_path / "again"), "--final", str(elsewhere)]) == 0
+    assert (tmp_path / "again" / "final.png").is_file()
+    assert main(["report", str(out), "--out", str(tmp_path / "bad"), "--final", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--final {tmp_path}: no final.parquet" in err
+
+
+def test_report_and_status_of_a_folder_without_an_experiment_fail_in_one_line(tmp_path, capsys):
+    for args in (["status", str(tmp_path)], ["report", str(tmp_path), "--out", str(tmp_path / "r")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{tmp_path}: no Ray Tune experiment there" in err

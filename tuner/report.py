@@ -1,0 +1,380 @@
+"""A search as one HTML page to look at: learning curves with ASHA's stops, best-so-far against
+trials and time, which parameters mattered (Optuna's importance evaluator on the finished trials)
+and how the objective depends on each, the leaderboard, the cost, and `finalize`'s seeded
+comparison when it has run.
+
+`report.html` is self-contained (figures inlined as base64 PNG, no script, no external style),
+so it can be mailed or opened offline; each figure is also written as a PNG next to it.  Figures
+are drawn with matplotlib's object API (Agg canvas, no pyplot state), so any thread or headless
+machine can draw them.  A figure that cannot be drawn yet (one trial, no variation, no space
+file) is replaced by a sentence saying why.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
+from simdiffrec.config import SELECT_BY
+from simdiffrec.files import write_atomic
+
+from . import spaces
+from .protocol import METRIC
+from .status import Search, clock, counts, load, missing
+
+FINAL_DIR = "final"  # where finalize writes, in the folder holding the experiment
+FINAL_METRICS = ("HR@10", "NDCG@10")  # the bar chart's
+TOP_CURVES = 5  # learning curves drawn in colour and named
+MARKERS = {"ASHA-stopped": ("X", "black"), "early-stopped": ("o", "white"), "running": (">", "gold"),
+           "failed": ("s", "tab:red")}  # a trial's last point, by outcome ("finished" gets none)
+
+
+@dataclass
+class Section:
+    title: str
+    text: str  # HTML: what it shows, or why it is missing
+    png: bytes = b""  # the figure
+    name: str = ""  # its file name
+    table: str = ""  # HTML
+
+
+def write_report(path: str, out: str | Path, final: str | Path | None = None, top: int = 10) -> Path:
+    """Read the search at `path` (its OUT folder or experiment) and write `out`/report.html and the
+    PNGs; finalize's table comes from `final`, else from final/ beside the experiment."""
+    search = load(path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    final_dir = Path(final) if final else _default_final(search)
+    if final is not None and not (final_dir / "final.parquet").is_file():
+        raise FileNotFoundError(f"--final {final}: no final.parquet there")
+    sections = [cost(search), leaderboard(search, top), learning_curves(search), best_so_far(search),
+                importance(search), slices(search)]
+    if (final_dir / "final.parquet").is_file():
+        sections.append(finalized(final_dir))
+    for section in sections:
+        if section.png:
+            write_atomic(out / section.name, section.png)
+    write_atomic(out / "report.html", page(search, sections).encode())
+    return out / "report.html"
+
+
+def _default_final(search: Search) -> Path:
+    holder = search.out if search.out else Path(search.experiment).parent
+    return holder / FINAL_DIR
+
+
+# --- sections -------------------------------------------------------------------------------
+
+def cost(search: Search) -> Section:
+    trials, found = search.trials, counts(search)
+    of = f" of {search.num_samples}" if search.num_samples else ""
+    hours = trials["hours"].sum()
+    rows = [("trials", f"{len(trials)}{of}"), *((name, str(n)) for name, n in found.items()),
+            ("trial-hours", f"{hours:.2f}")]
+    if search.gpu is not None:
+        share = f"{search.gpu:g} ({1 / search.gpu:g} trials per GPU)" if search.gpu else "none (CPU trials)"
+        rows += [("GPU share per trial", share), ("GPU-hours", f"{hours * search.gpu:.2f}")]
+    start, last = trials["start"].min(), search.results.get("timestamp", pd.Series(dtype=float)).max()
+    if pd.notna(start) and pd.notna(last):
+        rows.append(("wall-clock, first trial to last report", clock(last - start)))
+    text = ("<b>finished</b>: ran max epochs; <b>early-stopped</b>: stopped by its own patience; "
+            "<b>ASHA-stopped</b>: ASHA ended it at a rung; trial-hours: each trial's own time (Ray's "
+            "time_total_s), summed; GPU share: what each trial asked Ray for (search.yaml; with gpu auto, "
+            "only when the cluster had GPUs).")
+    return Section("Progress and cost", text, table=_table(pd.DataFrame(rows, columns=["", ""]), header=False))
+
+
+def leaderboard(search: Search, top: int) -> Section:
+    board = search.leaderboard(top)
+    if board.empty:
+        return Section("Leaderboard", "No trial has reported yet.")
+    table = pd.DataFrame({"rank": range(1, len(board) + 1), "trial": board["trial_id"], "#": board["number"],
+                          "outcome": board["outcome"],
+                          "epochs": [f"{e}/{search.max_epochs}" for e in board["epochs"]],
+                          "best epoch": board["best_epoch"], SELECT_BY: board["best"], "HR@10": board["HR@10"],
+                          **{name: board[f"param/{name}"] for name in search.params if f"param/{name}" in board}})
+    return Section("Leaderboard", f"Trials by their best {METRIC}, with that epoch's HR@10 (top {top}; # is the "
+                   "order the searcher proposed them in).", table=_table(table))
+
+
+def learning_curves(search: Search) -> Section:
+    """Every trial's valid NDCG@10 per epoch, the top 5 in colour; where each trial ended marked
+    by why (ASHA, patience, still running, failed); ASHA's rungs as dotted lines."""
+    results = search.results.dropna(subset=[METRIC]) if METRIC in search.results else pd.DataFrame()
+    if results.empty:
+        return Section("Learning curves", "No trial has reported yet.")
+    fig = Figure(figsize=(10, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    trials = search.trials.set_index("trial_id")
+    top = list(search.leaderboard(TOP_CURVES)["trial_id"])
+    for trial_id, rows in results.groupby("trial_id", sort=False):
+        trial = trials.loc[trial_id]
+        if trial_id in top:
+            rank = top.index(trial_id)
+            ax.plot(rows["epoch"], rows[METRIC], color=colormaps["tab10"](rank), lw=2, marker="o", ms=3,
+                    zorder=10 - rank, label=f"{rank + 1}. #{trial['number']} {trial_id} ({trial['best']:.4f})")
+        else:
+            ax.plot(rows["epoch"], rows[METRIC], color="tab:gray", lw=1, alpha=0.45, zorder=2)
+        if trial["outcome"] in MARKERS:
+            marker, face = MARKERS[trial["outcome"]]
+            ax.plot(rows["epoch"].iloc[-1], rows[METRIC].iloc[-1], marker=marker, ls="", ms=7, mfc=face,
+                    mec="black", zorder=11)
+    for rung in _rungs(search):
+        ax.axvline(rung, color="grey", ls=":", lw=1, zorder=1)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: int(labels[i].split(".")[0]))
+    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
+    if len(trials) > len(top):
+        handles.append(ax.plot([], [], color="tab:gray", lw=1, alpha=0.45)[0])
+        labels.append(f"the other {len(trials) - len(top)} trials")
+    for name, (marker, face) in MARKERS.items():
+        if (trials["outcome"] == name).any():
+            handles.append(ax.plot([], [], marker=marker, ls="", ms=7, mfc=face, mec="black")[0])
+            labels.append(f"last epoch: {name}")
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0,
+              title="rank. #number trial (its best)", title_fontsize=8)
+    ax.set(xlabel="epoch", ylabel=METRIC, xlim=(0.5, max(search.max_epochs, results["epoch"].max()) + 0.5))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    text = (f"Each line is a trial's {METRIC} after each epoch; the best {TOP_CURVES} in colour. A trial "
+            "that ended before the last epoch has its last point marked: ✕ ASHA stopped it, ○ its own "
+            "patience did, ▶ it is still running, ■ it failed. Dotted lines: ASHA's rungs, the epochs at which "
+            "it compares trials.")
+    return Section("Learning curves", text, _png(fig), "learning_curves.png")
+
+
+def best_so_far(search: Search) -> Section:
+    trials = search.trials.dropna(subset=["best"])
+    title = "Best so far"
+    if len(trials) < 2:
+        return Section(title, f"Needs at least 2 trials that reported; this search has {len(trials)}.")
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True)
+    left.scatter(trials["number"], trials["best"], s=14, color="tab:blue", alpha=0.5, label="trial's best")
+    left.step(trials["number"], trials["best"].cummax(), where="post", color="tab:red", label="best so far")
+    left.set(xlabel="trial (in the order the searcher proposed it)", ylabel=METRIC)
+    left.xaxis.get_major_locator().set_params(integer=True)
+    results = search.results.dropna(subset=[METRIC, "timestamp"]).sort_values("timestamp")
+    seconds = results["timestamp"] - trials["start"].min()
+    unit, size = ("hours", 3600) if seconds.max() > 2 * 3600 else ("minutes", 60)
+    right.scatter(seconds / size, results[METRIC], s=6, color="grey", alpha=0.3, label="an evaluation")
+    right.step(seconds / size, results[METRIC].cummax(), where="post", color="tab:red", label="best so far")
+    right.set(xlabel=f"{unit} since the first trial started")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    text = ("Left: each trial's best and the best so far, in the order the searcher proposed trials. Right: "
+            "every evaluation against wall-clock time. A flat red line means more trials stopped paying off.")
+    return Section(title, text, _png(fig), "best_so_far.png")
+
+
+def importance(search: Search) -> Section:
+    """Optuna's importance evaluator on an in-memory study of the trials that ended, with the
+    space file's distributions; their objective is their best valid NDCG@10, what TPE learnt from."""
+    title = "Parameter importance"
+    reason, study = _study(search)
+    if study is None:
+        return Section(title, reason)
+    everywhere = [n for n in search.params if all(n in t.params for t in study.trials)]
+    found = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), params=everywhere)
+    fig = Figure(figsize=(7, 0.45 * len(found) + 1.2), layout="constrained")
+    ax = fig.add_subplot()
+    names = list(found)[::-1]
+    ax.barh(names, [found[n] for n in names], color="tab:blue")
+    for y, name in enumerate(names):
+        ax.annotate(f"{found[name]:.2f}", (found[name], y), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    ax.set(xlabel="importance (sums to 1)", xlim=(0, max(found.values(), default=1) * 1.15 or 1))
+    ax.grid(axis="x", alpha=0.3)
+    left_out = [n for n in search.params if n not in everywhere]
+    text = (f"How much of the variation in the trials' best {METRIC} each parameter explains: Optuna's "
+            f"PED-ANOVA evaluator over the {len(study.trials)} trials that ended. With few trials, "
+            "read it as a hint." + (f" Left out, as not every trial sampled them: {', '.join(left_out)} "
+                                   "(see the next figure)." if left_out else ""))
+    return Section(title, text, _png(fig), "importance.png")
+
+
+def slices(search: Search) -> Section:
+    """The objective against each parameter (Optuna's slice plot), coloured by trial order."""
+    title = "The objective against each parameter"
+    trials = search.trials.dropna(subset=["best"])
+    if len(trials) < 2:
+        return Section(title, f"Needs at least 2 trials that reported; this search has {len(trials)}.")
+    names = [n for n in search.params if f"param/{n}" in trials]
+    ncols = min(3, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig = Figure(figsize=(4 * ncols, 3 * nrows + 0.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
+    by_name = {p.name: p for p in search.space.params} if search.space else {}
+    for ax, name in zip(axes, names):
+        values = trials[f"param/{name}"]
+        kept = values.notna()
+        param = by_name.get(name)
+        x = values[kept]
+        if (param and param.type == "categorical") or x.dtype == object:
+            choices = list(param.choices) if param else sorted(x.unique(), key=str)
+            x = x.map({c: i for i, c in enumerate(choices)}) + _jitter(len(x))
+            ax.set_xticks(range(len(choices)), [str(c) for c in choices])
+        elif param and param.log:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        points = ax.scatter(x, trials["best"][kept], c=trials["number"][kept], cmap="viridis", s=22,
+                            vmin=trials["number"].min(), vmax=trials["number"].max(), edgecolors="none")
+        ax.set_title(name if kept.all() else f"{name} ({kept.sum()} trials)", fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    for ax in axes[::ncols]:
+        ax.set_ylabel(f"trial's best {METRIC}")
+    fig.colorbar(points, ax=axes.tolist(), label="trial #", shrink=0.8)
+    text = ("One dot per trial: its best score against the value it was given, darker for earlier trials. "
+            "A conditional parameter (such as tau_end) shows only the trials that sampled it.")
+    return Section(title, text, _png(fig), "slices.png")
+
+
+def finalized(folder: Path) -> Section:
+    """finalize's table: each configuration retrained over seeds, tested, against the baseline."""
+    final = pd.read_parquet(folder / "final.parquet")
+    fig = Figure(figsize=(max(6, 1.3 * len(final) + 2), 4), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(FINAL_METRICS)
+    at = np.arange(len(final))
+    for i, metric in enumerate(FINAL_METRICS):
+        means, stds = final[f"test/{metric}_mean"], final[f"test/{metric}_std"]
+        bars = ax.bar(at + (i - (len(FINAL_METRICS) - 1) / 2) * width, means, width, yerr=stds, capsize=4,
+                      label=f"test {metric}")
+        ax.bar_label(bars, [f"{m:.4f}" for m in means], label_type="center", color="white", fontsize=8)
+    ax.set_xticks(at, final["configuration"])
+    ax.set(ylabel="mean ± std over seeds")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    shown = {"configuration": final["configuration"], "seeds": final["seeds"]}
+    for metric in FINAL_METRICS:
+        shown[f"test {metric}"] = _spread(final, f"test/{metric}")
+        shown[f"Δ {metric} vs baseline (p)"] = [
+            "" if baseline else f"{d:+.4f} (p {p:.3g})" for baseline, d, p in
+            zip(final["is_baseline"], final[f"test/{metric}_diff"], final[f"test/{metric}_p"])]
+    shown[f"valid {SELECT_BY}"] = _spread(final, f"valid/{SELECT_BY}")
+    shown.update({"epochs": final["epochs_mean"], "minutes": final["minutes_total"], "device": final["device"]})
+    shown.update({c.removeprefix("param/"): final[c] for c in final.columns if c.startswith("param/")})
+    text = (f"The top configurations and the baseline retrained with several seeds and evaluated on the test "
+            f"split ({html.escape(str(folder))}): mean ± standard deviation over seeds; Δ: the difference of the "
+            "means to the baseline, with its p-value.")
+    return Section("Final comparison on test", text, _png(fig), "final.png", _table(pd.DataFrame(shown)))
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def _study(search: Search) -> tuple[str, optuna.Study | None]:
+    """(why not, None) or ('', an Optuna study of the trials that ended, one per trial)."""
+    if search.space is None:
+        return "Needs the search's space file: give the search's folder (the one holding space.yaml).", None
+    ended = search.trials[search.trials["outcome"].isin(("finished", "early-stopped", "ASHA-stopped"))]
+    ended = ended.dropna(subset=["best"])
+    if len(ended) < 2 or ended["best"].nunique() < 2:
+        return (f"Needs at least 2 trials that ended with different scores; this search has {len(ended)} "
+                "ended trial(s)" + (" with one score." if len(ended) >= 2 else "."), None)
+    distributions = {p.name: _distribution(p) for p in search.space.params}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line for a study in memory
+    study = optuna.create_study(direction="maximize")
+    for _, row in ended.iterrows():
+        params = {n: row[f"param/{n}"] for n in distributions if not missing(row.get(f"param/{n}"))}
+        try:
+            study.add_trial(optuna.trial.create_trial(
+                params=params, distributions={n: distributions[n] for n in params}, value=row["best"]))
+        except ValueError as err:  # a value outside space.yaml's distribution: the file was edited
+            why = f"Trial #{row['number']} does not fit {search.space.source}: {err}"
+            return html.escape(why), None
+    return "", study
+
+
+def _distribution(param: spaces.Param) -> BaseDistribution:
+    """The Optuna distribution a space file's parameter samples from (what Param.suggest asks)."""
+    if param.type == "categorical":
+        return CategoricalDistribution(list(param.choices))
+    if param.type == "int":
+        return IntDistribution(int(param.low), int(param.high), log=param.log, step=int(param.step or 1))
+    return FloatDistribution(param.low, param.high, log=param.log, step=param.step)
+
+
+def _rungs(search: Search) -> list[int]:
+    """The epochs at which ASHA compares trials: grace_period · reduction_factor^k below max."""
+    if search.space is None:
+        return []
+    asha, rungs, epoch = search.space.asha, [], float(search.space.asha.grace_period)
+    while epoch < search.max_epochs:
+        rungs.append(epoch)
+        epoch *= asha.reduction_factor
+    return rungs
+
+
+def _spread(final: pd.DataFrame, metric: str) -> list[str]:
+    return [f"{m:.4f} ± {s:.4f}" for m, s in zip(final[f"{metric}_mean"], final[f"{metric}_std"])]
+
+
+def _jitter(n: int) -> np.ndarray:
+    """Spread the dots of one category sideways so that equal values stay visible (seeded)."""
+    return np.random.default_rng(0).uniform(-0.15, 0.15, n)
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def _table(frame: pd.DataFrame, header: bool = True) -> str:
+    def cell(value) -> str:
+        if isinstance(value, (float, np.floating)):
+            return "" if math.isnan(value) else f"{value:.4g}"
+        return html.escape(str(value))
+
+    head = "<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f"<table>{head}{body}</table>"
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+.meta { color: #666; font-size: 0.9em; } p { max-width: 60em; }
+img { max-width: 100%; height: auto; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+td, th { border: 1px solid #ddd; padding: 3px 6px; text-align: right; white-space: nowrap; }
+th { background: #f4f4f4; } td:first-child { text-align: left; }
+.scroll { overflow-x: auto; }
+"""
+
+
+def page(search: Search, sections: list[Section]) -> str:
+    made = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Search report: "
+             f"{html.escape(search.experiment)}</title><style>{STYLE}</style></head><body>",
+             f"<h1>Search report</h1><p class='meta'>{html.escape(search.experiment)}<br>written {made}; "
+             f"a snapshot: run <code>simdiffrec report</code> again while the search runs.</p>"]
+    for section in sections:
+        parts.append(f"<h2>{html.escape(section.title)}</h2><p>{section.text}</p>")
+        if section.png:
+            data = base64.b64encode(section.png).decode()
+            parts.append(f"<img alt='{html.escape(section.title)}' src='data:image/png;base64,{data}'>")
+        if section.table:
+            parts.append(f"<div class='scroll'>{section.table}</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

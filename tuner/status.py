@@ -1,0 +1,179 @@
+"""A search's progress, read from its files: what became of each trial, the leaderboard, the cost.
+`simdiffrec status` prints it; `tuner/report.py` draws it.
+
+It reads what `experiment.read` reads, so it works on a finished, interrupted or running search
+without Ray.  Of each trial it needs its id, status and config, the rest comes from its reported
+rows.  While a search runs, Ray's saved state lags the trial folders by seconds and lists running
+trials as PENDING: a PENDING trial that has reported is counted as running.  The GPU share is
+what the search asked Ray for (search.yaml's gpu and trials_per_gpu).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from simdiffrec.config import Config
+
+from . import spaces
+from .experiment import read, results_frame
+from .protocol import METRIC, RECORD, SPACE_COPY
+
+OUTCOMES = ("finished", "early-stopped", "ASHA-stopped", "running", "pending", "failed")
+TRIAL_COLUMNS = ("trial_id", "number", "outcome", "epochs", "best", "best_epoch", "HR@10", "hours", "start")
+WIDTH = 100  # of the terminal text
+
+
+@dataclass
+class Search:
+    experiment: str
+    out: Path | None  # the search's folder (search.yaml, space.yaml), when known
+    trials: pd.DataFrame  # one row per trial, by creation order (see `trial_table`)
+    results: pd.DataFrame  # every evaluation of every trial (experiment.results_frame)
+    space: spaces.Space | None  # the search's space (OUT/space.yaml), when known
+    max_epochs: int
+    num_samples: int | None  # trials the search was started to run, when known
+    gpu: float | None  # the GPU share each trial asked for (0: CPU trials); None: not known
+
+    @property
+    def params(self) -> list[str]:
+        """The searched parameters: the space's, in its order, else every trial's config keys."""
+        if self.space is not None:
+            return [p.name for p in self.space.params]
+        return [c.removeprefix("param/") for c in self.trials.columns if c.startswith("param/")]
+
+    def leaderboard(self, top: int | None = None) -> pd.DataFrame:
+        """Trials that reported, best valid NDCG@10 first."""
+        board = self.trials.dropna(subset=["best"]).sort_values(["best", "number"], ascending=[False, True])
+        return board.head(top) if top else board
+
+
+def locate(path: str) -> tuple[str, Path | None]:
+    """(experiment, OUT) from a search's OUT folder, or from its experiment folder or URI (whose
+    parent is OUT in the default layout)."""
+    if "://" in path:
+        return path, None
+    folder = Path(path)
+    if (folder / RECORD).is_file():
+        record = yaml.safe_load((folder / RECORD).read_text())
+        return record["settings"]["experiment"], folder
+    return path, folder.parent if (folder.parent / RECORD).is_file() else None
+
+
+def load(path: str) -> Search:
+    """Everything `status` and `report` show, from an OUT folder or an experiment."""
+    experiment, out = locate(path)
+    run = read(experiment)
+    trials, results = run.trials, results_frame(run.trials)
+    record = yaml.safe_load((out / RECORD).read_text()) if out else {}
+    settings = record.get("settings", {})
+    space = spaces.load(out / SPACE_COPY) if out and (out / SPACE_COPY).is_file() else None
+    epochs = results["epoch"].max() if "epoch" in results else math.nan
+    max_epochs = int(record.get("max_epochs") or (0 if pd.isna(epochs) else epochs))
+    table = trial_table(trials, results, max_epochs, space.fixed if space else {})
+    gpu = (0.0 if settings["gpu"] == "never" else 1 / settings["trials_per_gpu"]) if settings else None
+    return Search(experiment, out, table, results, space, max_epochs, settings.get("num_samples"), gpu)
+
+
+def trial_table(trials: list, results: pd.DataFrame, max_epochs: int, fixed: dict[str, Any]) -> pd.DataFrame:
+    """One row per trial: its outcome, epochs run, best valid NDCG@10 and that epoch's HR@10,
+    hours (Ray's time_total_s), start time and parameters (`param/NAME`)."""
+    rows, by_trial = [], dict(tuple(results.groupby("trial_id"))) if len(results) else {}
+    for trial in trials:
+        reported = by_trial[trial.trial_id]  # results_frame gives every trial a row, reported or not
+        own = reported.dropna(subset=[METRIC]) if METRIC in reported else reported.iloc[:0]
+        epochs, best, best_epoch, hr, seconds, start = 0, math.nan, 0, math.nan, 0.0, math.nan
+        if len(own):
+            top = own.loc[own[METRIC].idxmax()]
+            epochs, best, best_epoch, hr = own["epoch"].max(), top[METRIC], top["epoch"], top.get("valid/HR@10")
+            seconds = own["time_total_s"].max()
+            start = own["timestamp"].iloc[0] - own["time_total_s"].iloc[0]  # its first report, less its time
+        settings = {**fixed, **trial.config}
+        patience = settings.get("patience", Config.patience) * settings.get("eval_every", Config.eval_every)
+        rows.append({
+            "trial_id": trial.trial_id, "number": int(reported["number"].iloc[0]),
+            "outcome": outcome(trial.status, int(epochs), int(best_epoch), max_epochs, patience),
+            "epochs": int(epochs), "best": best, "best_epoch": int(best_epoch), "HR@10": hr,
+            "hours": seconds / 3600, "start": start,
+            **{f"param/{k}": v for k, v in trial.config.items()}})
+    table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=TRIAL_COLUMNS)
+    return table.sort_values("number", ignore_index=True)
+
+
+def outcome(status: str, epochs: int, best_epoch: int, max_epochs: int, patience: int) -> str:
+    """A finished trial ran max_epochs or stopped on `patience` epochs without a better valid
+    NDCG@10; one that ended before either was stopped by ASHA."""
+    if status == "ERROR":
+        return "failed"
+    if status != "TERMINATED":
+        return "running" if epochs else "pending"
+    if epochs >= max_epochs:
+        return "finished"
+    return "early-stopped" if epochs - best_epoch >= patience else "ASHA-stopped"
+
+
+def counts(search: Search) -> dict[str, int]:
+    found = search.trials["outcome"].value_counts()
+    return {name: int(found.get(name, 0)) for name in OUTCOMES}
+
+
+def parameters(row: pd.Series, names: list[str]) -> str:
+    """`alpha=0.4 beta=0.1 ...` for one trial; parameters it did not sample are left out."""
+    values = [(n, row.get(f"param/{n}")) for n in names]
+    return " ".join(f"{n}={number(v)}" for n, v in values if not missing(v))
+
+
+def number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def format_status(search: Search, top: int = 10, now: float | None = None) -> str:
+    """The terminal status: progress, time, the best trial and the leaderboard, in WIDTH columns."""
+    now = time.time() if now is None else now
+    n, found = len(search.trials), counts(search)
+    lines = [search.experiment if len(search.experiment) <= WIDTH else "..." + search.experiment[-WIDTH + 3:]]
+    of = f" of {search.num_samples}" if search.num_samples else ""
+    lines.append(f"trials: {n}{of} | " + ", ".join(f"{count} {name}" for name, count in found.items()))
+    start = search.trials["start"].dropna().min() if n else math.nan
+    if not missing(start):
+        last = search.results["timestamp"].max() if "timestamp" in search.results else math.nan
+        began = datetime.datetime.fromtimestamp(start, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        since = "" if missing(last) else f"; last report {clock(now - last)} ago, {clock(last - start)} in"
+        lines.append(f"began {began}, {clock(now - start)} ago{since}; "
+                     f"{search.trials['hours'].sum():.2f} trial-hours")
+    board = search.leaderboard(top)
+    if board.empty:
+        lines.append("no trial has reported yet")
+        return "\n".join(lines) + "\n"
+    best = board.iloc[0]
+    lines += [f"best: trial {best['trial_id']} (#{best['number']}, {best['outcome']}) {METRIC} "
+              f"{best['best']:.4f} at epoch {best['best_epoch']} of {best['epochs']}",
+              *textwrap.wrap(parameters(best, search.params), WIDTH, initial_indent="      ",
+                             subsequent_indent="      "),
+              "",
+              f"{'rank':>4}  {'trial':<8} {'#':>4}  {'outcome':<13} {'epochs':>7} {'best ep':>7} "
+              f"{'NDCG@10':>8} {'HR@10':>7}"]
+    for rank, (_, row) in enumerate(board.iterrows(), 1):
+        lines.append(f"{rank:>4}  {row['trial_id']:<8} {row['number']:>4}  {row['outcome']:<13} "
+                     f"{row['epochs']:>3}/{search.max_epochs:<3} {row['best_epoch']:>7} "
+                     f"{row['best']:>8.4f} {'' if missing(row['HR@10']) else format(row['HR@10'], '.4f'):>7}")
+        lines += textwrap.wrap(parameters(row, search.params), WIDTH, initial_indent=" " * 6,
+                               subsequent_indent=" " * 6)
+    return "\n".join(lines) + "\n"
+
+
+def missing(value: Any) -> bool:
+    """None or NaN: a value a trial did not report, or a parameter it did not sample."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
