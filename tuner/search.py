@@ -9,6 +9,7 @@ trial's results and checkpoints and the searcher's state, which is what `resume`
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -92,6 +93,8 @@ def make_scheduler(space: Space) -> ASHAScheduler:
 def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: SearchSettings,
         resume: bool = False) -> tune.ResultGrid:
     """Run (or, with `resume`, continue) the search to its end; Ray must be initialised."""
+    # A state save after each trial checkpoint is deliberate (keep_checkpoints = 1), not a warning.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(trainable, trial_resources(settings))
     exists = tune.Tuner.can_restore(settings.experiment)
     if resume:
