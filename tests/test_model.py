@@ -186,10 +186,7 @@ def test_views_differ_from_the_original_only_at_chosen_positions():
 def test_contrastive_loss_is_infonce_over_positive_and_negative_views():
     model = make_model(tau=0.5)
     seq, item_pos = batch([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]], width=3)
-    items = seq.reshape(-1)[item_pos]
-    z0 = model.encoder.items(seq)
-    noise = model.noise(z0, items, item_pos)
-    u = model.encoder(seq)[:, -1]
+    items, z0, noise, u = cl_inputs(model, seq, item_pos)
     torch.manual_seed(3)
     loss, _ = model.contrastive_loss(u, seq, z0, noise, items, item_pos, tau=0.5)
     torch.manual_seed(3)
@@ -303,6 +300,13 @@ def test_ablation_switches_change_what_they_name():
     assert torch.allclose(loss, F.cross_entropy(logits, torch.arange(2)), atol=1e-5)
 
 
+def cl_inputs(model: SimDiffRec, seq: torch.Tensor, item_pos: torch.Tensor):
+    """What L_cl takes besides the sequence: item ids, z0, the noise, and e_u (one encoder pass)."""
+    items = seq.reshape(-1)[item_pos]
+    z0 = model.encoder.items(seq)
+    return items, z0, model.noise(z0, items, item_pos), model.encoder(seq)[:, -1]
+
+
 def views_of(model: SimDiffRec, seq: torch.Tensor, item_pos: torch.Tensor, seed: int):
     items = seq.reshape(-1)[item_pos]
     z0 = model.encoder.items(seq)
@@ -352,11 +356,8 @@ def test_shared_denoiser_trains_the_encoders_layers_through_l_d(shared):
 
 def test_contrastive_similarity_and_clean_views():
     seq, item_pos = batch([[1, 2, 3], [4, 5, 6], [7, 8, 9]], width=3)
-    items = seq.reshape(-1)[item_pos]
     model = make_model(similarity="dot", hard_negative=False)
-    z0 = model.encoder.items(seq)
-    noise = model.noise(z0, items, item_pos)
-    u = model.encoder(seq)[:, -1]
+    items, z0, noise, u = cl_inputs(model, seq, item_pos)
     torch.manual_seed(0)
     loss, health = model.contrastive_loss(u, seq, z0, noise, items, item_pos, tau=0.5)
     torch.manual_seed(0)
@@ -376,11 +377,8 @@ def test_contrastive_similarity_and_clean_views():
 
 def test_health_reads_the_views():
     seq, item_pos = batch([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]], width=5)
-    items = seq.reshape(-1)[item_pos]
     model = make_model(aug_ratio=0.4)
-    z0 = model.encoder.items(seq)
-    noise = model.noise(z0, items, item_pos)
-    u = model.encoder(seq)[:, -1]
+    items, z0, noise, u = cl_inputs(model, seq, item_pos)
     torch.manual_seed(0)
     _, health = model.contrastive_loss(u, seq, z0, noise, items, item_pos, tau=1.0)
     torch.manual_seed(0)
