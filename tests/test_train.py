@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from simdiffrec.config import Config
-from simdiffrec.data import SequenceData, load_data
+from simdiffrec.data import load_data
 from simdiffrec.evaluate import evaluate, popularity_scorer
 from simdiffrec.model import SimDiffRec
 from simdiffrec.train import Diverged, Evaluation, plan_epoch, step_losses, temperature, train
