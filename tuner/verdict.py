@@ -151,7 +151,8 @@ def reproduce_markdown(table: pd.DataFrame, about: dict[str, Any]) -> str:
     """table.md: per dataset, one row per configuration and metric."""
     parts = [
         "# SimDiffRec against the paper", "",
-        f"Each configuration trained with {about['seeds']} seeds until valid NDCG@10 had not improved for "
+        f"Each configuration trained with {about['seeds']} seed{'s' if about['seeds'] != 1 else ''} until "
+        "valid NDCG@10 had not improved for "
         f"{about['patience']} epochs (at most {about['max_epochs']}); test metrics of the best epoch, mean ± "
         "standard deviation over seeds.  Unmasked: the user's history stays among the candidates, as in "
         "RecBole, on which the paper's numbers were computed (its authors' code is a RecBole fork, whose "
