@@ -151,7 +151,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     write_atomic(out / "config.yaml", _yaml(cfg.to_dict()))
 
     def report(ev: Evaluation) -> None:
-        tqdm.write(f"epoch {ev.epoch:4d}  " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in ev.losses.items())
+        parts = "  ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in ev.losses.items())
+        tqdm.write(f"epoch {ev.epoch:4d}  {parts}"
                    + f"  valid HR@10 {ev.valid['HR@10']:.4f} NDCG@10 {ev.valid['NDCG@10']:.4f}"
                    + f"  best epoch {ev.best_epoch}  {ev.seconds_per_epoch:.1f} s/epoch")
         ev.save(checkpoint)

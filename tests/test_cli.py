@@ -262,3 +262,9 @@ def test_threads_default_to_one_on_a_busy_machine(monkeypatch, seq_file, tmp_pat
         one_line_error(capsys, "--threads 0")
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_epoch_line_names_each_loss_and_health_number(seq_file, tmp_path, capsys):
+    assert main(["train", "--data", str(seq_file), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch"))
+    assert all(f" {name} " in line for name in ("sr", "d", "cl", "cl_view_cos", "cl_substituted", "cl_margin"))
