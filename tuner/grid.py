@@ -128,17 +128,11 @@ def run(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool = F
         data[name], info[name] = ray.put(prepared), {"source": spec["source"], **stats}
     trainable = tune.with_resources(tune.with_parameters(run_seed, setup=GridSetup(plan, data, info)),
                                     search.trial_resources(settings))
-    if resume:
-        tuner = tune.Tuner.restore(settings.experiment, trainable, resume_errored=True)
-    else:
-        storage, name = search.experiment_location(settings.experiment)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"run": tune.grid_search(list(plan.runs)), "seed": tune.grid_search(list(plan.seeds))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=storage,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
+    tuner = search.make_tuner(
+        trainable, settings, resume,
+        tune.TuneConfig(max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
+        tune.CheckpointConfig(num_to_keep=1),
+        param_space={"run": tune.grid_search(list(plan.runs)), "seed": tune.grid_search(list(plan.seeds))})
     tuner.fit()
     runs = finished(settings.experiment)
     missing = len(plan.runs) * len(plan.seeds) - len(runs)

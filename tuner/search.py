@@ -90,33 +90,37 @@ def make_scheduler(space: Space) -> ASHAScheduler:
                          grace_period=space.asha.grace_period, reduction_factor=space.asha.reduction_factor)
 
 
+def make_tuner(trainable: Callable[[dict[str, Any]], None], settings: SearchSettings, resume: bool,
+               tune_config: tune.TuneConfig, checkpoint_config: tune.CheckpointConfig,
+               param_space: dict[str, Any] | None = None) -> tune.Tuner:
+    """The experiment at `settings.experiment` restored (`resume`) or started: how a search and a
+    grid of retrainings (tuner/grid.py) both make their Tuner."""
+    # A state save after each trial checkpoint is deliberate (keep one checkpoint), not a warning.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if resume:
+        return tune.Tuner.restore(settings.experiment, trainable, resume_errored=True)
+    storage, name = experiment_location(settings.experiment)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                      run_config=tune.RunConfig(name=name, storage_path=storage, checkpoint_config=checkpoint_config,
+                                                failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
+
+
 def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: SearchSettings,
         resume: bool = False) -> tune.ResultGrid:
     """Run (or, with `resume`, continue) the search to its end; Ray must be initialised."""
-    # A state save after each trial checkpoint is deliberate (keep_checkpoints = 1), not a warning.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    trainable = tune.with_resources(trainable, trial_resources(settings))
     exists = tune.Tuner.can_restore(settings.experiment)
-    if resume:
-        if not exists:
-            raise FileNotFoundError(f"{settings.experiment}: no experiment to resume")
-        tuner = tune.Tuner.restore(settings.experiment, trainable, resume_errored=True)
-    elif exists:
+    if resume and not exists:
+        raise FileNotFoundError(f"{settings.experiment}: no experiment to resume")
+    if not resume and exists:
         raise ValueError(f"{settings.experiment} already holds an experiment: "
                          "continue it with --resume, or choose another --out or --experiment")
-    else:
-        storage, name = experiment_location(settings.experiment)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(space, settings),
-                                        scheduler=make_scheduler(space), num_samples=settings.num_samples,
-                                        max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=name, storage_path=storage,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints,
-                                                        checkpoint_score_attribute=METRIC,
-                                                        checkpoint_score_order=MODE),
-                failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
+    tuner = make_tuner(
+        tune.with_resources(trainable, trial_resources(settings)), settings, resume,
+        tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(space, settings) if not resume else None,
+                        scheduler=make_scheduler(space), num_samples=settings.num_samples,
+                        max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
+        tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints, checkpoint_score_attribute=METRIC,
+                              checkpoint_score_order=MODE))
     grid = tuner.fit()
     if grid.num_terminated + grid.num_errors < settings.num_samples:
         raise KeyboardInterrupt  # Ray stopped on Ctrl-C, saved the experiment and returned: tell the caller
