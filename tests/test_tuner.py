@@ -153,7 +153,8 @@ def test_bad_data_or_space_fail_in_one_line_before_ray_starts(files, tmp_path, c
 def test_a_search_whose_driver_is_killed_resumes_every_trial_where_it_was(ray_cluster, files, tmp_path, capfd):
     """Killed with trials finished and trials running, as their folders show (Ray's own snapshot
     of the experiment may lag behind them): on resume the running ones continue from their
-    latest checkpoint under their own ids, the finished ones stay finished, no folder is orphaned."""
+    latest checkpoint under their own ids, the finished ones stay finished; only a trial created
+    after Ray's last save of the state leaves its folder unused (its parameters are tried anew)."""
     slower = tmp_path / "space.yaml"  # small batches: epochs long enough to interrupt; no trial stopped before 2
     slower.write_text(yaml.safe_dump({**SPACE, "fixed": {**TINY, "batch_size": 8},
                                       "asha": {**SPACE["asha"], "grace_period": 2}}, sort_keys=False))
@@ -171,21 +172,24 @@ def test_a_search_whose_driver_is_killed_resumes_every_trial_where_it_was(ray_cl
             trials = now if _mid_search(now := _on_disk(experiment)) else trials
     finally:
         _kill(driver)
-    finished = {t: rows[-1]["epoch"] for t, rows in trials.items() if rows and rows[-1]["done"]}
-    running = [t for t, rows in trials.items() if rows and not rows[-1]["done"]]
+    saved = set(_saved_epochs(experiment))  # a trial created after the last save is unknown to --resume
+    finished = {t: rows[-1]["epoch"] for t, rows in trials.items() if rows and rows[-1]["done"] and t in saved}
+    running = [t for t, rows in trials.items() if rows and not rows[-1]["done"] and t in saved]
     capfd.readouterr()
 
     assert main([*args, "--resume"]) == 0
     log = capfd.readouterr().err
     assert "Traceback" not in log and "Error handling checkpoint" not in log
-    after = _on_disk(experiment)
-    assert len(after) == 6 and set(trials) <= set(after)  # no trial rerun under a new id
+    after = {trial.trial_id for trial in read(str(experiment)).trials}
+    assert len(after) == 6 and saved <= after  # no trial the state knew rerun under a new id
+    unused = {t: rows for t, rows in _on_disk(experiment).items() if t not in after}
+    assert not set(unused) & saved and not any(unused.values())  # never a reported result
     results = pd.read_parquet(tmp_path / "out" / "results.parquet")
-    assert set(results["trial_id"]) == set(after) and set(results["status"]) == {"TERMINATED"}
+    assert set(results["trial_id"]) == after and set(results["status"]) == {"TERMINATED"}
     for trial_id, last_epoch in finished.items():
         assert results.loc[results["trial_id"] == trial_id, "epoch"].max() == last_epoch
     for trial_id in running:  # continued from its checkpoint, not from epoch 1
-        assert [row["epoch"] for row in after[trial_id]].count(1) == 1
+        assert [row["epoch"] for row in _on_disk(experiment)[trial_id]].count(1) == 1
     assert not results.duplicated(["trial_id", "epoch"]).any()  # re-run epochs listed once
 
 
@@ -210,6 +214,42 @@ def test_ray_saves_the_experiment_state_after_every_checkpoint(ray_cluster, tmp_
     search.run(tune.with_parameters(waits_for_its_checkpoint_in_the_saved_state, experiment=tmp_path / "exp"),
                space, settings)
     assert read(settings.experiment).trials[0].rows[-1]["saved"] == 1.0
+
+
+def counts_epochs_from_its_checkpoint(config: dict) -> None:
+    """Epochs 1-3, each with a checkpoint holding its epoch (the worst metric last), then a crash;
+    restored, it continues from the epoch its checkpoint holds up to 6."""
+    checkpoint = tune.get_checkpoint()
+    start = json.loads((Path(checkpoint.path) / "epoch.json").read_text()) if checkpoint else 0
+    for epoch in range(start + 1, 7):
+        if epoch == 4 and checkpoint is None:
+            raise RuntimeError("killed")
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "epoch.json").write_text(json.dumps(epoch))
+            tune.report({"epoch": epoch, METRIC: 1 / epoch, BEST: 1.0}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def test_a_trial_whose_saved_checkpoint_ray_deleted_before_the_driver_died_resumes(ray_cluster, tmp_path):
+    """Ray deletes a trial's superseded checkpoint when it registers the next, then saves its
+    state: a driver killed in between leaves a state naming a deleted folder.  That disk is made
+    here from a stopped search; resumed, the trial continues from its newest checkpoint."""
+    space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
+                          "asha": {"max_epochs": 6, "grace_period": 6, "reduction_factor": 2}}, "lost")
+    settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=1, max_failures=0)
+    search.run(counts_epochs_from_its_checkpoint, space, settings)
+    [trial] = read(settings.experiment).trials
+    assert trial.status == "ERROR" and trial.latest == "checkpoint_000002" and "checkpoint_000000" in trial.checkpoints
+    folder = Path(trial.folder)  # the race: epoch 4 registered as checkpoint_000003, its predecessor deleted
+    (folder / "checkpoint_000002").rename(folder / "checkpoint_000003")
+    (folder / "checkpoint_000003" / "epoch.json").write_text("4")
+    with open(folder / "result.json", "a") as rows:
+        rows.write(json.dumps({**trial.rows[-1], "epoch": 4, METRIC: 0.25, "checkpoint_dir_name": "checkpoint_000003"}) + "\n")
+
+    search.run(counts_epochs_from_its_checkpoint, space, settings, resume=True)
+    [trial] = read(settings.experiment).trials
+    continued = [row["epoch"] for row in trial.rows if row["epoch"] != 4]  # (Ray rewrites result.json from its own copy)
+    assert trial.status == "TERMINATED" and continued == [1, 2, 3, 5, 6]
+    assert not list(folder.glob("*.restoring"))
 
 
 def _saved_epochs(experiment: Path) -> dict[str, int | None]:

@@ -57,6 +57,7 @@ class Trial:
     error: str | None = None  # the exception's last line, for a failed trial
     rows: list[dict[str, Any]] = field(default_factory=list)  # each complete line of result.json
     checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)  # folder name -> its result row
+    latest: str | None = None  # the checkpoint folder Ray's saved state would restore it from
 
 
 @dataclass
@@ -72,7 +73,7 @@ def read(experiment: str) -> Experiment:
     if "://" not in experiment:
         experiment = str(Path(experiment).resolve())
     fs, path = pyarrow.fs.FileSystem.from_uri(experiment)
-    states = sorted(name for name in _listing(fs, path) if name.startswith("experiment_state-") and name.endswith(".json"))
+    states = sorted(name for name in listing(fs, path) if name.startswith("experiment_state-") and name.endswith(".json"))
     if not states:
         raise FileNotFoundError(f"{experiment}: no Ray Tune experiment there (no experiment_state file)")
     try:  # the newest session's, as Ray picks it
@@ -80,13 +81,15 @@ def read(experiment: str) -> Experiment:
     except ValueError:  # Ray rewrites it in place
         raise ValueError(f"{experiment}/{states[-1]}: cut off (being written by the search?); try again") from None
     trials = []
-    for trial_json, _ in state["trial_data"]:
+    for trial_json, run_json in state["trial_data"]:
         saved = json.loads(trial_json)  # plain JSON: Ray's pickled fields stay hex strings
         folder = f"{path}/{saved['relative_logdir']}"
+        last_result = json.loads(run_json).get("last_result") or {}  # every report carries a checkpoint
         trial = Trial(trial_id=saved["trial_id"], number=int(saved["experiment_tag"].split("_")[0]),
-                      status=saved["status"], config=saved["config"], folder=folder)
+                      status=saved["status"], config=saved["config"], folder=folder,
+                      latest=last_result.get("checkpoint_dir_name"))
         trial.rows = _result_rows(fs, folder)
-        present = set(_listing(fs, folder))
+        present = set(listing(fs, folder))
         trial.checkpoints = {row["checkpoint_dir_name"]: row for row in trial.rows
                              if row.get("checkpoint_dir_name") in present}
         if trial.status == FAILED and "error.txt" in present:
@@ -204,7 +207,7 @@ def _switch(out: Path, stage: Path) -> None:
             entry.unlink()
 
 
-def _listing(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
+def listing(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
     """Names in `folder` (none if it does not exist)."""
     try:
         return [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))]

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+import pyarrow.fs
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from .experiment import listing, read
 from .protocol import BEST, METRIC, MODE
 from .spaces import Space
 
@@ -98,11 +100,42 @@ def make_tuner(trainable: Callable[[dict[str, Any]], None], settings: SearchSett
     # A state save after each trial checkpoint is deliberate (keep one checkpoint), not a warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if resume:
+        restore_lost_checkpoints(settings.experiment)
         return tune.Tuner.restore(settings.experiment, trainable, resume_errored=True)
     storage, name = experiment_location(settings.experiment)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                       run_config=tune.RunConfig(name=name, storage_path=storage, checkpoint_config=checkpoint_config,
                                                 failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
+
+
+def restore_lost_checkpoints(experiment: str) -> list[str]:
+    """Give back each trial the checkpoint folder that Ray's saved state restores it from, where a
+    killed driver lost it; return the folders put back.
+
+    Ray deletes a trial's superseded checkpoint as it registers the next one and saves its state
+    just after: a driver killed in between leaves a state naming a deleted folder, and Ray would
+    refuse to restore that trial.  The checkpoint that followed it is copied under that name, so
+    the trial continues from it (its checkpoint.pt holds its own epoch) and Ray deletes
+    the copy at the trial's next checkpoint, as it had deleted the original."""
+    run = read(experiment)
+    restored = []
+    for trial in run.trials:
+        lost = f"{trial.folder}/{trial.latest}"
+        if trial.latest is None or run.fs.get_file_info(lost).type != pyarrow.fs.FileType.NotFound:
+            continue
+        # the next checkpoint, whose registration deleted it: complete, as Ray registers only those
+        # (its result row may not have reached result.json; a later one may be cut off)
+        successor = min((name for name in listing(run.fs, trial.folder)
+                         if name.startswith("checkpoint_") and "." not in name and name > trial.latest), default=None)
+        if successor is None:
+            continue  # not the race above: Ray's to judge
+        staging = f"{lost}.restoring"  # a copy cut off by another kill is never taken for a checkpoint
+        run.fs.delete_dir_contents(staging, missing_dir_ok=True)
+        run.fs.create_dir(staging)
+        pyarrow.fs.copy_files(f"{trial.folder}/{successor}", staging, source_filesystem=run.fs, destination_filesystem=run.fs)
+        run.fs.move(staging, lost)
+        restored.append(lost)
+    return restored
 
 
 def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: SearchSettings,
