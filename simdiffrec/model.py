@@ -299,10 +299,11 @@ class SimDiffRec(nn.Module):
             conf_items = torch.rand(item_pos.shape[0], device=seq.device)
         conf = torch.full((B * w,), -1.0, device=seq.device).index_put((item_pos,), conf_items).view(B, w)
         chosen = select_positions(conf, is_item, cfg.aug_ratio, cfg.min_substitutions).reshape(-1)[item_pos]
-        best, kth = ranked_items(logits, items, self.k_sample, cfg.exclude_original)
+        at = chosen.nonzero().squeeze(1)  # rank items only where they replace the original (~1 in 6)
+        best, kth = ranked_items(logits[at], items[at], self.k_sample, cfg.exclude_original)
         flat = seq.reshape(-1)
-        positive = flat.index_put((item_pos,), torch.where(chosen, best, items)).view(B, w)
-        negative = flat.index_put((item_pos,), torch.where(chosen, kth, items)).view(B, w)
+        positive = flat.index_put((item_pos[at],), best).view(B, w)
+        negative = flat.index_put((item_pos[at],), kth).view(B, w)
         return positive, negative
 
     def contrastive_loss(self, u: torch.Tensor, seq: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor,
@@ -366,7 +367,7 @@ def ranked_items(logits: torch.Tensor, items: torch.Tensor, k_sample: int,
 
     With `exclude_original` the position's own item is not a candidate, so the positive view
     always changes the sequence there (a restored original would make it a copy); it is masked
-    in `logits` itself, which the caller no longer needs: a copy would be n × n_items again.
+    in `logits` itself, which the caller no longer needs.
     """
     if exclude_original:
         logits.scatter_(1, (items - 1)[:, None], float("-inf"))
