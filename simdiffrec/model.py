@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
+from . import item_softmax
 from .diffusion import coefficients, q_sample, restore
 
 
@@ -233,7 +234,7 @@ class SimDiffRec(nn.Module):
     def sr_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """L_sr at every position holding an item: full softmax (ce) or Eq. 3 with one negative (bce)."""
         if self.cfg.sr_loss == "ce":
-            return F.cross_entropy(self.item_logits(h).float(), targets - 1)
+            return item_softmax.cross_entropy(h, self.item_table(), targets - 1)
         neg = sample_negatives(targets, self.n_items)
         table = self.encoder.items.weight
         pos_logit = (h * table[targets]).sum(-1).float()
@@ -272,7 +273,7 @@ class SimDiffRec(nn.Module):
         true = z0.reshape(-1, d)[item_pos]
         mse = (self.denoiser.out(h).float() - true.float()).pow(2).sum(-1).mean()
         rounded = true if self.cfg.rounding == "z0" else h
-        return mse + F.cross_entropy(self.item_logits(rounded).float(), items - 1)
+        return mse + item_softmax.cross_entropy(rounded, self.item_table(), items - 1)
 
     @torch.no_grad()
     def augment(self, seq: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor, items: torch.Tensor,
