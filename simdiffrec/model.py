@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
 from . import item_softmax
+from .config import Config
 from .diffusion import coefficients, q_sample, restore
 
 

@@ -229,7 +229,7 @@ def counts_epochs_from_its_checkpoint(config: dict) -> None:
             tune.report({"epoch": epoch, METRIC: 1 / epoch, BEST: 1.0}, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def test_a_trial_whose_saved_checkpoint_ray_deleted_before_the_driver_died_resumes(ray_cluster, tmp_path):
+def test_a_trial_whose_saved_checkpoint_ray_deleted_before_the_driver_died_resumes(ray_cluster, tmp_path, capsys):
     """Ray deletes a trial's superseded checkpoint when it registers the next, then saves its
     state: a driver killed in between leaves a state naming a deleted folder.  That disk is made
     here from a stopped search; resumed, the trial continues from its newest checkpoint."""
@@ -245,7 +245,9 @@ def test_a_trial_whose_saved_checkpoint_ray_deleted_before_the_driver_died_resum
     with open(folder / "result.json", "a") as rows:
         rows.write(json.dumps({**trial.rows[-1], "epoch": 4, METRIC: 0.25, "checkpoint_dir_name": "checkpoint_000003"}) + "\n")
 
+    capsys.readouterr()
     search.run(counts_epochs_from_its_checkpoint, space, settings, resume=True)
+    assert "checkpoint_000002: lost when the search was stopped; put back" in capsys.readouterr().err
     [trial] = read(settings.experiment).trials
     continued = [row["epoch"] for row in trial.rows if row["epoch"] != 4]  # (Ray rewrites result.json from its own copy)
     assert trial.status == "TERMINATED" and continued == [1, 2, 3, 5, 6]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -100,7 +101,9 @@ def make_tuner(trainable: Callable[[dict[str, Any]], None], settings: SearchSett
     # A state save after each trial checkpoint is deliberate (keep one checkpoint), not a warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if resume:
-        restore_lost_checkpoints(settings.experiment)
+        for folder in restore_lost_checkpoints(settings.experiment):
+            print(f"{folder}: lost when the search was stopped; put back from the checkpoint that followed it",
+                  file=sys.stderr)
         return tune.Tuner.restore(settings.experiment, trainable, resume_errored=True)
     storage, name = experiment_location(settings.experiment)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
