@@ -132,11 +132,15 @@ def restore_lost_checkpoints(experiment: str) -> list[str]:
                          if name.startswith("checkpoint_") and "." not in name and name > trial.latest), default=None)
         if successor is None:
             continue  # not the race above: Ray's to judge
-        staging = f"{lost}.restoring"  # a copy cut off by another kill is never taken for a checkpoint
-        run.fs.delete_dir_contents(staging, missing_dir_ok=True)
-        run.fs.create_dir(staging)
-        pyarrow.fs.copy_files(f"{trial.folder}/{successor}", staging, source_filesystem=run.fs, destination_filesystem=run.fs)
-        run.fs.move(staging, lost)
+        # Locally through a folder renamed into place, so that a copy cut off by another kill is
+        # never taken for a checkpoint; object stores rename no folders: there, copied in place.
+        local = isinstance(run.fs, pyarrow.fs.LocalFileSystem)
+        target = f"{lost}.restoring" if local else lost
+        run.fs.delete_dir_contents(target, missing_dir_ok=True)
+        run.fs.create_dir(target)
+        pyarrow.fs.copy_files(f"{trial.folder}/{successor}", target, source_filesystem=run.fs, destination_filesystem=run.fs)
+        if local:
+            run.fs.move(target, lost)
         restored.append(lost)
     return restored
 
