@@ -80,9 +80,7 @@ def scorer(cfg: Config, model: "SimDiffRec", device: torch.device) -> Scorer:
     must be decided by the model, not by rounding."""
     def score(seq: torch.Tensor) -> torch.Tensor:
         with autocast(cfg, device):
-            h = model.represent(seq)
-        with torch.autocast(device.type, enabled=False):
-            return model.item_logits(h.float())
+            return model.item_logits(model.represent(seq), fp32=True)
 
     return score
 

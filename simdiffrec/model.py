@@ -295,7 +295,7 @@ class SimDiffRec(nn.Module):
                         cfg.restore_steps, last=lambda z, t: self.denoiser.hidden(z, t, is_item))
         logits = self.item_logits(h.reshape(-1, d)[item_pos], fp32=True)
         if cfg.aug_positions == "confidence":
-            conf_items = logits.log_softmax(1).amax(1).exp()  # Eq. 15-16 (one fused pass: logsumexp is 3× slower on the CPU)
+            conf_items = logits.log_softmax(1).amax(1).exp()  # Eq. 15-16, max p = exp(max - logsumexp) in one softmax pass
         else:
             conf_items = torch.rand(item_pos.shape[0], device=seq.device)
         conf = torch.full((B * w,), -1.0, device=seq.device).index_put((item_pos,), conf_items).view(B, w)
