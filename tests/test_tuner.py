@@ -254,6 +254,35 @@ def test_a_trial_whose_saved_checkpoint_ray_deleted_before_the_driver_died_resum
     assert not list(folder.glob("*.restoring"))
 
 
+def scores_alpha_unless_told_to_crash(config: dict, crash: Path) -> None:
+    """alpha at each of 4 epochs; raises before its first report while the file `crash` exists
+    and alpha < 0.2."""
+    if crash.exists() and config["alpha"] < 0.2:
+        raise RuntimeError("killed")
+    for epoch in range(1, 5):
+        tune.report({"epoch": epoch, METRIC: config["alpha"], BEST: config["alpha"]})
+
+
+def test_a_resumed_search_judges_its_next_trials_against_the_rungs_it_had(ray_cluster, tmp_path):
+    """Ray saves no scheduler state; the trials a resumed search runs must still meet ASHA's
+    rungs as the trials before the interruption left them.  Two good trials run to the end, a
+    poor one dies unjudged; resumed, it is stopped at the first rung."""
+    space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
+                          "points_to_evaluate": [{"alpha": 0.45}, {"alpha": 0.5}, {"alpha": 0.1}],
+                          "asha": {"max_epochs": 4, "grace_period": 1, "reduction_factor": 2}}, "rungs")
+    settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=3, max_concurrent=1,
+                                     max_failures=0)
+    crash = tmp_path / "crash"
+    crash.touch()
+    trainable = tune.with_parameters(scores_alpha_unless_told_to_crash, crash=crash)
+    search.run(trainable, space, settings)
+    assert [(t.status, len(t.rows)) for t in read(settings.experiment).trials] == [
+        ("TERMINATED", 4), ("TERMINATED", 4), ("ERROR", 0)]
+    crash.unlink()
+    search.run(trainable, space, settings, resume=True)
+    assert [len(t.rows) for t in read(settings.experiment).trials] == [4, 4, 1]
+
+
 def _saved_epochs(experiment: Path) -> dict[str, int | None]:
     """Each trial's last epoch as Ray's saved experiment state holds it (plain JSON)."""
     try:

@@ -88,7 +88,7 @@ def read(experiment: str) -> Experiment:
         trial = Trial(trial_id=saved["trial_id"], number=int(saved["experiment_tag"].split("_")[0]),
                       status=saved["status"], config=saved["config"], folder=folder,
                       latest=last_result.get("checkpoint_dir_name"))
-        trial.rows = _result_rows(fs, folder)
+        trial.rows = result_rows(fs, folder)
         present = set(listing(fs, folder))
         trial.checkpoints = {row["checkpoint_dir_name"]: row for row in trial.rows
                              if row.get("checkpoint_dir_name") in present}
@@ -220,7 +220,7 @@ def _read_text(fs: pyarrow.fs.FileSystem, path: str) -> str:
         return stream.read().decode(errors="replace")
 
 
-def _result_rows(fs: pyarrow.fs.FileSystem, folder: str) -> list[dict[str, Any]]:
+def result_rows(fs: pyarrow.fs.FileSystem, folder: str) -> list[dict[str, Any]]:
     """The complete lines of a trial's result.json (a line cut off by a stopped search is not)."""
     try:
         text = _read_text(fs, f"{folder}/result.json")

@@ -3,7 +3,8 @@
 Works with any function trainable that reports `protocol.METRIC`, `protocol.BEST` and `epoch`,
 so the plumbing can be tested on a cheap objective.  The experiment lives at
 `SearchSettings.experiment`, a local folder or a cloud URI (s3://...): there Ray keeps every
-trial's results and checkpoints and the searcher's state, which is what `resume` restores.
+trial's results and checkpoints and the searcher's state, which is what `resume` restores
+(ASHA's rungs, which Ray does not save, are rebuilt from those results).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import optuna
 import pyarrow.fs
 import ray
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from .experiment import listing, read
+from .experiment import listing, read, result_rows
 from .protocol import BEST, METRIC, MODE
 from .spaces import Space
 
@@ -87,9 +89,22 @@ def make_searcher(space: Space, settings: SearchSettings) -> OptunaSearch:
                         seed=settings.seed, study_name=study, storage=storage)
 
 
+class ResumableASHA(ASHAScheduler):
+    """ASHA that recalls its rungs on resume.  Ray saves no scheduler state: a restored search
+    would judge the trials still to come, and a restored trial at its next rung, against empty
+    rungs (a trial resumed just past its first rung would pass it unjudged).  So each trial's
+    reported results are replayed into its bracket when Ray adds it."""
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if trial.has_reported_at_least_once:  # before the search was interrupted
+            for row in result_rows(trial.storage.storage_filesystem, trial.path):
+                self.on_trial_result(tune_controller, trial, row)
+
+
 def make_scheduler(space: Space) -> ASHAScheduler:
     """ASHA on this epoch's valid NDCG@10 (TuneConfig's metric), rungs counted in epochs."""
-    return ASHAScheduler(time_attr="epoch", max_t=space.asha.max_epochs,
+    return ResumableASHA(time_attr="epoch", max_t=space.asha.max_epochs,
                          grace_period=space.asha.grace_period, reduction_factor=space.asha.reduction_factor)
 
 
