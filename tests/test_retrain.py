@@ -90,6 +90,16 @@ def test_finalize_writes_one_row_per_configuration_and_per_run(final, tiny_searc
     assert "paired t-test" in (final / "final.md").read_text()
 
 
+def test_status_reads_a_finalize_folder_as_its_grid_of_runs(final, capsys):
+    assert main(["status", str(final)]) == 0
+    text = capsys.readouterr().out
+    assert "trials: 6 of 6 | 6 finished, 0 early-stopped, 0 ASHA-stopped, 0 running, 0 pending, 0 failed" in text
+    runs = pd.read_parquet(final / "final_runs.parquet")
+    best = runs.loc[runs["valid/NDCG@10"].idxmax()]
+    assert f"{best['valid/NDCG@10']:.4f} at epoch" in text
+    assert f"run={best['configuration']} seed={best['seed']}" in text
+
+
 def test_the_final_model_is_the_median_seed_and_evaluate_reproduces_it(final, data_file):
     table = pd.read_parquet(final / "final.parquet")
     runs = pd.read_parquet(final / "final_runs.parquet")

@@ -42,10 +42,9 @@ from simdiffrec.train import Evaluation, train
 from . import search
 from .experiment import copy_model, read, results_frame
 from .jobs import init_ray, prefer_loopback
-from .protocol import CHECKPOINT_FILE, MODEL_DIR
+from .protocol import CHECKPOINT_FILE, GRID_RECORD, MODEL_DIR
 from .trainable import fetch_data, trial_metrics
 
-RECORD = "grid.yaml"
 FINAL_FILE = "final.json"
 DONE = "test/NDCG@10"  # present in a trial's last report only when it finished
 UNMASKED = "test_unmasked"  # prefix of the test metrics without history masking
@@ -144,10 +143,10 @@ def run(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool = F
 
 def _record(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool) -> search.SearchSettings:
     """Write OUT's record of a new grid, or check a resumed one against it; the settings to use."""
-    path = out / RECORD
+    path = out / GRID_RECORD
     if resume:
         if not path.is_file():
-            raise FileNotFoundError(f"{out}: nothing to resume ({RECORD} is missing)")
+            raise FileNotFoundError(f"{out}: nothing to resume ({GRID_RECORD} is missing)")
         record = yaml.safe_load(path.read_text())
         if record["plan"] != dataclasses.asdict(plan):
             changed = sorted(k for k, v in dataclasses.asdict(plan).items() if record["plan"][k] != v)

@@ -14,3 +14,4 @@ CHECKPOINT_FILE = "checkpoint.pt"  # in each reported checkpoint: train()'s resu
 MODEL_DIR = "model"  # in each reported checkpoint: the model of that epoch, a simdiffrec model folder
 RECORD = "search.yaml"  # in a search's OUT folder: the settings it started with
 SPACE_COPY = "space.yaml"  # in a search's OUT folder: a copy of its space file
+GRID_RECORD = "grid.yaml"  # in a finalize or reproduce OUT folder: its plan and where its experiment is

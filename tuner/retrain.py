@@ -23,7 +23,7 @@ from simdiffrec.files import write_atomic
 from . import grid, search, spaces, verdict
 from .experiment import read, results_frame
 from .jobs import default_experiment, parse_datasets
-from .protocol import METRIC, RECORD, SPACE_COPY
+from .protocol import GRID_RECORD, METRIC, RECORD, SPACE_COPY
 
 GRID_FLAGS = ("trials_per_gpu", "cpus_per_trial", "gpu", "max_concurrent", "max_failures")  # of SearchSettings
 BASELINE = "baseline"
@@ -108,7 +108,7 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
     table = verdict.final_table(runs, params, BASELINE)
     top_config = table.loc[table["valid/NDCG@10_mean"].idxmax(), "configuration"]
     chosen_run = verdict.median_seed(runs, top_config)
-    grid.save_final_model(yaml.safe_load((out / grid.RECORD).read_text())["experiment"], chosen_run["trial_id"],
+    grid.save_final_model(yaml.safe_load((out / GRID_RECORD).read_text())["experiment"], chosen_run["trial_id"],
                           out / "final_checkpoint")
     write_atomic(out / "final_runs.parquet", runs[verdict.RUN_COLUMNS].to_parquet(index=False))
     write_atomic(out / "final.parquet", table.to_parquet(index=False))

@@ -1,5 +1,6 @@
 """A search's progress, read from its files: what became of each trial, the leaderboard, the cost.
-`simdiffrec status` prints it; `tuner/report.py` draws it.
+`simdiffrec status` prints it; `tuner/report.py` draws it.  A grid of retrainings (finalize,
+reproduce) reads the same way, each (run, seed) a trial.
 
 It reads what `experiment.read` reads, so it works on a finished, interrupted or running search
 without Ray.  Of each trial it needs its id, status and config, the rest comes from its reported
@@ -16,7 +17,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import yaml
@@ -24,8 +25,8 @@ import yaml
 from simdiffrec.config import Config
 
 from . import spaces
-from .experiment import read, results_frame
-from .protocol import METRIC, RECORD, SPACE_COPY
+from .experiment import Trial, read, results_frame
+from .protocol import GRID_RECORD, METRIC, RECORD, SPACE_COPY
 
 OUTCOMES = ("finished", "early-stopped", "ASHA-stopped", "running", "pending", "failed")
 TRIAL_COLUMNS = ("trial_id", "number", "outcome", "epochs", "best", "best_epoch", "HR@10", "hours", "start")
@@ -57,15 +58,16 @@ class Search:
 
 
 def locate(path: str) -> tuple[str, Path | None]:
-    """(experiment, OUT) from a search's OUT folder, or from its experiment folder or URI (whose
-    parent is OUT in the default layout)."""
+    """(experiment, OUT) from the OUT folder of a search or of a grid (finalize, reproduce), or
+    from its experiment folder or URI (whose parent is OUT in the default layout)."""
     if "://" in path:
         return path, None
     folder = Path(path)
     if (folder / RECORD).is_file():
-        record = yaml.safe_load((folder / RECORD).read_text())
-        return record["settings"]["experiment"], folder
-    return path, folder.parent if (folder.parent / RECORD).is_file() else None
+        return _yaml(folder / RECORD)["settings"]["experiment"], folder
+    if (folder / GRID_RECORD).is_file():
+        return _yaml(folder / GRID_RECORD)["experiment"], folder
+    return path, folder.parent if any((folder.parent / r).is_file() for r in (RECORD, GRID_RECORD)) else None
 
 
 def load(path: str) -> Search:
@@ -73,34 +75,55 @@ def load(path: str) -> Search:
     experiment, out = locate(path)
     run = read(experiment)
     trials, results = run.trials, results_frame(run.trials)
-    record = yaml.safe_load((out / RECORD).read_text()) if out else {}
+    epochs = results["epoch"].max() if "epoch" in results else math.nan
+    if out and (out / GRID_RECORD).is_file():  # each trial one (run, seed) of the plan, to early stopping
+        plan = _yaml(out / GRID_RECORD)["plan"]
+        configs = {name: planned["config"] for name, planned in plan["runs"].items()}
+        max_epochs = max(config["epochs"] for config in configs.values())
+        table = trial_table(trials, results, max_epochs, lambda trial: configs.get(trial.config.get("run"), {}))
+        return Search(experiment, out, table, results, None, max_epochs, len(configs) * len(plan["seeds"]), None)
+    record = _yaml(out / RECORD) if out else {}
     settings = record.get("settings", {})
     space = spaces.load(out / SPACE_COPY) if out and (out / SPACE_COPY).is_file() else None
-    epochs = results["epoch"].max() if "epoch" in results else math.nan
     max_epochs = int(record.get("max_epochs") or (0 if pd.isna(epochs) else epochs))
-    table = trial_table(trials, results, max_epochs, space.fixed if space else {})
+    fixed = space.fixed if space else {}
+    table = trial_table(trials, results, max_epochs, lambda trial: {**fixed, **trial.config})
     gpu = (0.0 if settings["gpu"] == "never" else 1 / settings["trials_per_gpu"]) if settings else None
     return Search(experiment, out, table, results, space, max_epochs, settings.get("num_samples"), gpu)
 
 
-def trial_table(trials: list, results: pd.DataFrame, max_epochs: int, fixed: dict[str, Any]) -> pd.DataFrame:
+def _yaml(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def trial_table(trials: list[Trial], results: pd.DataFrame, max_epochs: int,
+                settings_of: Callable[[Trial], dict[str, Any]]) -> pd.DataFrame:
     """One row per trial: its outcome, epochs run, best valid NDCG@10 and that epoch's HR@10,
-    hours (Ray's time_total_s), start time and parameters (`param/NAME`)."""
+    hours (Ray's time_total_s), start time and parameters (`param/NAME`).  `settings_of(trial)`
+    gives the settings that decide its outcome (patience, eval_every; epochs if not max_epochs)."""
     rows, by_trial = [], dict(tuple(results.groupby("trial_id"))) if len(results) else {}
     for trial in trials:
         reported = by_trial[trial.trial_id]  # results_frame gives every trial a row, reported or not
-        own = reported.dropna(subset=[METRIC]) if METRIC in reported else reported.iloc[:0]
+        own = reported.dropna(subset=[METRIC, "epoch"]) if {METRIC, "epoch"} <= set(reported) else reported.iloc[:0]
         epochs, best, best_epoch, hr, seconds, start = 0, math.nan, 0, math.nan, 0.0, math.nan
         if len(own):
             top = own.loc[own[METRIC].idxmax()]
             epochs, best, best_epoch, hr = own["epoch"].max(), top[METRIC], top["epoch"], top.get("valid/HR@10")
-            seconds = own["time_total_s"].max()
-            start = own["timestamp"].iloc[0] - own["time_total_s"].iloc[0]  # its first report, less its time
-        settings = {**fixed, **trial.config}
+        # a finished grid trial ends with a summary row (no epoch): the best model's metrics
+        summary = reported.dropna(subset=[METRIC, "epochs"]) if {METRIC, "epochs"} <= set(reported) else own.iloc[:0]
+        if len(summary):
+            last = summary.iloc[-1]
+            epochs, best, best_epoch, hr = last["epochs"], last[METRIC], last["best_epoch"], last.get("valid/HR@10")
+        timed = reported.dropna(subset=["time_total_s"]) if "time_total_s" in reported else own
+        if len(timed):
+            seconds = timed["time_total_s"].max()
+            start = timed["timestamp"].iloc[0] - timed["time_total_s"].iloc[0]  # its first report, less its time
+        settings = settings_of(trial)
         patience = settings.get("patience", Config.patience) * settings.get("eval_every", Config.eval_every)
+        cap = settings.get("epochs", max_epochs)
         rows.append({
             "trial_id": trial.trial_id, "number": int(reported["number"].iloc[0]),
-            "outcome": outcome(trial.status, int(epochs), int(best_epoch), max_epochs, patience),
+            "outcome": outcome(trial.status, int(epochs), int(best_epoch), cap, patience),
             "epochs": int(epochs), "best": best, "best_epoch": int(best_epoch), "HR@10": hr,
             "hours": seconds / 3600, "start": start,
             **{f"param/{k}": v for k, v in trial.config.items()}})
