@@ -75,7 +75,6 @@ def load(path: str) -> Search:
     experiment, out = locate(path)
     run = read(experiment)
     trials, results = run.trials, results_frame(run.trials)
-    epochs = results["epoch"].max() if "epoch" in results else math.nan
     if out and (out / GRID_RECORD).is_file():  # each trial one (run, seed) of the plan, to early stopping
         plan = _yaml(out / GRID_RECORD)["plan"]
         configs = {name: planned["config"] for name, planned in plan["runs"].items()}
@@ -85,6 +84,7 @@ def load(path: str) -> Search:
     record = _yaml(out / RECORD) if out else {}
     settings = record.get("settings", {})
     space = spaces.load(out / SPACE_COPY) if out and (out / SPACE_COPY).is_file() else None
+    epochs = results["epoch"].max() if "epoch" in results else math.nan
     max_epochs = int(record.get("max_epochs") or (0 if pd.isna(epochs) else epochs))
     fixed = space.fixed if space else {}
     table = trial_table(trials, results, max_epochs, lambda trial: {**fixed, **trial.config})
