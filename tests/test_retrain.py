@@ -98,6 +98,9 @@ def test_status_reads_a_finalize_folder_as_its_grid_of_runs(final, capsys):
     best = runs.loc[runs["valid/NDCG@10"].idxmax()]
     assert f"{best['valid/NDCG@10']:.4f} at epoch" in text
     assert f"run={best['configuration']} seed={best['seed']}" in text
+    assert main(["report", str(final), "--out", str(final.parent / "report")]) == 2  # a page of searches only
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a search" in err and f"simdiffrec status {final}" in err
 
 
 def test_the_final_model_is_the_median_seed_and_evaluate_reproduces_it(final, data_file):

@@ -32,8 +32,8 @@ from simdiffrec.config import SELECT_BY
 from simdiffrec.files import write_atomic
 
 from . import spaces
-from .protocol import METRIC
-from .status import Search, clock, counts, load, missing
+from .protocol import GRID_RECORD, METRIC
+from .status import Search, clock, counts, load, locate, missing
 
 FINAL_DIR = "final"  # where finalize writes, in the folder holding the experiment
 FINAL_METRICS = ("HR@10", "NDCG@10")  # the bar chart's
@@ -54,6 +54,10 @@ class Section:
 def write_report(path: str, out: str | Path, final: str | Path | None = None, top: int = 10) -> Path:
     """Read the search at `path` (its OUT folder or experiment) and write `out`/report.html and the
     PNGs; finalize's table comes from `final`, else from final/ beside the experiment."""
+    _, folder = locate(path)
+    if folder and (folder / GRID_RECORD).is_file():
+        raise ValueError(f"{path}: the runs of finalize or reproduce, not a search; report the search "
+                         f"(its page includes finalize's table), follow the runs with simdiffrec status {path}")
     search = load(path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
