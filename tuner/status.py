@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
-import yaml
 
-from simdiffrec.config import Config
+from simdiffrec.config import Config, read_yaml
 
 from . import spaces
 from .experiment import Trial, read, results_frame
@@ -64,9 +63,9 @@ def locate(path: str) -> tuple[str, Path | None]:
         return path, None
     folder = Path(path)
     if (folder / RECORD).is_file():
-        return _yaml(folder / RECORD)["settings"]["experiment"], folder
+        return read_yaml(folder / RECORD)["settings"]["experiment"], folder
     if (folder / GRID_RECORD).is_file():
-        return _yaml(folder / GRID_RECORD)["experiment"], folder
+        return read_yaml(folder / GRID_RECORD)["experiment"], folder
     return path, folder.parent if any((folder.parent / r).is_file() for r in (RECORD, GRID_RECORD)) else None
 
 
@@ -76,12 +75,12 @@ def load(path: str) -> Search:
     run = read(experiment)
     trials, results = run.trials, results_frame(run.trials)
     if out and (out / GRID_RECORD).is_file():  # each trial one (run, seed) of the plan, to early stopping
-        plan = _yaml(out / GRID_RECORD)["plan"]
+        plan = read_yaml(out / GRID_RECORD)["plan"]
         configs = {name: planned["config"] for name, planned in plan["runs"].items()}
         max_epochs = max(config["epochs"] for config in configs.values())
         table = trial_table(trials, results, max_epochs, lambda trial: configs.get(trial.config.get("run"), {}))
         return Search(experiment, out, table, results, None, max_epochs, len(configs) * len(plan["seeds"]), None)
-    record = _yaml(out / RECORD) if out else {}
+    record = read_yaml(out / RECORD) if out else {}
     settings = record.get("settings", {})
     space = spaces.load(out / SPACE_COPY) if out and (out / SPACE_COPY).is_file() else None
     epochs = results["epoch"].max() if "epoch" in results else math.nan
@@ -90,10 +89,6 @@ def load(path: str) -> Search:
     table = trial_table(trials, results, max_epochs, lambda trial: {**fixed, **trial.config})
     gpu = (0.0 if settings["gpu"] == "never" else 1 / settings["trials_per_gpu"]) if settings else None
     return Search(experiment, out, table, results, space, max_epochs, settings.get("num_samples"), gpu)
-
-
-def _yaml(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
 
 
 def trial_table(trials: list[Trial], results: pd.DataFrame, max_epochs: int,
