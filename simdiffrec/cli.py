@@ -117,6 +117,13 @@ def add_threads_flag(parser: argparse.ArgumentParser) -> None:
                              "are slower)")
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    if not text.lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer of at least 1")
+    return int(text)
+
+
 def columns(args: argparse.Namespace) -> dict[str, str]:
     return {k: getattr(args, k) for k in COLUMNS}
 
@@ -124,14 +131,16 @@ def columns(args: argparse.Namespace) -> dict[str, str]:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from .config import write_yaml
     from .data import load_and_describe
-    from .device import set_threads
+    from .device import resolve_device, set_threads
     from .files import write_atomic
     from .model_folder import save_model
-    from .train import Evaluation, train
+    from .train import Evaluation, check_resumable, train
 
     set_threads(args.threads)
     cfg = config_from_args(args)
+    resolve_device(cfg.device)  # a wrong --device is refused before the data loads
     out = Path(args.out)
     checkpoint = out / "checkpoint.pt"
     earlier = [p.name for p in (checkpoint, out / "metrics.json") if p.exists()]
@@ -148,7 +157,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = checkpoint if args.resume and checkpoint.is_file() else None
     if args.resume and resume is None:
         print(f"no checkpoint at {checkpoint}: starting from scratch", file=sys.stderr)
-    write_atomic(out / "config.yaml", _yaml(cfg.to_dict()))
+    if resume is not None:
+        check_resumable(resume, cfg, data.n_items)  # before config.yaml is rewritten
+    write_yaml(out / "config.yaml", cfg.to_dict())
 
     def report(ev: Evaluation) -> None:
         parts = "  ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in ev.losses.items())
@@ -186,6 +197,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if data.n_items != loaded.model.n_items:
         raise ValueError(f"{args.data} has {data.n_items} items but the model in {args.model} was trained "
                          f"on {loaded.model.n_items}: not the same prepared data")
+    if data.item_ids is not None and list(map(str, data.item_ids[1:])) != list(map(str, loaded.item_ids[1:])):
+        raise ValueError(f"{args.data} numbers its items otherwise than the data the model in {args.model} "
+                         "was trained on: not the same prepared data")
     score = scorer(loaded.config, loaded.model, device)  # as in training, so the numbers match the run's
     with torch.no_grad():
         metrics = {split: evaluate(score, getattr(data, split).to(device), mask_history=args.mask_history)
@@ -297,14 +311,14 @@ def add_search_commands(sub: argparse._SubParsersAction) -> None:
     search_help = "the search's folder (tune's OUT) or its experiment folder or URI"
     p = sub.add_parser("status", help="a search's progress and leaderboard, also while it runs")
     p.add_argument("search", help=search_help)
-    p.add_argument("--top", type=int, default=10, help="trials in the leaderboard (default 10)")
+    p.add_argument("--top", type=positive, default=10, help="trials in the leaderboard (default 10)")
     p.set_defaults(run=cmd_status)
 
     p = sub.add_parser("report", help="a search as an HTML page of figures: curves, importance, cost, final")
     p.add_argument("search", help=search_help)
     p.add_argument("--out", required=True, type=Path, help="folder for report.html and one PNG per figure")
-    p.add_argument("--final", type=Path, help="finalize's folder (default: final/ next to the experiment)")
-    p.add_argument("--top", type=int, default=10, help="trials in the leaderboard (default 10)")
+    p.add_argument("--final", type=Path, help="finalize's folder (default: final/ in the search's folder, else next to the experiment)")
+    p.add_argument("--top", type=positive, default=10, help="trials in the leaderboard (default 10)")
     p.set_defaults(run=cmd_report)
 
 
@@ -404,11 +418,6 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
 
 # --- the parser -----------------------------------------------------------------------------
 
-def _yaml(values: dict[str, Any]) -> bytes:
-    import yaml
-
-    return yaml.safe_dump(values, sort_keys=False).encode()
-
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -478,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         hint = ""
-        if "resume" in args:  # train, tune, tune-all: what was done is kept
+        if "resume" in args:  # the commands that take --resume: what was done is kept
             hint = f"; continue with: simdiffrec {shlex.join(argv + ['--resume'] * (not args.resume))}"
         print(f"simdiffrec {args.command}: interrupted{hint}", file=sys.stderr)
         return 130

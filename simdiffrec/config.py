@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .files import write_atomic
+
 SELECT_BY = "NDCG@10"  # the valid metric that early stopping, checkpoints and the search select by
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -165,9 +167,6 @@ class Config:
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None
 
-    def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
     @classmethod
     def load_yaml(cls, path: str | Path) -> "Config":
         path = Path(path)
@@ -220,6 +219,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def write_yaml(path: str | Path, values: Any) -> None:
+    """`values` as YAML in their own key order, written atomically (a reader never sees half)."""
+    write_atomic(path, yaml.safe_dump(values, sort_keys=False).encode())
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -15,7 +15,10 @@ def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when present, else the CPU; asking for CUDA where there is none is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r}: not a device (auto, cpu, cuda, cuda:1, mps, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r}: CUDA is not available on this machine")
     return device

@@ -64,7 +64,7 @@ def atomic_symlink(link: str | Path, target: str | Path) -> None:
 
 
 @contextmanager
-def locked(folder: str | Path, flag: str = "--out") -> Iterator[None]:
+def locked(folder: str | Path) -> Iterator[None]:
     """Hold `folder/.lock` for the block; another process holding it makes this a one-line error
     (before anything in the folder is written).  The lock ends with the process, even on kill -9."""
     folder = Path(folder)
@@ -76,7 +76,7 @@ def locked(folder: str | Path, flag: str = "--out") -> Iterator[None]:
         except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
             raise ValueError(f"{folder} is in use by another simdiffrec process{f' ({pid})' if pid else ''}: "
-                             f"wait for it to end, or choose another {flag}") from None
+                             "wait for it to end, or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield

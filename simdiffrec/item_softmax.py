@@ -30,6 +30,7 @@ class _ItemCrossEntropy(torch.autograd.Function):
         g.mul_(grad / len(targets))
         return g @ table.to(g.dtype), g.T @ h.to(g.dtype), None  # autograd casts each to its input's dtype
 
+
 def cross_entropy(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean of -log softmax(h · tableᵀ)[target]; h (n, d), table (items, d), targets (n,) in 0..items-1."""
     return _ItemCrossEntropy.apply(h, table, targets)

@@ -169,16 +169,13 @@ class Denoiser(nn.Module):
 class SimDiffRec(nn.Module):
     def __init__(self, cfg: Config, n_items: int, max_len: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg.for_items(n_items)  # k_noise, k_sample at most the other items
         self.n_items = n_items
         self.encoder = Encoder(n_items, max_len, cfg)
         self.denoiser = Denoiser(max_len, cfg, self.encoder.blocks if cfg.shared_denoiser else None)
         z0_weight, noise_weight = coefficients(cfg.steps, cfg.schedule, cfg.mix)  # Eq. 9's a_t, b_t
         self.register_buffer("z0_weight", z0_weight.float(), persistent=False)
         self.register_buffer("noise_weight", noise_weight.float(), persistent=False)
-        # A k larger than the candidates (all items but the item itself) cannot be honoured.
-        self.k_noise = min(cfg.k_noise, n_items - 1)
-        self.k_sample = min(cfg.k_sample, n_items - 1)
         self.apply(_init)
 
     # --- scoring -------------------------------------------------------------------------
@@ -256,7 +253,7 @@ class SimDiffRec(nn.Module):
             with torch.no_grad():
                 sim = self.item_logits(table[distinct - 1])
                 sim.scatter_(1, (distinct - 1)[:, None], float("-inf"))  # self-masking
-                top = sim.topk(self.k_noise, dim=1).indices
+                top = sim.topk(self.cfg.k_noise, dim=1).indices
             noise_items = table[top].mean(1)[inverse]
         return z0.new_zeros(B * w, d).index_put((item_pos,), noise_items.to(z0.dtype)).view(B, w, d)
 
@@ -301,7 +298,7 @@ class SimDiffRec(nn.Module):
         conf = torch.full((B * w,), -1.0, device=seq.device).index_put((item_pos,), conf_items).view(B, w)
         chosen = select_positions(conf, is_item, cfg.aug_ratio, cfg.min_substitutions).reshape(-1)[item_pos]
         at = chosen.nonzero().squeeze(1)  # rank items only where they replace the original (~1 in 6)
-        best, kth = ranked_items(logits[at], items[at], self.k_sample, cfg.exclude_original)
+        best, kth = ranked_items(logits[at], items[at], cfg.k_sample, cfg.exclude_original)
         flat = seq.reshape(-1)
         positive = flat.index_put((item_pos[at],), best).view(B, w)
         negative = flat.index_put((item_pos[at],), kth).view(B, w)
@@ -343,10 +340,10 @@ class SimDiffRec(nn.Module):
 
 
 def sample_negatives(targets: torch.Tensor, n_items: int) -> torch.Tensor:
-    """One uniform random item per target, never the target itself (a draw equal to the
-    target moves to the next id), without a per-row rejection loop."""
-    neg = torch.randint(1, n_items + 1, targets.shape, device=targets.device)
-    return torch.where(neg == targets, neg % n_items + 1, neg)
+    """One uniform random item per target, never the target itself, without a per-row rejection
+    loop: a draw from the n_items - 1 others, ids from the target's on shifted up by one."""
+    neg = torch.randint(1, n_items, targets.shape, device=targets.device)
+    return neg + (neg >= targets).long()
 
 
 def select_positions(conf: torch.Tensor, is_item: torch.Tensor, ratio: float, minimum: int = 1) -> torch.Tensor:

@@ -21,9 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
-from .config import Config
+from .config import Config, write_yaml
 from .files import FileFault, read_torch, save_torch, write_atomic
 from .model import SimDiffRec
 
@@ -36,7 +35,7 @@ def save_model(folder: str | Path, model: SimDiffRec, item_ids: np.ndarray | Non
                "config": model.cfg.to_dict(),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     save_torch(payload, folder / "model.pt")
-    write_atomic(folder / "config.yaml", yaml.safe_dump(model.cfg.to_dict(), sort_keys=False).encode())
+    write_yaml(folder / "config.yaml", model.cfg.to_dict())
     ids = list(item_ids[1:]) if item_ids is not None else list(range(1, model.n_items + 1))
     write_atomic(folder / "items.parquet", pd.DataFrame({"item_id": ids}).to_parquet(index=False))
     if metrics is not None:

@@ -177,6 +177,8 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
     bar = tqdm(initial=state.epoch, desc="epochs", unit="ep", disable=not progress)
     eval_seconds = 0.0
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if state.bad_evals >= cfg.patience:  # resumed after its stopping evaluation: it has ended
+            break
         started = time.perf_counter()
         batches = plan_epoch(data.train_lengths, cfg.batch_size, device, cfg.batching)
         losses = run_epoch(cfg, model, losses_fn, optimizer, data, batches, temperature(cfg, epoch), progress,
@@ -297,6 +299,21 @@ def save_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec, optimizer:
     save_torch(payload, path)
 
 
+def check_resumable(path: str | Path, cfg: Config, n_items: int) -> None:
+    """Refuse, before any work, a checkpoint that `load_checkpoint` would refuse later."""
+    _refuse_other_run(path, read_torch(path, ("config", "n_items")), cfg, n_items)
+
+
+def _refuse_other_run(path: str | Path, payload: dict[str, Any], cfg: Config, n_items: int) -> None:
+    saved = Config.from_dict(payload["config"], source=str(path))
+    changed = sorted(k for k, v in saved.to_dict().items()
+                     if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v)
+    if changed or payload["n_items"] != n_items:
+        detail = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ValueError(f"checkpoint {path} was made with other settings or data ({detail or 'n_items'}); "
+                         "only " + ", ".join(sorted(RESUMABLE_CHANGES)) + " may change on resume")
+
+
 def load_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec,
                     optimizer: torch.optim.Optimizer) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """Restore weights, optimizer, loop state and RNG states from `save_checkpoint`'s file."""
@@ -305,13 +322,7 @@ def load_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec,
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     payload = read_torch(path, ("config", "n_items", "model", "optimizer", "best_model", "state", "rng"),
                          map_location=next(model.parameters()).device)
-    saved = Config.from_dict(payload["config"], source=str(path))
-    changed = sorted(k for k, v in saved.to_dict().items()
-                     if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v)
-    if changed or payload["n_items"] != model.n_items:
-        detail = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise ValueError(f"checkpoint {path} was made with other settings or data ({detail or 'n_items'}); "
-                         "only " + ", ".join(sorted(RESUMABLE_CHANGES)) + " may change on resume")
+    _refuse_other_run(path, payload, cfg, model.n_items)
     try:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])

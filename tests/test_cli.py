@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -82,6 +83,29 @@ def test_resume_continues_to_more_epochs(seq_file, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
+def test_a_resume_with_other_settings_is_refused_and_leaves_the_run_as_it_was(seq_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    run = ["train", "--data", str(seq_file), "--out", str(out), "--epochs", "1", *TINY]
+    assert main(run) == 0
+    before = {name: (out / name).read_bytes() for name in ("config.yaml", "metrics.json", "checkpoint.pt")}
+    capsys.readouterr()
+    assert main([*run, "--resume", "--epochs", "2", "--alpha", "0.1"]) == 2
+    one_line_error(capsys, "checkpoint.pt", "alpha: 0.4 -> 0.1")
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_resuming_a_run_that_stopped_early_trains_no_further(seq_file, tmp_path):
+    out = tmp_path / "run"
+    run = ["train", "--data", str(seq_file), "--out", str(out), *TINY, "--patience", "1"]
+    assert main([*run, "--epochs", "40"]) == 0
+    before = json.loads((out / "metrics.json").read_text())
+    assert len(before["history"]) < 40  # it stopped on its patience, not on the cap
+    assert main([*run, "--epochs", "50", "--resume"]) == 0
+    after = json.loads((out / "metrics.json").read_text())
+    assert (after["history"], after["best_epoch"], after["test"]) == (before["history"], before["best_epoch"],
+                                                                      before["test"])
+
+
 def test_config_file_and_flags_combine(seq_file, tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text(yaml.safe_dump({"alpha": 0.2, "k_sample": 3, "epochs": 1}))
@@ -125,6 +149,19 @@ def test_cpu_only_machine_rejects_cuda(seq_file, tmp_path, capsys):
         pytest.skip("this machine has CUDA")
     assert main(["train", "--data", str(seq_file), "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_a_device_that_does_not_exist_is_refused_before_any_work(seq_file, tmp_path, capsys):
+    assert main(["train", "--data", str(seq_file), "--out", str(tmp_path / "r"), "--device", "gpu"]) == 2
+    one_line_error(capsys, "device='gpu'", "not a device")
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_refuses_data_that_numbers_its_items_otherwise(trained, tmp_path, capsys):
+    other = tmp_path / "other.csv"  # as many items, other ids: i7 is not the model's item 7
+    other.write_text(re.sub(r",i(\d+),", r",x\1,", write_table(tmp_path / "t.csv").read_text()))
+    assert main(["evaluate", str(trained / "best_checkpoint"), "--data", str(other)]) == 2
+    one_line_error(capsys, str(other), "numbers its items otherwise")
 
 
 def test_a_missing_optional_package_is_one_line(seq_file, tmp_path, capsys, monkeypatch):

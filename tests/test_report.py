@@ -21,7 +21,7 @@ from ray import tune
 
 from simdiffrec.cli import main
 from tuner import search, spaces
-from tuner.protocol import BEST, METRIC, RECORD, SPACE_COPY
+from tuner.protocol import BEST, GPU_SHARE, METRIC, RECORD, SPACE_COPY
 from tuner.status import outcome
 
 SPACE = {
@@ -51,7 +51,7 @@ def objective(config: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             Path(folder, "state.txt").write_text(str(epoch))
             tune.report({"epoch": epoch, METRIC: score, BEST: best, "best_epoch": best_epoch,
-                         "valid/HR@10": 2 * score}, checkpoint=tune.Checkpoint.from_directory(folder))
+                         "valid/HR@10": 2 * score, GPU_SHARE: 0.0}, checkpoint=tune.Checkpoint.from_directory(folder))
         if epoch - best_epoch >= 1:
             return
 

@@ -129,6 +129,15 @@ def test_finalize_resumes_its_finished_runs_and_refuses_other_flags(final, tiny_
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [(["--max-epochs", "0"], "--max-epochs 0: must be at least 1"),
+                                            (["--patience", "0"], "--patience 0: must be at least 1"),
+                                            (["--seeds", "0"], "--seeds 0: must be at least 1")])
+def test_finalize_refuses_a_count_below_one(tiny_search, tmp_path, capsys, flags, message):
+    out = tmp_path / "final"
+    assert main(["finalize", str(tiny_search / "experiment"), "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 def test_reproduce_trains_the_papers_grid_beside_its_numbers(ray_cluster, data_file, tmp_path):
     out = tmp_path / "reproduce"
     assert main(["reproduce", "--datasets", f"beauty={data_file}", "--seeds", "1", "--max-epochs", "1",

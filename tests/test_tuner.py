@@ -24,7 +24,9 @@ from ray.tune import ExperimentAnalysis
 from simdiffrec.cli import main
 from tuner import search, spaces
 from tuner.experiment import Trial, export, read, results_frame
-from tuner.protocol import BEST, METRIC, MODEL_DIR
+from tuner.protocol import BEST, GPU_SHARE, METRIC, MODEL_DIR
+from tuner.report import cost
+from tuner.status import load
 from tuner.trainable import fetch_data
 
 from .conftest import synthetic_sequences
@@ -118,6 +120,11 @@ def test_four_trials_share_one_gpu_at_once(small_search):
     starts = [t.run_metadata.start_time for t in first]
     ends = [t.run_metadata.start_time + t.last_result["time_total_s"] for t in first]
     assert max(starts) < min(ends), "the first four trials did not run at the same time"
+    # each trial tells the share Ray gave it; the report's GPU-hours are its hours times that share
+    assert set(pd.read_parquet(small_search / "results.parquet")[GPU_SHARE]) == {0.25}
+    found = load(str(small_search))
+    table = cost(found).table
+    assert "0.25 (4 trials per GPU)" in table and f"{found.trials['hours'].sum() / 4:.2f}" in table
 
 
 def test_export_command_rewrites_the_exports_from_the_experiment(small_search, tmp_path):

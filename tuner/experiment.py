@@ -33,8 +33,8 @@ from typing import Any
 
 import pandas as pd
 import pyarrow.fs
-import yaml
 
+from simdiffrec.config import read_yaml, write_yaml
 from simdiffrec.files import atomic_symlink, write_atomic
 
 from .protocol import METRIC, MODEL_DIR
@@ -176,12 +176,12 @@ def _stage(run: Experiment, found: tuple[Trial, str, dict[str, Any]], stage: Pat
         "epoch": int(metrics["epoch"]),
         "parameters": dict(trial.config),
         "metrics": {k: float(v) for k, v in metrics.items() if k.startswith("valid/")},
-        "config": yaml.safe_load((model / "config.yaml").read_text()),
+        "config": read_yaml(model / "config.yaml"),
         "search": {"experiment": run.location, "trials": len(run.trials),
                    **{status.lower(): int(n) for status, n in statuses.items()}},
         "versions": versions(),
     }
-    write_atomic(stage / "best_config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    write_yaml(stage / "best_config.yaml", config)
     _write_parquet(stage / "results.parquet", results_frame(run.trials))
     return config
 

@@ -28,14 +28,12 @@ from typing import Any
 import pandas as pd
 import ray
 import torch
-import yaml
 from ray import tune
 
-from simdiffrec.config import Config
+from simdiffrec.config import Config, read_yaml, write_yaml
 from simdiffrec.data import load_and_describe
 from simdiffrec.device import resolve_device
 from simdiffrec.evaluate import evaluate, scorer
-from simdiffrec.files import write_atomic
 from simdiffrec.model_folder import save_model
 from simdiffrec.train import Evaluation, train
 
@@ -147,7 +145,7 @@ def _record(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool
     if resume:
         if not path.is_file():
             raise FileNotFoundError(f"{out}: nothing to resume ({GRID_RECORD} is missing)")
-        record = yaml.safe_load(path.read_text())
+        record = read_yaml(path)
         if record["plan"] != dataclasses.asdict(plan):
             changed = sorted(k for k, v in dataclasses.asdict(plan).items() if record["plan"][k] != v)
             raise ValueError(f"{path}: these runs were started with other {', '.join(changed)}: "
@@ -158,8 +156,7 @@ def _record(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool
     if tune.Tuner.can_restore(settings.experiment):
         raise ValueError(f"{settings.experiment} already holds an experiment: continue it with --resume, "
                          "or choose another --out")
-    write_atomic(path, yaml.safe_dump({"plan": dataclasses.asdict(plan), "experiment": settings.experiment},
-                                      sort_keys=False).encode())
+    write_yaml(path, {"plan": dataclasses.asdict(plan), "experiment": settings.experiment})
     return settings
 
 

@@ -15,14 +15,17 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
-
+from simdiffrec.config import read_yaml, write_yaml
 from simdiffrec.data import load_and_describe
-from simdiffrec.files import locked, write_atomic
+from simdiffrec.files import locked
 
 from .protocol import RECORD, SPACE_COPY
+
+if TYPE_CHECKING:
+    from .search import SearchSettings
+    from .spaces import Space
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's one-machine mode, every process on 127.0.0.1
 STORAGE_ENV = "SIMDIFFREC_STORAGE"  # where experiments go by default, as NAME: set by cluster.yaml to an S3 URI
@@ -119,7 +122,7 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
         shutil.copyfile(space.source, job.out / SPACE_COPY)
         record = {"data": job.data, "columns": job.columns, "space": space.source,
                   "max_epochs": space.asha.max_epochs, "settings": dataclasses.asdict(settings)}
-        write_atomic(job.out / RECORD, yaml.safe_dump(record, sort_keys=False).encode())
+        write_yaml(job.out / RECORD, record)
     init_ray(address)
     setup = TrialSetup(data=ray.put(data), data_info={"source": job.data, **stats}, space=space,
                        max_epochs=space.asha.max_epochs)
@@ -147,14 +150,14 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address or "local")
 
 
-def _new(job: Job, max_epochs: int | None, given: dict[str, Any]):
+def _new(job: Job, max_epochs: int | None, given: dict[str, Any]) -> tuple["Space", "SearchSettings"]:
     """The space and settings of a search about to start."""
     from ray import tune
 
     from . import search, spaces
 
     if (job.out / RECORD).exists():  # a search that never got going may be started again
-        started = yaml.safe_load((job.out / RECORD).read_text())["settings"]["experiment"]
+        started = read_yaml(job.out / RECORD)["settings"]["experiment"]
         if tune.Tuner.can_restore(started):
             raise ValueError(f"{job.out} already holds a search: continue it with --resume, or choose another --out")
     space = spaces.load(space_for(job)).with_max_epochs(max_epochs)
@@ -163,13 +166,13 @@ def _new(job: Job, max_epochs: int | None, given: dict[str, Any]):
     return space, settings
 
 
-def _resumed(job: Job, max_epochs: int | None, given: dict[str, Any]):
+def _resumed(job: Job, max_epochs: int | None, given: dict[str, Any]) -> tuple["Space", "SearchSettings"]:
     """The space and settings a search in OUT was started with; flags may change resources only."""
     from . import search, spaces
 
     if not (job.out / RECORD).is_file():
         raise FileNotFoundError(f"{job.out}: no search to resume ({RECORD} is missing)")
-    record = yaml.safe_load((job.out / RECORD).read_text())
+    record = read_yaml(job.out / RECORD)
     started = {"data": record["data"], "columns": record["columns"], "space": record["space"],
                "max_epochs": record["max_epochs"], **record["settings"]}
     now = {"data": job.data, "columns": job.columns, "space": str(space_for(job)) if job.space else None,

@@ -10,6 +10,7 @@ from simdiffrec.config import SELECT_BY
 METRIC = f"valid/{SELECT_BY}"  # this evaluation's: what ASHA compares and Ray's checkpoints are scored by
 BEST = f"best_valid/{SELECT_BY}"  # the trial's best so far: what Optuna learns from
 MODE = "max"
+GPU_SHARE = "gpu_share"  # reported with every evaluation: the GPU share Ray gave the trial (0: none)
 CHECKPOINT_FILE = "checkpoint.pt"  # in each reported checkpoint: train()'s resumable state
 MODEL_DIR = "model"  # in each reported checkpoint: the model of that epoch, a simdiffrec model folder
 RECORD = "search.yaml"  # in a search's OUT folder: the settings it started with

@@ -32,7 +32,7 @@ from simdiffrec.config import SELECT_BY
 from simdiffrec.files import write_atomic
 
 from . import spaces
-from .protocol import GRID_RECORD, METRIC
+from .protocol import GPU_SHARE, GRID_RECORD, METRIC
 from .status import Search, clock, counts, load, locate, missing
 
 FINAL_DIR = "final"  # where finalize writes, in the folder holding the experiment
@@ -88,16 +88,18 @@ def cost(search: Search) -> Section:
     hours = trials["hours"].sum()
     rows = [("trials", f"{len(trials)}{of}"), *((name, str(n)) for name, n in found.items()),
             ("trial-hours", f"{hours:.2f}")]
-    if search.gpu is not None:
-        share = f"{search.gpu:g} ({1 / search.gpu:g} trials per GPU)" if search.gpu else "none (CPU trials)"
-        rows += [("GPU share per trial", share), ("GPU-hours", f"{hours * search.gpu:.2f}")]
+    told = trials.dropna(subset=[GPU_SHARE])
+    if len(told):
+        shares = ", ".join(f"{s:g} ({1 / s:g} trials per GPU)" for s in sorted(set(told[GPU_SHARE]) - {0}))
+        gpu_hours = (told["hours"] * told[GPU_SHARE]).sum()
+        rows += [("GPU share per trial", shares or "none (CPU trials)"), ("GPU-hours", f"{gpu_hours:.2f}")]
     start, last = trials["start"].min(), search.results.get("timestamp", pd.Series(dtype=float)).max()
     if pd.notna(start) and pd.notna(last):
         rows.append(("wall-clock, first trial to last report", clock(last - start)))
     text = ("<b>finished</b>: ran max epochs; <b>early-stopped</b>: stopped by its own patience; "
             "<b>ASHA-stopped</b>: ASHA ended it at a rung; trial-hours: each trial's own time (Ray's "
-            "time_total_s), summed; GPU share: what each trial asked Ray for (search.yaml; with gpu auto, "
-            "only when the cluster had GPUs).")
+            "time_total_s), summed; GPU share: what Ray gave each trial, as the trial reported it; "
+            "GPU-hours: each trial's hours times its share.")
     return Section("Progress and cost", text, table=_table(pd.DataFrame(rows, columns=["", ""]), header=False))
 
 

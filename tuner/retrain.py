@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from simdiffrec.config import Config
+from simdiffrec.config import Config, read_yaml
 from simdiffrec.files import write_atomic
 
 from . import grid, search, spaces, verdict
@@ -46,6 +45,10 @@ class RetrainRequest:
     patience: int | None = None  # None: the search's (finalize), Config's (reproduce)
     resume: bool = False
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
+
+    def __post_init__(self) -> None:
+        given = {"max-epochs": self.max_epochs, "patience": self.patience}
+        _at_least_one(**{flag: v for flag, v in given.items() if v is not None})
 
     def run(self, plan: grid.Plan, out: Path) -> pd.DataFrame:
         experiment = default_experiment(out, f"{out.resolve().parent.name}-{out.resolve().name}")
@@ -89,7 +92,7 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
         raise FileNotFoundError(f"{search_dir / RECORD}: missing; --search names the folder of the search "
                                 "(where tune wrote search.yaml and space.yaml)")
     _at_least_one(seeds=seeds, top=top)
-    record = yaml.safe_load((search_dir / RECORD).read_text())
+    record = read_yaml(search_dir / RECORD)
     space = spaces.load(search_dir / SPACE_COPY)
     chosen = top_trials(experiment, top)
     params = {f"top-{i}": p for i, (_, p) in enumerate(chosen, 1)}
@@ -108,7 +111,7 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
     table = verdict.final_table(runs, params, BASELINE)
     top_config = table.loc[table["valid/NDCG@10_mean"].idxmax(), "configuration"]
     chosen_run = verdict.median_seed(runs, top_config)
-    grid.save_final_model(yaml.safe_load((out / GRID_RECORD).read_text())["experiment"], chosen_run["trial_id"],
+    grid.save_final_model(read_yaml(out / GRID_RECORD)["experiment"], chosen_run["trial_id"],
                           out / "final_checkpoint")
     write_atomic(out / "final_runs.parquet", runs[verdict.RUN_COLUMNS].to_parquet(index=False))
     write_atomic(out / "final.parquet", table.to_parquet(index=False))
@@ -152,7 +155,8 @@ def reproduce(datasets: str, out: Path, seeds: int, request: RetrainRequest) -> 
 def _settings(config: dict[str, Any], request: RetrainRequest) -> dict[str, Any]:
     """A run's settings for the grid: every epoch evaluated, --max-epochs and --patience applied,
     the seed left to the grid."""
-    config = {**config, "eval_every": 1, "device": "auto", "epochs": request.max_epochs or Config.epochs}
+    epochs = Config.epochs if request.max_epochs is None else request.max_epochs
+    config = {**config, "eval_every": 1, "device": "auto", "epochs": epochs}
     config.pop("seed")
     if request.patience is not None:
         config["patience"] = request.patience

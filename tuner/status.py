@@ -5,8 +5,8 @@ reproduce) reads the same way, each (run, seed) a trial.
 It reads what `experiment.read` reads, so it works on a finished, interrupted or running search
 without Ray.  Of each trial it needs its id, status and config, the rest comes from its reported
 rows.  While a search runs, Ray's saved state lags the trial folders by seconds and lists running
-trials as PENDING: a PENDING trial that has reported is counted as running.  The GPU share is
-what the search asked Ray for (search.yaml's gpu and trials_per_gpu).
+trials as PENDING: a PENDING trial that has reported is counted as running.  A trial's GPU share
+is what Ray gave it, as it reported (`gpu_share`; none from a search run before it reported one).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from simdiffrec.config import Config, read_yaml
 
 from . import spaces
 from .experiment import Trial, read, results_frame
-from .protocol import GRID_RECORD, METRIC, RECORD, SPACE_COPY
+from .protocol import GPU_SHARE, GRID_RECORD, METRIC, RECORD, SPACE_COPY
 
 OUTCOMES = ("finished", "early-stopped", "ASHA-stopped", "running", "pending", "failed")
-TRIAL_COLUMNS = ("trial_id", "number", "outcome", "epochs", "best", "best_epoch", "HR@10", "hours", "start")
+TRIAL_COLUMNS = ("trial_id", "number", "outcome", "epochs", "best", "best_epoch", "HR@10", "hours", GPU_SHARE,
+                 "start")
 WIDTH = 100  # of the terminal text
 
 
@@ -41,7 +42,6 @@ class Search:
     space: spaces.Space | None  # the search's space (OUT/space.yaml), when known
     max_epochs: int
     num_samples: int | None  # trials the search was started to run, when known
-    gpu: float | None  # the GPU share each trial asked for (0: CPU trials); None: not known
 
     @property
     def params(self) -> list[str]:
@@ -79,7 +79,7 @@ def load(path: str) -> Search:
         configs = {name: planned["config"] for name, planned in plan["runs"].items()}
         max_epochs = max(config["epochs"] for config in configs.values())
         table = trial_table(trials, results, max_epochs, lambda trial: configs.get(trial.config.get("run"), {}))
-        return Search(experiment, out, table, results, None, max_epochs, len(configs) * len(plan["seeds"]), None)
+        return Search(experiment, out, table, results, None, max_epochs, len(configs) * len(plan["seeds"]))
     record = read_yaml(out / RECORD) if out else {}
     settings = record.get("settings", {})
     space = spaces.load(out / SPACE_COPY) if out and (out / SPACE_COPY).is_file() else None
@@ -87,15 +87,15 @@ def load(path: str) -> Search:
     max_epochs = int(record.get("max_epochs") or (0 if pd.isna(epochs) else epochs))
     fixed = space.fixed if space else {}
     table = trial_table(trials, results, max_epochs, lambda trial: {**fixed, **trial.config})
-    gpu = (0.0 if settings["gpu"] == "never" else 1 / settings["trials_per_gpu"]) if settings else None
-    return Search(experiment, out, table, results, space, max_epochs, settings.get("num_samples"), gpu)
+    return Search(experiment, out, table, results, space, max_epochs, settings.get("num_samples"))
 
 
 def trial_table(trials: list[Trial], results: pd.DataFrame, max_epochs: int,
                 settings_of: Callable[[Trial], dict[str, Any]]) -> pd.DataFrame:
     """One row per trial: its outcome, epochs run, best valid NDCG@10 and that epoch's HR@10,
-    hours (Ray's time_total_s), start time and parameters (`param/NAME`).  `settings_of(trial)`
-    gives the settings that decide its outcome (patience, eval_every; epochs if not max_epochs)."""
+    hours (Ray's time_total_s), GPU share (NaN: not reported), start time and parameters
+    (`param/NAME`).  `settings_of(trial)` gives the settings that decide its outcome (patience,
+    eval_every; epochs if not max_epochs)."""
     rows, by_trial = [], dict(tuple(results.groupby("trial_id"))) if len(results) else {}
     for trial in trials:
         reported = by_trial[trial.trial_id]  # results_frame gives every trial a row, reported or not
@@ -113,6 +113,7 @@ def trial_table(trials: list[Trial], results: pd.DataFrame, max_epochs: int,
         if len(timed):
             seconds = timed["time_total_s"].max()
             start = timed["timestamp"].iloc[0] - timed["time_total_s"].iloc[0]  # its first report, less its time
+        shares = reported[GPU_SHARE].dropna() if GPU_SHARE in reported else ()
         settings = settings_of(trial)
         patience = settings.get("patience", Config.patience) * settings.get("eval_every", Config.eval_every)
         cap = settings.get("epochs", max_epochs)
@@ -120,7 +121,7 @@ def trial_table(trials: list[Trial], results: pd.DataFrame, max_epochs: int,
             "trial_id": trial.trial_id, "number": int(reported["number"].iloc[0]),
             "outcome": outcome(trial.status, int(epochs), int(best_epoch), cap, patience),
             "epochs": int(epochs), "best": best, "best_epoch": int(best_epoch), "HR@10": hr,
-            "hours": seconds / 3600, "start": start,
+            "hours": seconds / 3600, GPU_SHARE: shares.iloc[-1] if len(shares) else math.nan, "start": start,
             **{f"param/{k}": v for k, v in trial.config.items()}})
     table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=TRIAL_COLUMNS)
     return table.sort_values("number", ignore_index=True)

@@ -28,7 +28,7 @@ from simdiffrec.data import SequenceData
 from simdiffrec.model_folder import save_model
 from simdiffrec.train import Evaluation, train
 
-from .protocol import BEST, CHECKPOINT_FILE, METRIC, MODEL_DIR
+from .protocol import BEST, CHECKPOINT_FILE, GPU_SHARE, METRIC, MODEL_DIR
 from .spaces import Space
 
 
@@ -69,10 +69,12 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
 def trial_metrics(ev: Evaluation) -> dict[str, float]:
     """Flat metrics of one evaluation; `epoch` is ASHA's clock.  Ray's progress table shows the
-    first four, so the ones that matter come first."""
+    first four, so the ones that matter come first.  `gpu_share` is the GPU share Ray gave the
+    trial (0: a CPU trial), what its hours cost in GPU-hours."""
     return {"epoch": ev.epoch, METRIC: ev.valid[SELECT_BY], BEST: ev.best_valid[SELECT_BY],
             "best_epoch": ev.best_epoch, **{f"valid/{k}": v for k, v in ev.valid.items()},
-            **ev.losses, "seconds_per_epoch": ev.seconds_per_epoch}
+            **ev.losses, "seconds_per_epoch": ev.seconds_per_epoch,
+            GPU_SHARE: ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)}
 
 
 @functools.lru_cache(maxsize=1)
