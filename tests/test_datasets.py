@@ -88,6 +88,27 @@ def test_download_goes_through_a_temporary_file(cache, monkeypatch):
     assert not list((cache / "raw").glob(".*"))
 
 
+def test_a_download_cut_off_midway_leaves_no_file_behind(cache, monkeypatch):
+    payload = amazon_bytes(amazon_reviews())
+
+    class Cut(io.BytesIO):
+        headers = {"Content-Length": str(len(payload))}
+        calls = 0
+
+        def read(self, size: int = -1) -> bytes:
+            self.calls += 1
+            if self.calls > 1:
+                raise ConnectionResetError("connection reset by peer")
+            return super().read(len(payload) // 2)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Cut(payload))
+    with pytest.raises(DataError, match="could not download .*connection reset by peer"):
+        datasets.prepare("beauty")
+    raw = cache / "raw"
+    assert not (raw / "reviews_Beauty_5.json.gz").exists() and not list(raw.glob(".*"))
+    assert not (cache / "beauty.parquet").exists()
+
+
 def test_offline_error_names_url_and_destination(cache):
     dest = cache / "raw" / "reviews_Toys_and_Games_5.json.gz"
     for download in (True, False):

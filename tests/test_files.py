@@ -50,8 +50,16 @@ def test_what_is_saved_loads_back(tmp_path):
     loaded = load_model(model_pt.parent)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.model.state_dict().values()))
     assert list(loaded.item_ids[1:]) == list(range(1, 21))  # no id map given: the model's own ids
-    state, _ = load_checkpoint(checkpoint, CFG, model, torch.optim.Adam(model.parameters()))
-    assert state == TrainState()
+    saved = TrainState(epoch=3, best_score=0.25, best_epoch=2, best_valid={"NDCG@10": 0.25}, bad_evals=1,
+                       history=[{"epoch": 1, "loss_sr": 2.5}])
+    save_checkpoint(checkpoint, CFG, model, torch.optim.Adam(model.parameters()), saved, model.state_dict())
+    rng = torch.get_rng_state()
+    torch.manual_seed(1)  # another model and random state: the file alone must bring them back
+    fresh = SimDiffRec(CFG, 20, 10)
+    state, best = load_checkpoint(checkpoint, CFG, fresh, torch.optim.Adam(fresh.parameters()))
+    assert state == saved and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())
 
 
 def test_loading_runs_no_code_from_the_file(tmp_path):

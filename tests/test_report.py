@@ -159,6 +159,10 @@ def test_status_of_a_finished_search_counts_trials_and_names_the_best(finished, 
     assert sum(line[:4].strip().isdigit() for line in text.splitlines()) == 3  # --top 3 rows
     assert main(["status", str(finished / "experiment")]) == 0  # the experiment folder works too
     assert f"best: trial {best['trial_id']}" in capsys.readouterr().out
+    for top in ("0", "-2"):  # never a silently empty or shortened leaderboard
+        with pytest.raises(SystemExit) as stop:
+            main(["status", str(finished), "--top", top])
+        assert stop.value.code == 2 and f"--top: '{top}': must be an integer of at least 1" in capsys.readouterr().err
 
 
 def test_status_mid_search_counts_running_and_waiting_trials(running, capsys):

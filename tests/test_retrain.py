@@ -80,6 +80,11 @@ def test_finalize_writes_one_row_per_configuration_and_per_run(final, tiny_searc
     top1 = results[results["trial_id"] == best.index[0]].iloc[0]
     assert table.loc[0, "param/alpha"] == top1["alpha"] and table.loc[0, "param/lr"] == top1["lr"]
     assert table.loc[2, "param/alpha"] == 0.0  # the baseline: SASRec with the best's other settings
+    planned = yaml.safe_load((final / "grid.yaml").read_text())["plan"]["runs"]
+    base, best_run = planned["baseline"]["config"], planned["top-1"]["config"]
+    assert (base["alpha"], base["beta"], base["sr_loss"]) == (0.0, 0.0, "ce")
+    assert {k: v for k, v in base.items() if k not in ("alpha", "beta", "sr_loss")} == \
+        {k: v for k, v in best_run.items() if k not in ("alpha", "beta", "sr_loss")}
 
     runs = pd.read_parquet(final / "final_runs.parquet")
     assert list(runs.columns) == verdict.RUN_COLUMNS and len(runs) == 6
