@@ -125,9 +125,12 @@ def test_the_final_model_is_the_median_seed_and_evaluate_reproduces_it(final, da
 
 def test_finalize_resumes_its_finished_runs_and_refuses_other_flags(final, tiny_search, capsys):
     before = pd.read_parquet(final / "final_runs.parquet")
+    grid_experiment = yaml.safe_load((final / "grid.yaml").read_text())["experiment"]
+    reported = {t.trial_id: len(t.rows) for t in read(grid_experiment).trials}
     experiment = str(tiny_search / "experiment")
     assert main(["finalize", experiment, "--seeds", "2", "--top", "2", "--max-epochs", "2", "--resume"]) == 0
-    pd.testing.assert_frame_equal(pd.read_parquet(final / "final_runs.parquet"), before)  # nothing retrained
+    pd.testing.assert_frame_equal(pd.read_parquet(final / "final_runs.parquet"), before)
+    assert {t.trial_id: len(t.rows) for t in read(grid_experiment).trials} == reported  # nothing retrained
     assert main(["finalize", experiment, "--seeds", "3", "--top", "2", "--max-epochs", "2", "--resume"]) == 2
     assert "seeds" in capsys.readouterr().err
     assert main(["finalize", experiment, "--seeds", "2", "--top", "2", "--max-epochs", "2"]) == 2
