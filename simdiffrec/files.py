@@ -63,6 +63,21 @@ def atomic_symlink(link: str | Path, target: str | Path) -> None:
         os.symlink(target, tmp)
 
 
+def in_use(folder: str | Path) -> bool:
+    """Whether a live process holds `folder`'s lock (`locked`): one that was killed holds none."""
+    try:
+        fd = os.open(Path(folder) / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at close, a moment later
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def locked(folder: str | Path) -> Iterator[None]:
     """Hold `folder/.lock` for the block; another process holding it makes this a one-line error

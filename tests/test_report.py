@@ -20,6 +20,7 @@ import yaml
 from ray import tune
 
 from simdiffrec.cli import main
+from simdiffrec.files import locked
 from tuner import search, spaces
 from tuner.protocol import BEST, GPU_SHARE, METRIC, RECORD, SPACE_COPY
 from tuner.status import outcome
@@ -166,9 +167,13 @@ def test_status_of_a_finished_search_counts_trials_and_names_the_best(finished, 
 
 
 def test_status_mid_search_counts_running_and_waiting_trials(running, capsys):
-    assert main(["status", str(running)]) == 0
+    with locked(running):  # as the search's driver holds it
+        assert main(["status", str(running)]) == 0
     text = capsys.readouterr().out
     assert "1 running, 1 pending, 0 failed" in text and "best: trial" in text
+    assert main(["status", str(running)]) == 0  # no process holds the lock: the search was stopped
+    text = capsys.readouterr().out
+    assert "0 running, 1 interrupted, 1 pending, 0 failed" in text
 
 
 def test_report_of_a_finished_search_has_every_figure_and_the_leaderboard(finished, tmp_path):
@@ -185,7 +190,8 @@ def test_report_of_a_finished_search_has_every_figure_and_the_leaderboard(finish
 
 
 def test_report_mid_search_reads_what_is_there(running, tmp_path):
-    assert main(["report", str(running / "experiment"), "--out", str(tmp_path)]) == 0
+    with locked(running):
+        assert main(["report", str(running / "experiment"), "--out", str(tmp_path)]) == 0
     page = check_page(tmp_path, {"learning_curves.png", "best_so_far.png", "importance.png", "slices.png"})
     assert re.search(r"<td>running</td><td>1</td>", page) and re.search(r"<td>pending</td><td>1</td>", page)
 

@@ -39,7 +39,7 @@ FINAL_DIR = "final"  # where finalize writes, in the folder holding the experime
 FINAL_METRICS = ("HR@10", "NDCG@10")  # the bar chart's
 TOP_CURVES = 5  # learning curves drawn in colour and named
 MARKERS = {"ASHA-stopped": ("X", "black"), "early-stopped": ("o", "white"), "running": (">", "gold"),
-           "failed": ("s", "tab:red")}  # a trial's last point, by outcome ("finished" gets none)
+           "interrupted": ("d", "white"), "failed": ("s", "tab:red")}  # a trial's last point, by outcome ("finished" gets none)
 
 
 @dataclass
@@ -157,7 +157,7 @@ def learning_curves(search: Search) -> Section:
     ax.grid(alpha=0.3)
     text = (f"Each line is a trial's {METRIC} after each epoch; the best {TOP_CURVES} in colour. A trial "
             "that ended before the last epoch has its last point marked: ✕ ASHA stopped it, ○ its own "
-            "patience did, ▶ it is still running, ■ it failed. Dotted lines: ASHA's rungs, the epochs at which "
+            "patience did, ▶ it is still running, ◇ it was interrupted (the search is stopped), ■ it failed. Dotted lines: ASHA's rungs, the epochs at which "
             "it compares trials.")
     return Section("Learning curves", text, _png(fig), "learning_curves.png")
 

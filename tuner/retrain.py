@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from simdiffrec.config import Config, read_yaml
-from simdiffrec.files import write_atomic
+from simdiffrec.files import locked, write_atomic
 
 from . import grid, search, spaces, verdict
 from .experiment import read, results_frame
@@ -53,7 +53,8 @@ class RetrainRequest:
     def run(self, plan: grid.Plan, out: Path) -> pd.DataFrame:
         experiment = default_experiment(out, f"{out.resolve().parent.name}-{out.resolve().name}")
         settings = search.SearchSettings(experiment=experiment, **self.settings)
-        return grid.run(plan, out, settings, self.resume, self.ray_address)
+        with locked(out):  # one grid per OUT at a time; `status` tells a running grid from a stopped one
+            return grid.run(plan, out, settings, self.resume, self.ray_address)
 
 
 def top_trials(experiment: str, top: int) -> list[tuple[str, dict[str, Any]]]:

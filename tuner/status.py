@@ -5,7 +5,8 @@ reproduce) reads the same way, each (run, seed) a trial.
 It reads what `experiment.read` reads, so it works on a finished, interrupted or running search
 without Ray.  Of each trial it needs its id, status and config, the rest comes from its reported
 rows.  While a search runs, Ray's saved state lags the trial folders by seconds and lists running
-trials as PENDING: a PENDING trial that has reported is counted as running.  A trial's GPU share
+trials as PENDING: a PENDING trial that has reported is counted as running, or as interrupted
+when no process holds OUT's lock (the search or grid was stopped; `--resume` continues it).  A trial's GPU share
 is what Ray gave it, as it reported (`gpu_share`; none from a search run before it reported one).
 """
 
@@ -22,12 +23,13 @@ from typing import Any, Callable
 import pandas as pd
 
 from simdiffrec.config import Config, read_yaml
+from simdiffrec.files import in_use
 
 from . import spaces
 from .experiment import Trial, read, results_frame
 from .protocol import GPU_SHARE, GRID_RECORD, METRIC, RECORD, SPACE_COPY
 
-OUTCOMES = ("finished", "early-stopped", "ASHA-stopped", "running", "pending", "failed")
+OUTCOMES = ("finished", "early-stopped", "ASHA-stopped", "running", "interrupted", "pending", "failed")
 TRIAL_COLUMNS = ("trial_id", "number", "outcome", "epochs", "best", "best_epoch", "HR@10", "hours", GPU_SHARE,
                  "start")
 WIDTH = 100  # of the terminal text
@@ -74,11 +76,12 @@ def load(path: str) -> Search:
     experiment, out = locate(path)
     run = read(experiment)
     trials, results = run.trials, results_frame(run.trials)
+    live = out is None or in_use(out)  # without OUT, whether it runs is not known: as if it did
     if out and (out / GRID_RECORD).is_file():  # each trial one (run, seed) of the plan, to early stopping
         plan = read_yaml(out / GRID_RECORD)["plan"]
         configs = {name: planned["config"] for name, planned in plan["runs"].items()}
         max_epochs = max(config["epochs"] for config in configs.values())
-        table = trial_table(trials, results, max_epochs, lambda trial: configs.get(trial.config.get("run"), {}))
+        table = trial_table(trials, results, max_epochs, lambda trial: configs.get(trial.config.get("run"), {}), live)
         return Search(experiment, out, table, results, None, max_epochs, len(configs) * len(plan["seeds"]))
     record = read_yaml(out / RECORD) if out else {}
     settings = record.get("settings", {})
@@ -86,16 +89,16 @@ def load(path: str) -> Search:
     epochs = results["epoch"].max() if "epoch" in results else math.nan
     max_epochs = int(record.get("max_epochs") or (0 if pd.isna(epochs) else epochs))
     fixed = space.fixed if space else {}
-    table = trial_table(trials, results, max_epochs, lambda trial: {**fixed, **trial.config})
+    table = trial_table(trials, results, max_epochs, lambda trial: {**fixed, **trial.config}, live)
     return Search(experiment, out, table, results, space, max_epochs, settings.get("num_samples"))
 
 
 def trial_table(trials: list[Trial], results: pd.DataFrame, max_epochs: int,
-                settings_of: Callable[[Trial], dict[str, Any]]) -> pd.DataFrame:
+                settings_of: Callable[[Trial], dict[str, Any]], live: bool = True) -> pd.DataFrame:
     """One row per trial: its outcome, epochs run, best valid NDCG@10 and that epoch's HR@10,
     hours (Ray's time_total_s), GPU share (NaN: not reported), start time and parameters
     (`param/NAME`).  `settings_of(trial)` gives the settings that decide its outcome (patience,
-    eval_every; epochs if not max_epochs)."""
+    eval_every; epochs if not max_epochs); `live`: whether the search or grid is running."""
     rows, by_trial = [], dict(tuple(results.groupby("trial_id"))) if len(results) else {}
     for trial in trials:
         reported = by_trial[trial.trial_id]  # results_frame gives every trial a row, reported or not
@@ -119,7 +122,7 @@ def trial_table(trials: list[Trial], results: pd.DataFrame, max_epochs: int,
         cap = settings.get("epochs", max_epochs)
         rows.append({
             "trial_id": trial.trial_id, "number": int(reported["number"].iloc[0]),
-            "outcome": outcome(trial.status, int(epochs), int(best_epoch), cap, patience),
+            "outcome": outcome(trial.status, int(epochs), int(best_epoch), cap, patience, live),
             "epochs": int(epochs), "best": best, "best_epoch": int(best_epoch), "HR@10": hr,
             "hours": seconds / 3600, GPU_SHARE: shares.iloc[-1] if len(shares) else math.nan, "start": start,
             **{f"param/{k}": v for k, v in trial.config.items()}})
@@ -127,13 +130,14 @@ def trial_table(trials: list[Trial], results: pd.DataFrame, max_epochs: int,
     return table.sort_values("number", ignore_index=True)
 
 
-def outcome(status: str, epochs: int, best_epoch: int, max_epochs: int, patience: int) -> str:
+def outcome(status: str, epochs: int, best_epoch: int, max_epochs: int, patience: int, live: bool = True) -> str:
     """A finished trial ran max_epochs or stopped on `patience` epochs without a better valid
-    NDCG@10; one that ended before either was stopped by ASHA."""
+    NDCG@10; one that ended before either was stopped by ASHA.  An unfinished trial that has
+    reported is running while its search is `live`, else interrupted."""
     if status == "ERROR":
         return "failed"
     if status != "TERMINATED":
-        return "running" if epochs else "pending"
+        return ("running" if live else "interrupted") if epochs else "pending"
     if epochs >= max_epochs:
         return "finished"
     return "early-stopped" if epochs - best_epoch >= patience else "ASHA-stopped"
@@ -164,7 +168,8 @@ def format_status(search: Search, top: int = 10, now: float | None = None) -> st
     n, found = len(search.trials), counts(search)
     lines = [search.experiment if len(search.experiment) <= WIDTH else "..." + search.experiment[-WIDTH + 3:]]
     of = f" of {search.num_samples}" if search.num_samples else ""
-    lines.append(f"trials: {n}{of} | " + ", ".join(f"{count} {name}" for name, count in found.items()))
+    shown = {name: count for name, count in found.items() if count or name != "interrupted"}  # rare: only if so
+    lines.append(f"trials: {n}{of} | " + ", ".join(f"{count} {name}" for name, count in shown.items()))
     start = search.trials["start"].dropna().min() if n else math.nan
     if not missing(start):
         last = search.results["timestamp"].max() if "timestamp" in search.results else math.nan
