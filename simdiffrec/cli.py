@@ -317,7 +317,8 @@ def add_search_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="a search as an HTML page of figures: curves, importance, cost, final")
     p.add_argument("search", help=search_help)
     p.add_argument("--out", required=True, type=Path, help="folder for report.html and one PNG per figure")
-    p.add_argument("--final", type=Path, help="finalize's folder (default: final/ in the search's folder, else next to the experiment)")
+    p.add_argument("--final", type=Path,
+                   help="finalize's folder (default: final/ in the search's folder, else next to the experiment)")
     p.add_argument("--top", type=positive, default=10, help="trials in the leaderboard (default 10)")
     p.set_defaults(run=cmd_report)
 

@@ -33,13 +33,14 @@ from simdiffrec.files import write_atomic
 
 from . import spaces
 from .protocol import GPU_SHARE, GRID_RECORD, METRIC
-from .status import Search, clock, counts, load, locate, missing
+from .status import Search, clock, counts, load, missing
 
 FINAL_DIR = "final"  # where finalize writes, in the folder holding the experiment
 FINAL_METRICS = ("HR@10", "NDCG@10")  # the bar chart's
 TOP_CURVES = 5  # learning curves drawn in colour and named
+# a trial's last point, by outcome ("finished" gets none)
 MARKERS = {"ASHA-stopped": ("X", "black"), "early-stopped": ("o", "white"), "running": (">", "gold"),
-           "interrupted": ("d", "white"), "failed": ("s", "tab:red")}  # a trial's last point, by outcome ("finished" gets none)
+           "interrupted": ("d", "white"), "failed": ("s", "tab:red")}
 
 
 @dataclass
@@ -54,11 +55,10 @@ class Section:
 def write_report(path: str, out: str | Path, final: str | Path | None = None, top: int = 10) -> Path:
     """Read the search at `path` (its OUT folder or experiment) and write `out`/report.html and the
     PNGs; finalize's table comes from `final`, else from final/ beside the experiment."""
-    _, folder = locate(path)
-    if folder and (folder / GRID_RECORD).is_file():
+    search = load(path)
+    if search.out and (search.out / GRID_RECORD).is_file():
         raise ValueError(f"{path}: the runs of finalize or reproduce, not a search; report the search "
                          f"(its page includes finalize's table), follow the runs with simdiffrec status {path}")
-    search = load(path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     final_dir = Path(final) if final else _default_final(search)
@@ -157,8 +157,8 @@ def learning_curves(search: Search) -> Section:
     ax.grid(alpha=0.3)
     text = (f"Each line is a trial's {METRIC} after each epoch; the best {TOP_CURVES} in colour. A trial "
             "that ended before the last epoch has its last point marked: ✕ ASHA stopped it, ○ its own "
-            "patience did, ▶ it is still running, ◇ it was interrupted (the search is stopped), ■ it failed. Dotted lines: ASHA's rungs, the epochs at which "
-            "it compares trials.")
+            "patience did, ▶ it is still running, ◇ it was interrupted (the search is stopped), ■ it failed. "
+            "Dotted lines: ASHA's rungs, the epochs at which it compares trials.")
     return Section("Learning curves", text, _png(fig), "learning_curves.png")
 
 

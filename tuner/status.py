@@ -6,8 +6,9 @@ It reads what `experiment.read` reads, so it works on a finished, interrupted or
 without Ray.  Of each trial it needs its id, status and config, the rest comes from its reported
 rows.  While a search runs, Ray's saved state lags the trial folders by seconds and lists running
 trials as PENDING: a PENDING trial that has reported is counted as running, or as interrupted
-when no process holds OUT's lock (the search or grid was stopped; `--resume` continues it).  A trial's GPU share
-is what Ray gave it, as it reported (`gpu_share`; none from a search run before it reported one).
+when no process holds OUT's lock (the search or grid was stopped; `--resume` continues it).  A
+trial's GPU share is what Ray gave it, as it reported (`gpu_share`; none from a search run before
+it reported one).
 """
 
 from __future__ import annotations
