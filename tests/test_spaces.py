@@ -78,6 +78,13 @@ def test_fixed_settings_and_max_epochs_reach_the_config(tmp_path):
     assert (shorter.asha.max_epochs, shorter.asha.grace_period) == (1, 1)
 
 
+def test_a_rung_judges_from_its_first_result_unless_the_space_says_otherwise(tmp_path):
+    assert spaces.load(write(tmp_path, MINIMAL)).asha.min_rung_results == 1  # Ray's rule
+    asha = {**MINIMAL["asha"], "min_rung_results": 3}
+    space = spaces.load(write(tmp_path, {**MINIMAL, "asha": asha})).with_max_epochs(5)
+    assert (space.asha.min_rung_results, space.asha.max_epochs) == (3, 5)
+
+
 @pytest.mark.parametrize("change, key", [
     ({"parameters": {"alpah": {"type": "float", "low": 0.1, "high": 0.5}}}, "parameters.alpah"),
     ({"parameters": {"alpha": {"type": "float", "low": 0.5, "high": 0.1}}}, "parameters.alpha"),
@@ -106,6 +113,8 @@ def test_fixed_settings_and_max_epochs_reach_the_config(tmp_path):
     ({"asha": {"max_epochs": 10, "grace_period": 20, "reduction_factor": 3}}, "asha.grace_period"),
     ({"asha": {"max_epochs": 10, "grace_period": 2, "reduction_factor": 1}}, "asha.reduction_factor"),
     ({"asha": {"max_epochs": 10, "grace_period": 2}}, "asha.reduction_factor"),
+    ({"asha": {"max_epochs": 10, "grace_period": 2, "reduction_factor": 3, "min_rung_results": 0}},
+     "asha.min_rung_results"),
     ({"searcher": "tpe"}, "searcher"),
 ])
 def test_mistakes_name_the_file_and_the_key(tmp_path, change, key):

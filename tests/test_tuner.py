@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pandas as pd
@@ -300,6 +301,27 @@ def test_a_resumed_search_judges_its_next_trials_against_the_rungs_it_had(ray_cl
     crash.unlink()
     search.run(trainable, space, settings, resume=True)
     assert [len(t.rows) for t in read(settings.experiment).trials] == [4, 4, 1]
+
+
+def _judged(min_rung_results: int, scores: list[float], epoch: int = 1) -> list[str]:
+    """ASHA's verdict (rungs at epochs 1, 3; at most 9) on trials reporting `scores` at `epoch`, in turn."""
+    scheduler = search.ResumableASHA(metric=METRIC, mode="max", time_attr="epoch", max_t=9, grace_period=1,
+                                     reduction_factor=3, min_rung_results=min_rung_results)
+    verdicts = []
+    for number, score in enumerate(scores):
+        trial = SimpleNamespace(trial_id=f"t{number}", has_reported_at_least_once=False)
+        scheduler.on_trial_add(None, trial)
+        verdicts.append(scheduler.on_trial_result(None, trial, {"epoch": epoch, METRIC: score}))
+    return verdicts
+
+
+def test_a_rung_stops_a_trial_only_once_it_holds_min_rung_results_earlier_results():
+    """Ray's rule stops the second trial at a rung for falling below the first alone; with
+    min_rung_results = 3 the second and third go on, and the fourth meets the rung's top third."""
+    scores = [0.5, 0.1, 0.05, 0.01, 0.6]
+    assert _judged(1, scores) == ["CONTINUE", "STOP", "STOP", "STOP", "CONTINUE"]
+    assert _judged(3, scores) == ["CONTINUE", "CONTINUE", "CONTINUE", "STOP", "CONTINUE"]
+    assert _judged(3, [0.5], epoch=9) == ["STOP"]  # max_t ends a trial whatever the rungs hold
 
 
 def _saved_epochs(experiment: Path) -> dict[str, int | None]:

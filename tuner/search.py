@@ -21,7 +21,7 @@ import pyarrow.fs
 import ray
 from ray import tune
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from .experiment import listing, read, result_rows
@@ -90,10 +90,19 @@ def make_searcher(space: Space, settings: SearchSettings) -> OptunaSearch:
 
 
 class ResumableASHA(ASHAScheduler):
-    """ASHA that recalls its rungs on resume.  Ray saves no scheduler state: a restored search
-    would judge the trials still to come, and a restored trial at its next rung, against empty
-    rungs (a trial resumed just past its first rung would pass it unjudged).  So each trial's
-    reported results are replayed into its bracket when Ray adds it."""
+    """ASHA that recalls its rungs on resume and judges a trial only against a rung of
+    `min_rung_results` results.
+
+    Ray saves no scheduler state: a restored search would judge the trials still to come, and a
+    restored trial at its next rung, against empty rungs (a trial resumed just past its first rung
+    would pass it unjudged).  So each trial's reported results are replayed into its bracket when
+    Ray adds it.  Ray's rule stops the second trial at a rung if it falls below the first alone;
+    with `min_rung_results` = m a trial goes on unjudged (its result still recorded) while the
+    rung holds fewer than m earlier results.  1 is Ray's rule."""
+
+    def __init__(self, *, min_rung_results: int = 1, **asha: Any) -> None:
+        super().__init__(**asha)
+        self.min_rung_results = min_rung_results
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         super().on_trial_add(tune_controller, trial)
@@ -101,11 +110,21 @@ class ResumableASHA(ASHAScheduler):
             for row in result_rows(trial.storage.storage_filesystem, trial.path):
                 self.on_trial_result(tune_controller, trial, row)
 
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        rungs = self._trial_info[trial.trial_id]._rungs  # Ray's [(epoch, {trial id: result})]
+        before = [len(recorded) for _, recorded in rungs]
+        action = super().on_trial_result(tune_controller, trial, result)
+        judged_by = [size for size, (_, recorded) in zip(before, rungs) if len(recorded) > size]
+        if action == TrialScheduler.STOP and judged_by and judged_by[0] < self.min_rung_results:
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
+
 
 def make_scheduler(space: Space) -> ASHAScheduler:
     """ASHA on this epoch's valid NDCG@10 (TuneConfig's metric), rungs counted in epochs."""
-    return ResumableASHA(time_attr="epoch", max_t=space.asha.max_epochs,
-                         grace_period=space.asha.grace_period, reduction_factor=space.asha.reduction_factor)
+    return ResumableASHA(time_attr="epoch", max_t=space.asha.max_epochs, grace_period=space.asha.grace_period,
+                         reduction_factor=space.asha.reduction_factor, min_rung_results=space.asha.min_rung_results)
 
 
 def make_tuner(trainable: Callable[[dict[str, Any]], None], settings: SearchSettings, resume: bool,

@@ -80,6 +80,7 @@ class Asha:
     max_epochs: int
     grace_period: int
     reduction_factor: float
+    min_rung_results: int = 1  # earlier results a rung needs before it stops a trial (1: Ray's rule)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class Space:
             return self
         if epochs < 1:
             raise ValueError(f"max epochs {epochs}: must be at least 1")
-        asha = Asha(epochs, min(self.asha.grace_period, epochs), self.asha.reduction_factor)
+        asha = dataclasses.replace(self.asha, max_epochs=epochs, grace_period=min(self.asha.grace_period, epochs))
         return dataclasses.replace(self, asha=asha)
 
 
@@ -224,10 +225,11 @@ def _asha(spec: Any, source: str) -> Asha:
     spec = _mapping(spec, source, "asha")
     keys = {f.name for f in dataclasses.fields(Asha)}
     _no_unknown(spec, keys, source, "asha.")
-    missing = sorted(keys - set(spec))
+    missing = sorted(keys - set(spec) - {"min_rung_results"})
     if missing:
         raise ValueError(f"{source}: asha.{missing[0]}: missing")
-    for key in ("max_epochs", "grace_period"):
+    spec = {"min_rung_results": Asha.min_rung_results, **spec}
+    for key in ("max_epochs", "grace_period", "min_rung_results"):
         if isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 1:
             raise ValueError(f"{source}: asha.{key}: {spec[key]!r} must be a positive integer")
     factor = spec["reduction_factor"]
@@ -235,7 +237,7 @@ def _asha(spec: Any, source: str) -> Asha:
         raise ValueError(f"{source}: asha.reduction_factor: {factor!r} must be a number above 1")
     if spec["grace_period"] > spec["max_epochs"]:
         raise ValueError(f"{source}: asha.grace_period: {spec['grace_period']} exceeds max_epochs {spec['max_epochs']}")
-    return Asha(spec["max_epochs"], spec["grace_period"], factor)
+    return Asha(spec["max_epochs"], spec["grace_period"], factor, spec["min_rung_results"])
 
 
 def _points(raw: Any, params: list[Param], source: str) -> tuple[dict[str, Any], ...]:
