@@ -25,10 +25,10 @@ from ray.tune import ExperimentAnalysis
 from simdiffrec.cli import main
 from tuner import search, spaces
 from tuner.experiment import Trial, export, read, results_frame
-from tuner.protocol import BEST, GPU_SHARE, METRIC, MODEL_DIR
+from tuner.protocol import BEST, GPU_SHARE, METRIC, MODEL_DIR, REPORTED
 from tuner.report import cost
 from tuner.status import load
-from tuner.trainable import fetch_data
+from tuner.trainable import fetch_data, report_checkpoint
 
 from .conftest import synthetic_sequences
 
@@ -246,13 +246,14 @@ def counts_epochs_from_its_checkpoint(config: dict) -> None:
             raise RuntimeError("killed")
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "epoch.json").write_text(json.dumps(epoch))
-            tune.report({"epoch": epoch, METRIC: 1 / epoch, BEST: 1.0}, checkpoint=tune.Checkpoint.from_directory(folder))
+            report_checkpoint({"epoch": epoch, METRIC: 1 / epoch, BEST: 1.0}, Path(folder))
 
 
-def test_a_trial_whose_saved_checkpoint_ray_deleted_before_the_driver_died_resumes(ray_cluster, tmp_path, capsys):
+def test_a_trial_whose_saved_checkpoint_ray_deleted_before_the_driver_died_resumes(ray_cluster, tmp_path):
     """Ray deletes a trial's superseded checkpoint when it registers the next, then saves its
-    state: a driver killed in between leaves a state naming a deleted folder.  That disk is made
-    here from a stopped search; resumed, the trial continues from its newest checkpoint."""
+    state (and with it the trial's result.json): a driver killed in between leaves a state naming
+    a deleted folder, and no row for the newest checkpoint.  That disk is made here from a stopped
+    search; resumed, the trial continues from its newest checkpoint, and no epoch is missing."""
     space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
                           "asha": {"max_epochs": 6, "grace_period": 6, "reduction_factor": 2}}, "lost")
     settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=1, max_failures=0)
@@ -262,14 +263,16 @@ def test_a_trial_whose_saved_checkpoint_ray_deleted_before_the_driver_died_resum
     folder = Path(trial.folder)  # the race: epoch 4 registered as checkpoint_000003, its predecessor deleted
     (folder / "checkpoint_000002").rename(folder / "checkpoint_000003")
     (folder / "checkpoint_000003" / "epoch.json").write_text("4")
-    with open(folder / "result.json", "a") as rows:
-        rows.write(json.dumps({**trial.rows[-1], "epoch": 4, METRIC: 0.25, "checkpoint_dir_name": "checkpoint_000003"}) + "\n")
+    (folder / "checkpoint_000003" / REPORTED).write_text(json.dumps({"epoch": 4, METRIC: 0.25, BEST: 1.0}))
 
-    capsys.readouterr()
-    search.run(counts_epochs_from_its_checkpoint, space, settings, resume=True)
-    assert "checkpoint_000002: lost when the search was stopped; put back" in capsys.readouterr().err
+    assert search.restore_lost_checkpoints(settings.experiment) == [f"{trial.folder}/checkpoint_000002"]
     [trial] = read(settings.experiment).trials
-    continued = [row["epoch"] for row in trial.rows if row["epoch"] != 4]  # (Ray rewrites result.json from its own copy)
+    assert [row["epoch"] for row in trial.rows] == [1, 2, 3, 4] and trial.rows[-1][METRIC] == 0.25
+    search.run(counts_epochs_from_its_checkpoint, space, settings, resume=True)
+    [trial] = read(settings.experiment).trials
+    # (in this same Ray session Ray uploads its own copy of result.json, which never saw epoch 4;
+    # a new driver, the case of a killed one, downloads the one above)
+    continued = [row["epoch"] for row in trial.rows if row["epoch"] != 4]
     assert trial.status == "TERMINATED" and continued == [1, 2, 3, 5, 6]
     assert not list(folder.glob("*.restoring"))
 

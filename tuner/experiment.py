@@ -77,7 +77,7 @@ def read(experiment: str) -> Experiment:
     if not states:
         raise FileNotFoundError(f"{experiment}: no Ray Tune experiment there (no experiment_state file)")
     try:  # the newest session's, as Ray picks it
-        state = json.loads(_read_text(fs, f"{path}/{states[-1]}"))
+        state = json.loads(read_text(fs, f"{path}/{states[-1]}"))
     except ValueError:  # Ray rewrites it in place
         raise ValueError(f"{experiment}/{states[-1]}: cut off (being written by the search?); try again") from None
     trials = []
@@ -93,7 +93,7 @@ def read(experiment: str) -> Experiment:
         trial.checkpoints = {row["checkpoint_dir_name"]: row for row in trial.rows
                              if row.get("checkpoint_dir_name") in present}
         if trial.status == FAILED and "error.txt" in present:
-            trial.error = _last_line(_read_text(fs, f"{folder}/error.txt"))
+            trial.error = _last_line(read_text(fs, f"{folder}/error.txt"))
         trials.append(trial)
     return Experiment(experiment, fs, path, sorted(trials, key=lambda t: t.number))
 
@@ -215,7 +215,7 @@ def listing(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:
         return []
 
 
-def _read_text(fs: pyarrow.fs.FileSystem, path: str) -> str:
+def read_text(fs: pyarrow.fs.FileSystem, path: str) -> str:
     with fs.open_input_stream(path) as stream:
         return stream.read().decode(errors="replace")
 
@@ -223,7 +223,7 @@ def _read_text(fs: pyarrow.fs.FileSystem, path: str) -> str:
 def result_rows(fs: pyarrow.fs.FileSystem, folder: str) -> list[dict[str, Any]]:
     """The complete lines of a trial's result.json (a line cut off by a stopped search is not)."""
     try:
-        text = _read_text(fs, f"{folder}/result.json")
+        text = read_text(fs, f"{folder}/result.json")
     except FileNotFoundError:
         return []
     rows = []

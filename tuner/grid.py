@@ -7,7 +7,7 @@ get them (`search.trial_resources`).  After each validation pass but the last a 
 with a checkpoint of train's resumable state, so a failed trial, or the whole grid after an
 interruption (`resume`), continues from there.  Its last report holds the final metrics (valid
 and test of the best model; test also without history masking, RecBole's protocol) and that
-model as a model folder (`MODEL_DIR`) plus `final.json`, the metrics again: a trial restarted
+model as a model folder (`MODEL_DIR`) plus the metrics again (`REPORTED`): a trial restarted
 after it had finished reports them again instead of training on.
 
 The grid's folder OUT keeps `grid.yaml` (the plan and where the experiment is): `resume`
@@ -40,10 +40,9 @@ from simdiffrec.train import Evaluation, train
 from . import search
 from .experiment import copy_model, read, results_frame
 from .jobs import init_ray, prefer_loopback
-from .protocol import CHECKPOINT_FILE, GRID_RECORD, MODEL_DIR
-from .trainable import fetch_data, trial_metrics
+from .protocol import CHECKPOINT_FILE, GRID_RECORD, MODEL_DIR, REPORTED
+from .trainable import fetch_data, report_checkpoint, trial_metrics
 
-FINAL_FILE = "final.json"
 DONE = "test/NDCG@10"  # present in a trial's last report only when it finished
 UNMASKED = "test_unmasked"  # prefix of the test metrics without history masking
 
@@ -79,19 +78,20 @@ def run_seed(params: dict[str, Any], setup: GridSetup) -> None:
         checkpoint = tune.get_checkpoint()
         resume = None
         if checkpoint is not None:
-            checkpoint.to_directory(work / "restored")
-            if (work / "restored" / FINAL_FILE).is_file():  # finished before the experiment recorded it
-                tune.report(json.loads((work / "restored" / FINAL_FILE).read_text()),
-                            checkpoint=tune.Checkpoint.from_directory(work / "restored"))
+            restored = work / "restored"
+            checkpoint.to_directory(restored)
+            reported = json.loads((restored / REPORTED).read_text())
+            if DONE in reported:  # finished before the experiment recorded it
+                report_checkpoint(reported, restored)
                 return
-            resume = work / "restored" / CHECKPOINT_FILE
+            resume = restored / CHECKPOINT_FILE
 
         def report(ev: Evaluation) -> None:
             if ev.stopping or ev.epoch == cfg.epochs:  # the final report follows this evaluation
                 return
             with tempfile.TemporaryDirectory(dir=work) as folder:
                 ev.save(Path(folder) / CHECKPOINT_FILE)
-                tune.report(trial_metrics(ev), checkpoint=tune.Checkpoint.from_directory(folder))
+                report_checkpoint(trial_metrics(ev), Path(folder))
 
         result = train(cfg, data, report=report, resume=resume, test=True)
         device = resolve_device(cfg.device)
@@ -106,8 +106,7 @@ def run_seed(params: dict[str, Any], setup: GridSetup) -> None:
             save_model(Path(folder) / MODEL_DIR, result.model, data.item_ids,
                        metrics={"valid": result.valid, "test": result.test, "test_unmasked": unmasked,
                                 "best_epoch": result.best_epoch, "data": setup.data_info[dataset]})
-            (Path(folder) / FINAL_FILE).write_text(json.dumps(final))
-            tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
+            report_checkpoint(final, Path(folder))
 
 
 def run(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool = False,

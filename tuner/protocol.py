@@ -13,6 +13,7 @@ MODE = "max"
 GPU_SHARE = "gpu_share"  # reported with every evaluation: the GPU share Ray gave the trial (0: none)
 CHECKPOINT_FILE = "checkpoint.pt"  # in each reported checkpoint: train()'s resumable state
 MODEL_DIR = "model"  # in each reported checkpoint: the model of that epoch, a simdiffrec model folder
+REPORTED = "reported.json"  # in each reported checkpoint: the metrics it came with (a lost result row's copy)
 RECORD = "search.yaml"  # in a search's OUT folder: the settings it started with
 SPACE_COPY = "space.yaml"  # in a search's OUT folder: a copy of its space file
 GRID_RECORD = "grid.yaml"  # in a finalize or reproduce OUT folder: its plan and where its experiment is

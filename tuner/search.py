@@ -9,6 +9,7 @@ trial's results and checkpoints and the searcher's state, which is what `resume`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -24,8 +25,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from .experiment import listing, read, result_rows
-from .protocol import BEST, METRIC, MODE
+from .experiment import listing, read, read_text, result_rows
+from .protocol import BEST, METRIC, MODE, REPORTED
 from .spaces import Space
 
 GPU_CHOICES = ("auto", "always", "never")
@@ -153,7 +154,8 @@ def restore_lost_checkpoints(experiment: str) -> list[str]:
     just after: a driver killed in between leaves a state naming a deleted folder, and Ray would
     refuse to restore that trial.  The checkpoint that followed it is copied under that name, so
     the trial continues from it (its checkpoint.pt holds its own epoch) and Ray deletes
-    the copy at the trial's next checkpoint, as it had deleted the original."""
+    the copy at the trial's next checkpoint, as it had deleted the original.  Its result row,
+    which Ray writes to storage only with its state, is put back from the checkpoint's copy."""
     run = read(experiment)
     restored = []
     for trial in run.trials:
@@ -161,7 +163,7 @@ def restore_lost_checkpoints(experiment: str) -> list[str]:
         if trial.latest is None or run.fs.get_file_info(lost).type != pyarrow.fs.FileType.NotFound:
             continue
         # the next checkpoint, whose registration deleted it: complete, as Ray registers only those
-        # (its result row may not have reached result.json; a later one may be cut off)
+        # (a later one may be cut off)
         successor = min((name for name in listing(run.fs, trial.folder)
                          if name.startswith("checkpoint_") and "." not in name and name > trial.latest), default=None)
         if successor is None:
@@ -175,8 +177,29 @@ def restore_lost_checkpoints(experiment: str) -> list[str]:
         pyarrow.fs.copy_files(f"{trial.folder}/{successor}", target, source_filesystem=run.fs, destination_filesystem=run.fs)
         if local:
             run.fs.move(target, lost)
+        put_back_row(run.fs, trial.folder, successor)
         restored.append(lost)
     return restored
+
+
+def put_back_row(fs: pyarrow.fs.FileSystem, folder: str, checkpoint: str) -> None:
+    """Append to the trial's result.json the row `checkpoint` was reported with (REPORTED), unless
+    a row of its epoch is there; the file is replaced whole (renamed into place where local)."""
+    try:
+        row = json.loads(read_text(fs, f"{folder}/{checkpoint}/{REPORTED}"))
+    except FileNotFoundError:
+        return  # a trainable that keeps no copy
+    if any(old.get("epoch") == row.get("epoch") for old in result_rows(fs, folder)):
+        return
+    try:
+        text = read_text(fs, f"{folder}/result.json")
+    except FileNotFoundError:
+        text = ""
+    text += ("\n" if text and not text.endswith("\n") else "") + json.dumps(row) + "\n"  # past a cut-off line
+    staged = f"{folder}/result.json.restoring"
+    with fs.open_output_stream(staged) as stream:
+        stream.write(text.encode())
+    fs.move(staged, f"{folder}/result.json")
 
 
 def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: SearchSettings,

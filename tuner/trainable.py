@@ -7,6 +7,7 @@ trial reports its metrics with a checkpoint folder holding
 
     checkpoint.pt   train()'s resumable checkpoint: a restarted trial continues from it
     model/          the model of that epoch as a simdiffrec model folder (model_folder.save_model)
+    reported.json   the metrics it was reported with (`report_checkpoint`)
 
 so the checkpoint Ray keeps as a trial's best (by valid NDCG@10) is directly the exported model.
 The device is `auto`: the GPU Ray assigned (visible as cuda:0), else the CPU.
@@ -15,6 +16,7 @@ The device is `auto`: the GPU Ray assigned (visible as cuda:0), else the CPU.
 from __future__ import annotations
 
 import functools
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from simdiffrec.data import SequenceData
 from simdiffrec.model_folder import save_model
 from simdiffrec.train import Evaluation, train
 
-from .protocol import BEST, CHECKPOINT_FILE, GPU_SHARE, METRIC, MODEL_DIR
+from .protocol import BEST, CHECKPOINT_FILE, GPU_SHARE, METRIC, MODEL_DIR, REPORTED
 from .spaces import Space
 
 
@@ -62,9 +64,17 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
                 ev.save(Path(folder) / CHECKPOINT_FILE)
                 save_model(Path(folder) / MODEL_DIR, ev.model, data.item_ids,
                            metrics={"epoch": ev.epoch, "valid": ev.valid, "data": setup.data_info})
-                tune.report(trial_metrics(ev), checkpoint=tune.Checkpoint.from_directory(folder))
+                report_checkpoint(trial_metrics(ev), Path(folder))
 
         train(cfg, data, report=report, resume=resume, test=False)  # trials select on valid alone
+
+
+def report_checkpoint(metrics: dict[str, Any], folder: Path) -> None:
+    """Report `metrics` with the checkpoint in `folder`, which keeps a copy of them (REPORTED):
+    the checkpoint reaches storage before its result row, so a driver killed in between leaves
+    a checkpoint whose row only this copy holds (`search.restore_lost_checkpoints`)."""
+    (folder / REPORTED).write_text(json.dumps(metrics))
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def trial_metrics(ev: Evaluation) -> dict[str, float]:
