@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import sys
 import warnings
 from dataclasses import MISSING, fields
@@ -129,56 +128,15 @@ def columns(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from .config import write_yaml
-    from .data import load_and_describe
-    from .device import resolve_device, set_threads
-    from .files import write_atomic
-    from .model_folder import save_model
-    from .train import Evaluation, check_resumable, train
+    from .device import set_threads
+    from .run_folder import train_into
 
     set_threads(args.threads)
-    cfg = config_from_args(args)
-    resolve_device(cfg.device)  # a wrong --device is refused before the data loads
-    out = Path(args.out)
-    checkpoint = out / "checkpoint.pt"
-    earlier = [p.name for p in (checkpoint, out / "metrics.json") if p.exists()]
-    if earlier and not (args.resume or args.force):
-        raise ValueError(f"{out} already holds a run ({', '.join(earlier)}): continue it with --resume, "
-                         "replace it with --force, or choose another --out")
-    data, stats = load_and_describe(args.data, max_len=cfg.max_len, kcore=cfg.kcore, **columns(args))
-    cfg = cfg.replace(max_len=data.max_len).for_items(data.n_items)
-    if args.force and not args.resume:  # the earlier run goes as a whole, never half of it
-        shutil.rmtree(out / "best_checkpoint", ignore_errors=True)
-        for name in earlier:
-            (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    resume = checkpoint if args.resume and checkpoint.is_file() else None
-    if args.resume and resume is None:
-        print(f"no checkpoint at {checkpoint}: starting from scratch", file=sys.stderr)
-    if resume is not None:
-        check_resumable(resume, cfg, data.n_items)  # before config.yaml is rewritten
-    write_yaml(out / "config.yaml", cfg.to_dict())
-
-    def report(ev: Evaluation) -> None:
-        parts = "  ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in ev.losses.items())
-        tqdm.write(f"epoch {ev.epoch:4d}  {parts}"
-                   + f"  valid HR@10 {ev.valid['HR@10']:.4f} NDCG@10 {ev.valid['NDCG@10']:.4f}"
-                   + f"  best epoch {ev.best_epoch}  {ev.seconds_per_epoch:.1f} s/epoch")
-        ev.save(checkpoint)
-
-    # Bars only on a terminal: in a log file their escape codes are noise; the lines above remain.
-    result = train(cfg, data, report=report, resume=resume, progress=not args.quiet and sys.stderr.isatty())
-    metrics = {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
-               "seconds_per_epoch": result.seconds_per_epoch, "eval_seconds": result.eval_seconds,
-               "minutes": result.minutes, "data": {"source": str(args.data), **stats},
-               "history": result.history}
-    save_model(out / "best_checkpoint", result.model, data.item_ids,
-               metrics={k: metrics[k] for k in ("valid", "test", "best_epoch")})
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    # Bars only on a terminal: in a log file their escape codes are noise; the epoch lines remain.
+    result = train_into(Path(args.out), config_from_args(args), args.data, columns(args), resume=args.resume,
+                        force=args.force, progress=not args.quiet and sys.stderr.isatty())
     print(f"best epoch {result.best_epoch}: valid HR@10 {result.valid['HR@10']:.4f} NDCG@10 {result.valid['NDCG@10']:.4f}"
-          f" | test HR@10 {result.test['HR@10']:.4f} NDCG@10 {result.test['NDCG@10']:.4f}  -> {out}")
+          f" | test HR@10 {result.test['HR@10']:.4f} NDCG@10 {result.test['NDCG@10']:.4f}  -> {args.out}")
     return 0
 
 

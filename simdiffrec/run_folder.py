@@ -1,0 +1,72 @@
+"""A training run as a folder, what `simdiffrec train` leaves in OUT:
+
+    config.yaml        every setting (max_len and the k's as the data fixed them)
+    checkpoint.pt      train()'s resumable state after each evaluation (`resume` continues it)
+    best_checkpoint/   the model at its best valid epoch, a model folder (model_folder.py)
+    metrics.json       valid and test of that model, timings, the data, the history
+
+An earlier run in OUT is continued (`resume`) or replaced as a whole (`force`), never half
+overwritten; a resume with other settings is refused before any file changes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .config import Config, write_yaml
+from .data import load_and_describe
+from .device import resolve_device
+from .files import write_atomic
+from .model_folder import save_model
+from .train import Evaluation, TrainResult, check_resumable, train
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+BEST_MODEL = "best_checkpoint"
+
+
+def train_into(out: Path, cfg: Config, source: str | Path, columns: dict[str, str], resume: bool = False,
+               force: bool = False, progress: bool = False) -> TrainResult:
+    """Load `source`, train `cfg` on it into OUT (a line per evaluation) and write the folder's
+    files; return train()'s result."""
+    resolve_device(cfg.device)  # a wrong device is refused before the data loads
+    checkpoint = out / CHECKPOINT
+    earlier = [p.name for p in (checkpoint, out / METRICS) if p.exists()]
+    if earlier and not (resume or force):
+        raise ValueError(f"{out} already holds a run ({', '.join(earlier)}): continue it with --resume, "
+                         "replace it with --force, or choose another --out")
+    data, stats = load_and_describe(source, max_len=cfg.max_len, kcore=cfg.kcore, **columns)
+    cfg = cfg.replace(max_len=data.max_len).for_items(data.n_items)
+    if force and not resume:  # the earlier run goes as a whole, never half of it
+        shutil.rmtree(out / BEST_MODEL, ignore_errors=True)
+        for name in earlier:
+            (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    restart = checkpoint if resume and checkpoint.is_file() else None
+    if resume and restart is None:
+        print(f"no checkpoint at {checkpoint}: starting from scratch", file=sys.stderr)
+    if restart is not None:
+        check_resumable(restart, cfg, data.n_items)  # before config.yaml is rewritten
+    write_yaml(out / "config.yaml", cfg.to_dict())
+
+    def report(ev: Evaluation) -> None:
+        parts = "  ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in ev.losses.items())
+        tqdm.write(f"epoch {ev.epoch:4d}  {parts}"
+                   + f"  valid HR@10 {ev.valid['HR@10']:.4f} NDCG@10 {ev.valid['NDCG@10']:.4f}"
+                   + f"  best epoch {ev.best_epoch}  {ev.seconds_per_epoch:.1f} s/epoch")
+        ev.save(checkpoint)
+
+    result = train(cfg, data, report=report, resume=restart, progress=progress)
+    metrics = {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
+               "seconds_per_epoch": result.seconds_per_epoch, "eval_seconds": result.eval_seconds,
+               "minutes": result.minutes, "data": {"source": str(source), **stats},
+               "history": result.history}
+    save_model(out / BEST_MODEL, result.model, data.item_ids,
+               metrics={k: metrics[k] for k in ("valid", "test", "best_epoch")})
+    write_atomic(out / METRICS, json.dumps(metrics, indent=2).encode())
+    return result
