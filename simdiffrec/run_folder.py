@@ -25,6 +25,7 @@ from .files import write_atomic
 from .model_folder import save_model
 from .train import Evaluation, TrainResult, check_resumable, train
 
+CONFIG = "config.yaml"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 BEST_MODEL = "best_checkpoint"
@@ -52,7 +53,7 @@ def train_into(out: Path, cfg: Config, source: str | Path, columns: dict[str, st
         print(f"no checkpoint at {checkpoint}: starting from scratch", file=sys.stderr)
     if restart is not None:
         check_resumable(restart, cfg, data.n_items)  # before config.yaml is rewritten
-    write_yaml(out / "config.yaml", cfg.to_dict())
+    write_yaml(out / CONFIG, cfg.to_dict())
 
     def report(ev: Evaluation) -> None:
         parts = "  ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in ev.losses.items())

@@ -21,6 +21,7 @@ import yaml
 from simdiffrec.cli import main
 from tuner import grid, search, verdict
 from tuner.experiment import read
+from tuner.protocol import CHECKPOINT_FILE
 from tuner.retrain import REPRODUCE
 
 from .conftest import synthetic_sequences
@@ -135,6 +136,21 @@ def test_finalize_resumes_its_finished_runs_and_refuses_other_flags(final, tiny_
     assert "seeds" in capsys.readouterr().err
     assert main(["finalize", experiment, "--seeds", "2", "--top", "2", "--max-epochs", "2"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_a_restored_grid_trial_reports_again_only_from_a_final_checkpoint(final, tmp_path):
+    """A finished run's last checkpoint holds its final metrics and no train state: restored, the
+    trial reports them again; a checkpoint with train state trains on.  Grids begun before
+    reported.json kept the final metrics as final.json."""
+    for trial in read(str(final / "experiment")).trials:
+        reported = grid.final_report(Path(trial.folder) / trial.latest)
+        assert grid.DONE in reported and all(trial.rows[-1][k] == v for k, v in reported.items())
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "final.json").write_text(json.dumps({grid.DONE: 0.25}))
+    assert grid.final_report(older) == {grid.DONE: 0.25}
+    (older / CHECKPOINT_FILE).write_bytes(b"")
+    assert grid.final_report(older) is None
 
 
 @pytest.mark.parametrize("flags, message", [(["--max-epochs", "0"], "--max-epochs 0: must be at least 1"),

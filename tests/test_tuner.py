@@ -28,7 +28,7 @@ from tuner.experiment import Trial, export, read, results_frame
 from tuner.protocol import BEST, GPU_SHARE, METRIC, MODEL_DIR, REPORTED
 from tuner.report import cost
 from tuner.status import load
-from tuner.trainable import fetch_data, report_checkpoint
+from tuner.trainable import fetch_data, report_checkpoint, reported_rows
 
 from .conftest import synthetic_sequences
 
@@ -241,19 +241,21 @@ def counts_epochs_from_its_checkpoint(config: dict) -> None:
     restored, it continues from the epoch its checkpoint holds up to 6."""
     checkpoint = tune.get_checkpoint()
     start = json.loads((Path(checkpoint.path) / "epoch.json").read_text()) if checkpoint else 0
+    rows = reported_rows(Path(checkpoint.path)) if checkpoint else []
     for epoch in range(start + 1, 7):
         if epoch == 4 and checkpoint is None:
             raise RuntimeError("killed")
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "epoch.json").write_text(json.dumps(epoch))
-            report_checkpoint({"epoch": epoch, METRIC: 1 / epoch, BEST: 1.0}, Path(folder))
+            report_checkpoint(rows, {"epoch": epoch, METRIC: 1 / epoch, BEST: 1.0}, Path(folder))
 
 
 def test_a_trial_whose_saved_checkpoint_ray_deleted_before_the_driver_died_resumes(ray_cluster, tmp_path):
     """Ray deletes a trial's superseded checkpoint when it registers the next, then saves its
     state (and with it the trial's result.json): a driver killed in between leaves a state naming
     a deleted folder, and no row for the newest checkpoint.  That disk is made here from a stopped
-    search; resumed, the trial continues from its newest checkpoint, and no epoch is missing."""
+    search; the folder and the row are put back before Ray restores the search, and the trial
+    continues from its newest checkpoint."""
     space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
                           "asha": {"max_epochs": 6, "grace_period": 6, "reduction_factor": 2}}, "lost")
     settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=1, max_failures=0)
@@ -263,9 +265,11 @@ def test_a_trial_whose_saved_checkpoint_ray_deleted_before_the_driver_died_resum
     folder = Path(trial.folder)  # the race: epoch 4 registered as checkpoint_000003, its predecessor deleted
     (folder / "checkpoint_000002").rename(folder / "checkpoint_000003")
     (folder / "checkpoint_000003" / "epoch.json").write_text("4")
-    (folder / "checkpoint_000003" / REPORTED).write_text(json.dumps({"epoch": 4, METRIC: 0.25, BEST: 1.0}))
+    kept = [*(json.loads((folder / "checkpoint_000003" / REPORTED).read_text())), {"epoch": 4, METRIC: 0.25}]
+    (folder / "checkpoint_000003" / REPORTED).write_text(json.dumps(kept))
 
     assert search.restore_lost_checkpoints(settings.experiment) == [f"{trial.folder}/checkpoint_000002"]
+    assert search.restore_rows(settings.experiment) == [trial.folder]
     [trial] = read(settings.experiment).trials
     assert [row["epoch"] for row in trial.rows] == [1, 2, 3, 4] and trial.rows[-1][METRIC] == 0.25
     search.run(counts_epochs_from_its_checkpoint, space, settings, resume=True)
@@ -275,6 +279,29 @@ def test_a_trial_whose_saved_checkpoint_ray_deleted_before_the_driver_died_resum
     continued = [row["epoch"] for row in trial.rows if row["epoch"] != 4]
     assert trial.status == "TERMINATED" and continued == [1, 2, 3, 5, 6]
     assert not list(folder.glob("*.restoring"))
+
+
+def test_a_result_file_cut_off_by_a_killed_driver_gets_its_rows_back(ray_cluster, tmp_path):
+    """Ray copies result.json to the experiment's folder in place: a driver killed meanwhile can
+    leave it empty, cut off mid-line, or short of rows.  Each comes back whole from the rows the
+    latest checkpoint kept (Ray's own rows stay as they were); a whole file is left alone."""
+    space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
+                          "asha": {"max_epochs": 6, "grace_period": 6, "reduction_factor": 2}}, "cut")
+    settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=1, max_failures=0)
+    search.run(counts_epochs_from_its_checkpoint, space, settings)
+    [trial] = read(settings.experiment).trials
+    results = Path(trial.folder) / "result.json"
+    whole = results.read_text()
+    lines = whole.splitlines(keepends=True)
+    assert len(lines) == 3 and search.restore_rows(settings.experiment) == []
+    for cut in ("", lines[0] + lines[1][:20], lines[0] + lines[2]):
+        results.write_text(cut)
+        assert search.restore_rows(settings.experiment) == [trial.folder]
+        rows = read(settings.experiment).trials[0].rows
+        assert [row["epoch"] for row in rows] == [1, 2, 3]
+        assert [row for row in rows if "training_iteration" in row] == [json.loads(line) for line in cut.splitlines()
+                                                                        if line.endswith("}")]
+    assert not list(Path(trial.folder).glob("*.restoring"))
 
 
 def scores_alpha_unless_told_to_crash(config: dict, crash: Path) -> None:

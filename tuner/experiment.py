@@ -226,6 +226,11 @@ def result_rows(fs: pyarrow.fs.FileSystem, folder: str) -> list[dict[str, Any]]:
         text = read_text(fs, f"{folder}/result.json")
     except FileNotFoundError:
         return []
+    return parse_rows(text)
+
+
+def parse_rows(text: str) -> list[dict[str, Any]]:
+    """The rows of a result.json's text, but for lines that are not JSON objects."""
     rows = []
     for line in text.splitlines():
         try:

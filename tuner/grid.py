@@ -7,7 +7,7 @@ get them (`search.trial_resources`).  After each validation pass but the last a 
 with a checkpoint of train's resumable state, so a failed trial, or the whole grid after an
 interruption (`resume`), continues from there.  Its last report holds the final metrics (valid
 and test of the best model; test also without history masking, RecBole's protocol) and that
-model as a model folder (`MODEL_DIR`) plus the metrics again (`REPORTED`): a trial restarted
+model as a model folder (`MODEL_DIR`), the final metrics last among its rows (`REPORTED`): a trial restarted
 after it had finished reports them again instead of training on.
 
 The grid's folder OUT keeps `grid.yaml` (the plan and where the experiment is): `resume`
@@ -40,8 +40,8 @@ from simdiffrec.train import Evaluation, train
 from . import search
 from .experiment import copy_model, read, results_frame
 from .jobs import init_ray, prefer_loopback
-from .protocol import CHECKPOINT_FILE, GRID_RECORD, MODEL_DIR, REPORTED
-from .trainable import fetch_data, report_checkpoint, trial_metrics
+from .protocol import CHECKPOINT_FILE, GRID_RECORD, MODEL_DIR
+from .trainable import fetch_data, report_checkpoint, reported_rows, trial_metrics
 
 DONE = "test/NDCG@10"  # present in a trial's last report only when it finished
 UNMASKED = "test_unmasked"  # prefix of the test metrics without history masking
@@ -76,22 +76,22 @@ def run_seed(params: dict[str, Any], setup: GridSetup) -> None:
     with tempfile.TemporaryDirectory(prefix="simdiffrec-run-") as work:
         work = Path(work)
         checkpoint = tune.get_checkpoint()
-        resume = None
+        resume, rows = None, []
         if checkpoint is not None:
             restored = work / "restored"
             checkpoint.to_directory(restored)
-            reported = json.loads((restored / REPORTED).read_text())
-            if DONE in reported:  # finished before the experiment recorded it
-                report_checkpoint(reported, restored)
+            final = final_report(restored)
+            if final is not None:  # finished before the experiment recorded it
+                tune.report(final, checkpoint=tune.Checkpoint.from_directory(restored))
                 return
-            resume = restored / CHECKPOINT_FILE
+            resume, rows = restored / CHECKPOINT_FILE, reported_rows(restored)
 
         def report(ev: Evaluation) -> None:
             if ev.stopping or ev.epoch == cfg.epochs:  # the final report follows this evaluation
                 return
             with tempfile.TemporaryDirectory(dir=work) as folder:
                 ev.save(Path(folder) / CHECKPOINT_FILE)
-                report_checkpoint(trial_metrics(ev), Path(folder))
+                report_checkpoint(rows, trial_metrics(ev), Path(folder))
 
         result = train(cfg, data, report=report, resume=resume, test=True)
         device = resolve_device(cfg.device)
@@ -106,7 +106,16 @@ def run_seed(params: dict[str, Any], setup: GridSetup) -> None:
             save_model(Path(folder) / MODEL_DIR, result.model, data.item_ids,
                        metrics={"valid": result.valid, "test": result.test, "test_unmasked": unmasked,
                                 "best_epoch": result.best_epoch, "data": setup.data_info[dataset]})
-            report_checkpoint(final, Path(folder))
+            report_checkpoint(rows, final, Path(folder))
+
+
+def final_report(restored: Path) -> dict[str, Any] | None:
+    """The final metrics a finished run's last checkpoint holds (it has no train state to resume),
+    else None.  Grids begun before `protocol.REPORTED` kept them as final.json."""
+    if (restored / CHECKPOINT_FILE).is_file():
+        return None
+    rows = reported_rows(restored)
+    return rows[-1] if rows else json.loads((restored / "final.json").read_text())
 
 
 def run(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool = False,

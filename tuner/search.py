@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from .experiment import listing, read, read_text, result_rows
+from .experiment import listing, parse_rows, read, read_text, result_rows
 from .protocol import BEST, METRIC, MODE, REPORTED
 from .spaces import Space
 
@@ -112,7 +113,8 @@ class ResumableASHA(ASHAScheduler):
                 self.on_trial_result(tune_controller, trial, row)
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
-        rungs = self._trial_info[trial.trial_id]._rungs  # Ray's [(epoch, {trial id: result})]
+        # Ray's private bracket state (as of Ray 2.60; the rung test fails should it change)
+        rungs = self._trial_info[trial.trial_id]._rungs  # [(epoch, {trial id: result})]
         before = [len(recorded) for _, recorded in rungs]
         action = super().on_trial_result(tune_controller, trial, result)
         judged_by = [size for size, (_, recorded) in zip(before, rungs) if len(recorded) > size]
@@ -139,6 +141,9 @@ def make_tuner(trainable: Callable[[dict[str, Any]], None], settings: SearchSett
         for folder in restore_lost_checkpoints(settings.experiment):
             print(f"{folder}: lost when the search was stopped; put back from the checkpoint that followed it",
                   file=sys.stderr)
+        for folder in restore_rows(settings.experiment):
+            print(f"{folder}/result.json: behind its checkpoints when the search was stopped; rows put back",
+                  file=sys.stderr)
         return tune.Tuner.restore(settings.experiment, trainable, resume_errored=True)
     storage, name = experiment_location(settings.experiment)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
@@ -154,8 +159,7 @@ def restore_lost_checkpoints(experiment: str) -> list[str]:
     just after: a driver killed in between leaves a state naming a deleted folder, and Ray would
     refuse to restore that trial.  The checkpoint that followed it is copied under that name, so
     the trial continues from it (its checkpoint.pt holds its own epoch) and Ray deletes
-    the copy at the trial's next checkpoint, as it had deleted the original.  Its result row,
-    which Ray writes to storage only with its state, is put back from the checkpoint's copy."""
+    the copy at the trial's next checkpoint, as it had deleted the original."""
     run = read(experiment)
     restored = []
     for trial in run.trials:
@@ -177,29 +181,47 @@ def restore_lost_checkpoints(experiment: str) -> list[str]:
         pyarrow.fs.copy_files(f"{trial.folder}/{successor}", target, source_filesystem=run.fs, destination_filesystem=run.fs)
         if local:
             run.fs.move(target, lost)
-        put_back_row(run.fs, trial.folder, successor)
         restored.append(lost)
     return restored
 
 
-def put_back_row(fs: pyarrow.fs.FileSystem, folder: str, checkpoint: str) -> None:
-    """Append to the trial's result.json the row `checkpoint` was reported with (REPORTED), unless
-    a row of its epoch is there; the file is replaced whole (renamed into place where local)."""
-    try:
-        row = json.loads(read_text(fs, f"{folder}/{checkpoint}/{REPORTED}"))
-    except FileNotFoundError:
-        return  # a trainable that keeps no copy
-    if any(old.get("epoch") == row.get("epoch") for old in result_rows(fs, folder)):
-        return
-    try:
-        text = read_text(fs, f"{folder}/result.json")
-    except FileNotFoundError:
-        text = ""
-    text += ("\n" if text and not text.endswith("\n") else "") + json.dumps(row) + "\n"  # past a cut-off line
-    staged = f"{folder}/result.json.restoring"
-    with fs.open_output_stream(staged) as stream:
-        stream.write(text.encode())
-    fs.move(staged, f"{folder}/result.json")
+def restore_rows(experiment: str) -> list[str]:
+    """Put back into each trial's result.json the rows its latest checkpoint kept (REPORTED) that
+    it lacks, and drop a line cut off at its end (Ray's own reader stops at it); return the trial
+    folders mended.
+
+    Ray copies the driver's result.json to the experiment's folder now and then, file by file
+    and in place: a driver killed meanwhile leaves it behind the checkpoints (a row the saved
+    state counts, missing) or cut off, even empty.  A row put back has the trial's metrics, not
+    Ray's bookkeeping (time_total_s, timestamp, ...).  A row with an epoch is there if a row of
+    its epoch is; one without (a grid run's final report), if a row holds all of it."""
+    run = read(experiment)
+    mended = []
+    for trial in run.trials:
+        try:
+            kept = json.loads(read_text(run.fs, f"{trial.folder}/{trial.latest}/{REPORTED}")) if trial.latest else []
+        except FileNotFoundError:
+            kept = []  # a trainable that keeps no rows
+        try:
+            text = read_text(run.fs, f"{trial.folder}/result.json")
+        except FileNotFoundError:
+            text = ""
+        complete = text[:text.rfind("\n") + 1]
+        rows = parse_rows(complete)
+        missing = [row for row in kept if not any(_same(row, old) for old in rows)]
+        if not missing and complete == text:
+            continue
+        rows = sorted(rows + missing, key=lambda row: row.get("epoch", math.inf))  # a grid's final report last
+        staged = f"{trial.folder}/result.json.restoring"  # renamed into place: a kill now cuts off nothing
+        with run.fs.open_output_stream(staged) as stream:
+            stream.write("".join(json.dumps(row) + "\n" for row in rows).encode())
+        run.fs.move(staged, f"{trial.folder}/result.json")
+        mended.append(trial.folder)
+    return mended
+
+
+def _same(row: dict[str, Any], old: dict[str, Any]) -> bool:
+    return old.get("epoch") == row["epoch"] if "epoch" in row else row.items() <= old.items()
 
 
 def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: SearchSettings,

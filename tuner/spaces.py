@@ -225,10 +225,11 @@ def _asha(spec: Any, source: str) -> Asha:
     spec = _mapping(spec, source, "asha")
     keys = {f.name for f in dataclasses.fields(Asha)}
     _no_unknown(spec, keys, source, "asha.")
-    missing = sorted(keys - set(spec) - {"min_rung_results"})
+    optional = {f.name: f.default for f in dataclasses.fields(Asha) if f.default is not dataclasses.MISSING}
+    missing = sorted(keys - set(spec) - set(optional))
     if missing:
         raise ValueError(f"{source}: asha.{missing[0]}: missing")
-    spec = {"min_rung_results": Asha.min_rung_results, **spec}
+    spec = {**optional, **spec}
     for key in ("max_epochs", "grace_period", "min_rung_results"):
         if isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 1:
             raise ValueError(f"{source}: asha.{key}: {spec[key]!r} must be a positive integer")

@@ -7,7 +7,7 @@ trial reports its metrics with a checkpoint folder holding
 
     checkpoint.pt   train()'s resumable checkpoint: a restarted trial continues from it
     model/          the model of that epoch as a simdiffrec model folder (model_folder.save_model)
-    reported.json   the metrics it was reported with (`report_checkpoint`)
+    reported.json   every row the trial has reported, this one's last (`report_checkpoint`)
 
 so the checkpoint Ray keeps as a trial's best (by valid NDCG@10) is directly the exported model.
 The device is `auto`: the GPU Ray assigned (visible as cuda:0), else the CPU.
@@ -54,27 +54,35 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     with tempfile.TemporaryDirectory(prefix="simdiffrec-trial-") as work:
         work = Path(work)
         checkpoint = tune.get_checkpoint()
-        resume = None
+        resume, rows = None, []
         if checkpoint is not None:  # a restarted trial (failure, or a resumed search)
             checkpoint.to_directory(work / "restored")
-            resume = work / "restored" / CHECKPOINT_FILE
+            resume, rows = work / "restored" / CHECKPOINT_FILE, reported_rows(work / "restored")
 
         def report(ev: Evaluation) -> None:
             with tempfile.TemporaryDirectory(dir=work) as folder:
                 ev.save(Path(folder) / CHECKPOINT_FILE)
                 save_model(Path(folder) / MODEL_DIR, ev.model, data.item_ids,
                            metrics={"epoch": ev.epoch, "valid": ev.valid, "data": setup.data_info})
-                report_checkpoint(trial_metrics(ev), Path(folder))
+                report_checkpoint(rows, trial_metrics(ev), Path(folder))
 
         train(cfg, data, report=report, resume=resume, test=False)  # trials select on valid alone
 
 
-def report_checkpoint(metrics: dict[str, Any], folder: Path) -> None:
-    """Report `metrics` with the checkpoint in `folder`, which keeps a copy of them (REPORTED):
-    the checkpoint reaches storage before its result row, so a driver killed in between leaves
-    a checkpoint whose row only this copy holds (`search.restore_lost_checkpoints`)."""
-    (folder / REPORTED).write_text(json.dumps(metrics))
+def report_checkpoint(rows: list[dict[str, Any]], metrics: dict[str, Any], folder: Path) -> None:
+    """Report `metrics` with the checkpoint in `folder`, which keeps every row the trial has
+    reported, this one last (REPORTED; `rows` grows by it).  Ray copies result.json to the
+    experiment's folder only now and then, file by file: a driver killed meanwhile can leave it
+    behind the checkpoints, or cut off (`search.restore_rows` puts the rows back)."""
+    rows.append(metrics)
+    (folder / REPORTED).write_text(json.dumps(rows))
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def reported_rows(checkpoint: Path) -> list[dict[str, Any]]:
+    """The rows a restored checkpoint kept (REPORTED), [] if it kept none."""
+    file = checkpoint / REPORTED
+    return json.loads(file.read_text()) if file.is_file() else []
 
 
 def trial_metrics(ev: Evaluation) -> dict[str, float]:
