@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune import ExperimentAnalysis
 
 from simdiffrec.cli import main
-from tuner import search, spaces
+from tuner import search, spaces, storage
 from tuner.experiment import Trial, export, read, results_frame
 from tuner.protocol import BEST, GPU_SHARE, METRIC, MODEL_DIR, REPORTED
 from tuner.report import cost
@@ -352,6 +352,21 @@ def test_a_rung_stops_a_trial_only_once_it_holds_min_rung_results_earlier_result
     assert _judged(1, scores) == ["CONTINUE", "STOP", "STOP", "STOP", "CONTINUE"]
     assert _judged(3, scores) == ["CONTINUE", "CONTINUE", "CONTINUE", "STOP", "CONTINUE"]
     assert _judged(3, [0.5], epoch=9) == ["STOP"]  # max_t ends a trial whatever the rungs hold
+
+
+def test_a_local_experiment_is_written_through_renaming_storage(ray_cluster, tmp_path, monkeypatch):
+    """Ray's copies of its state and each trial's result.json go through `tuner.storage`, so a kill
+    mid-copy cuts no file off (tests/test_storage.py)."""
+    written = []
+    opened = storage.RenamingLocalHandler.open_output_stream
+    monkeypatch.setattr(storage.RenamingLocalHandler, "open_output_stream",
+                        lambda self, path, metadata: written.append(Path(path).name) or opened(self, path, metadata))
+    space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
+                          "asha": {"max_epochs": 4, "grace_period": 4, "reduction_factor": 2}}, "renamed")
+    settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=1)
+    search.run(tune.with_parameters(scores_alpha_unless_told_to_crash, crash=tmp_path / "none"), space, settings)
+    assert "result.json" in written and any(name.startswith("experiment_state-") for name in written)
+    assert not list((tmp_path / "exp").rglob("*.partial"))
 
 
 def _saved_epochs(experiment: Path) -> dict[str, int | None]:

@@ -29,6 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 from .experiment import listing, parse_rows, read, read_text, result_rows
 from .protocol import BEST, METRIC, MODE, REPORTED
 from .spaces import Space
+from .storage import storage_filesystem
 
 GPU_CHOICES = ("auto", "always", "never")
 
@@ -144,10 +145,12 @@ def make_tuner(trainable: Callable[[dict[str, Any]], None], settings: SearchSett
         for folder in restore_rows(settings.experiment):
             print(f"{folder}/result.json: behind its checkpoints when the search was stopped; rows put back",
                   file=sys.stderr)
-        return tune.Tuner.restore(settings.experiment, trainable, resume_errored=True)
+        return tune.Tuner.restore(absolute(settings.experiment), trainable, resume_errored=True,
+                                  storage_filesystem=storage_filesystem(settings.experiment))
     storage, name = experiment_location(settings.experiment)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                       run_config=tune.RunConfig(name=name, storage_path=storage, checkpoint_config=checkpoint_config,
+                                                storage_filesystem=storage_filesystem(settings.experiment),
                                                 failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
 
 
@@ -190,9 +193,9 @@ def restore_rows(experiment: str) -> list[str]:
     it lacks, and drop a line cut off at its end (Ray's own reader stops at it); return the trial
     folders mended.
 
-    Ray copies the driver's result.json to the experiment's folder now and then, file by file
-    and in place: a driver killed meanwhile leaves it behind the checkpoints (a row the saved
-    state counts, missing) or cut off, even empty.  A row put back has the trial's metrics, not
+    Ray copies the driver's result.json to the experiment's folder now and then, file by file: a
+    driver killed meanwhile leaves it behind the checkpoints (a row the saved state counts,
+    missing) or, where it was written in place (not through `storage`), cut off, even empty.  A row put back has the trial's metrics, not
     Ray's bookkeeping (time_total_s, timestamp, ...).  A row with an epoch is there if a row of
     its epoch is; one without (a grid run's final report), if a row holds all of it."""
     run = read(experiment)
