@@ -78,7 +78,7 @@ def read(experiment: str) -> Experiment:
         raise FileNotFoundError(f"{experiment}: no Ray Tune experiment there (no experiment_state file)")
     try:  # the newest session's, as Ray picks it
         state = json.loads(read_text(fs, f"{path}/{states[-1]}"))
-    except ValueError:  # Ray rewrites it in place
+    except ValueError:  # written in place (a search begun before tuner.storage)
         raise ValueError(f"{experiment}/{states[-1]}: cut off (being written by the search?); try again") from None
     trials = []
     for trial_json, run_json in state["trial_data"]:
