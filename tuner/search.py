@@ -195,9 +195,10 @@ def restore_rows(experiment: str) -> list[str]:
 
     Ray copies the driver's result.json to the experiment's folder now and then, file by file: a
     driver killed meanwhile leaves it behind the checkpoints (a row the saved state counts,
-    missing) or, where it was written in place (not through `storage`), cut off, even empty.  A row put back has the trial's metrics, not
-    Ray's bookkeeping (time_total_s, timestamp, ...).  A row with an epoch is there if a row of
-    its epoch is; one without (a grid run's final report), if a row holds all of it."""
+    missing) or, where it was written in place (not through `storage`), cut off, even empty.  A
+    row put back has the trial's metrics, not Ray's bookkeeping (time_total_s, timestamp, ...).
+    A row with an epoch is there if a row of its epoch is; one without (a grid run's final
+    report), if a row holds all of it."""
     run = read(experiment)
     mended = []
     for trial in run.trials:
