@@ -7,8 +7,8 @@ get them (`search.trial_resources`).  After each validation pass but the last a 
 with a checkpoint of train's resumable state, so a failed trial, or the whole grid after an
 interruption (`resume`), continues from there.  Its last report holds the final metrics (valid
 and test of the best model; test also without history masking, RecBole's protocol) and that
-model as a model folder (`MODEL_DIR`), the final metrics last among its rows (`REPORTED`): a trial restarted
-after it had finished reports them again instead of training on.
+model as a model folder (`MODEL_DIR`), the final metrics last among its rows (`REPORTED`): a
+trial restarted after it had finished reports them again instead of training on.
 
 The grid's folder OUT keeps `grid.yaml` (the plan and where the experiment is): `resume`
 continues only the same plan.

@@ -200,6 +200,7 @@ def restore_rows(experiment: str) -> list[str]:
     A row with an epoch is there if a row of its epoch is; one without (a grid run's final
     report), if a row holds all of it."""
     run = read(experiment)
+    fs = storage_filesystem(experiment) or run.fs  # each file whole: a kill now cuts off nothing
     mended = []
     for trial in run.trials:
         try:
@@ -216,10 +217,8 @@ def restore_rows(experiment: str) -> list[str]:
         if not missing and complete == text:
             continue
         rows = sorted(rows + missing, key=lambda row: row.get("epoch", math.inf))  # a grid's final report last
-        staged = f"{trial.folder}/result.json.restoring"  # renamed into place: a kill now cuts off nothing
-        with run.fs.open_output_stream(staged) as stream:
+        with fs.open_output_stream(f"{trial.folder}/result.json") as stream:
             stream.write("".join(json.dumps(row) + "\n" for row in rows).encode())
-        run.fs.move(staged, f"{trial.folder}/result.json")
         mended.append(trial.folder)
     return mended
 
