@@ -269,7 +269,8 @@ def add_search_commands(sub: argparse._SubParsersAction) -> None:
     search_help = "the search's folder (tune's OUT) or its experiment folder or URI"
     p = sub.add_parser("status", help="a search's progress and leaderboard, also while it runs")
     p.add_argument("search", help=search_help)
-    p.add_argument("--top", type=positive, default=10, help="trials in the leaderboard (default 10)")
+    p.add_argument("--top", type=positive, default=10,
+                   help="trials in the leaderboard (default 10); running ones are listed below them too")
     p.set_defaults(run=cmd_status)
 
     p = sub.add_parser("report", help="a search as an HTML page of figures: curves, importance, cost, final")

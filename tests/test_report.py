@@ -176,6 +176,22 @@ def test_status_mid_search_counts_running_and_waiting_trials(running, capsys):
     assert "0 running, 1 interrupted, 1 pending, 0 failed" in text
 
 
+def test_status_lists_a_running_trial_wherever_it_ranks(finished, tmp_path, capsys):
+    best = results(finished).groupby("trial_id")[METRIC].max().sort_values(ascending=False)
+    state_file, = (finished / "experiment").glob("experiment_state-*.json")
+    ids = [json.loads(trial)["trial_id"] for trial, _ in json.loads(state_file.read_text())["trial_data"]]
+    last = ids.index(best.index[-1])
+    out = copy_search(finished, tmp_path / "out", status=lambda i: "PENDING" if i == last else None)
+    with locked(out):  # the worst trial is still running
+        assert main(["status", str(out), "--top", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line[:4].strip().isdigit()]
+    assert [(row[0], row[1]) for row in rows] == [("1", best.index[0]), (str(TRIALS), best.index[-1])]
+    assert rows[1][3] == "running"
+    at = next(i for i, line in enumerate(lines) if line.split()[1:2] == [best.index[-1]])
+    assert lines[at - 1].strip() == "..."  # the ranks between them left out, and said so
+
+
 def test_report_of_a_finished_search_has_every_figure_and_the_leaderboard(finished, tmp_path):
     assert main(["report", str(finished), "--out", str(tmp_path)]) == 0
     page = check_page(tmp_path, {"learning_curves.png", "best_so_far.png", "importance.png", "slices.png"})

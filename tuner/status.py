@@ -33,6 +33,7 @@ from .protocol import GPU_SHARE, GRID_RECORD, METRIC, RECORD, SPACE_COPY
 OUTCOMES = ("finished", "early-stopped", "ASHA-stopped", "running", "interrupted", "pending", "failed")
 TRIAL_COLUMNS = ("trial_id", "number", "outcome", "epochs", "best", "best_epoch", "HR@10", "hours", GPU_SHARE,
                  "start")
+LIVE = ("running", "interrupted")  # trials that may still improve: `status` lists them beyond --top
 WIDTH = 100  # of the terminal text
 
 
@@ -164,7 +165,8 @@ def clock(seconds: float) -> str:
 
 
 def format_status(search: Search, top: int = 10, now: float | None = None) -> str:
-    """The terminal status: progress, time, the best trial and the leaderboard, in WIDTH columns."""
+    """The terminal status: progress, time, the best trial and the leaderboard's `top` rows, in
+    WIDTH columns; running and interrupted trials below them follow at their ranks."""
     now = time.time() if now is None else now
     n, found = len(search.trials), counts(search)
     lines = [search.experiment if len(search.experiment) <= WIDTH else "..." + search.experiment[-WIDTH + 3:]]
@@ -178,7 +180,7 @@ def format_status(search: Search, top: int = 10, now: float | None = None) -> st
         since = "" if missing(last) else f"; last report {clock(now - last)} ago, {clock(last - start)} in"
         lines.append(f"began {began}, {clock(now - start)} ago{since}; "
                      f"{search.trials['hours'].sum():.2f} trial-hours")
-    board = search.leaderboard(top)
+    board = search.leaderboard()
     if board.empty:
         lines.append("no trial has reported yet")
         return "\n".join(lines) + "\n"
@@ -190,7 +192,14 @@ def format_status(search: Search, top: int = 10, now: float | None = None) -> st
               "",
               f"{'rank':>4}  {'trial':<8} {'#':>4}  {'outcome':<13} {'epochs':>7} {'best ep':>7} "
               f"{'NDCG@10':>8} {'HR@10':>7}"]
+    skipped = False
     for rank, (_, row) in enumerate(board.iterrows(), 1):
+        if rank > top and row["outcome"] not in LIVE:  # a running trial is shown wherever it ranks
+            skipped = True
+            continue
+        if skipped:
+            lines.append(f"{'...':>4}")
+            skipped = False
         lines.append(f"{rank:>4}  {row['trial_id']:<8} {row['number']:>4}  {row['outcome']:<13} "
                      f"{row['epochs']:>3}/{search.max_epochs:<3} {row['best_epoch']:>7} "
                      f"{row['best']:>8.4f} {'' if missing(row['HR@10']) else format(row['HR@10'], '.4f'):>7}")
