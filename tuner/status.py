@@ -185,12 +185,13 @@ def format_status(search: Search, top: int = 10, now: float | None = None) -> st
         lines.append("no trial has reported yet")
         return "\n".join(lines) + "\n"
     best = board.iloc[0]
+    id_width = max(8, *board["trial_id"].str.len())  # a search's ids have 8 characters, a grid's 11
     lines += [f"best: trial {best['trial_id']} (#{best['number']}, {best['outcome']}) {METRIC} "
               f"{best['best']:.4f} at epoch {best['best_epoch']} of {best['epochs']}",
               *textwrap.wrap(parameters(best, search.params), WIDTH, initial_indent="      ",
                              subsequent_indent="      "),
               "",
-              f"{'rank':>4}  {'trial':<8} {'#':>4}  {'outcome':<13} {'epochs':>7} {'best ep':>7} "
+              f"{'rank':>4}  {'trial':<{id_width}} {'#':>4}  {'outcome':<13} {'epochs':>7} {'best ep':>7} "
               f"{'NDCG@10':>8} {'HR@10':>7}"]
     skipped = False
     for rank, (_, row) in enumerate(board.iterrows(), 1):
@@ -200,7 +201,7 @@ def format_status(search: Search, top: int = 10, now: float | None = None) -> st
         if skipped:
             lines.append(f"{'...':>4}")
             skipped = False
-        lines.append(f"{rank:>4}  {row['trial_id']:<8} {row['number']:>4}  {row['outcome']:<13} "
+        lines.append(f"{rank:>4}  {row['trial_id']:<{id_width}} {row['number']:>4}  {row['outcome']:<13} "
                      f"{row['epochs']:>3}/{search.max_epochs:<3} {row['best_epoch']:>7} "
                      f"{row['best']:>8.4f} {'' if missing(row['HR@10']) else format(row['HR@10'], '.4f'):>7}")
         lines += textwrap.wrap(parameters(row, search.params), WIDTH, initial_indent=" " * 6,
