@@ -123,6 +123,11 @@ def positive(text: str) -> int:
     return int(text)
 
 
+def numbers(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers of at least 1 (`3,7`)."""
+    return tuple(positive(part.strip()) for part in text.split(","))
+
+
 def columns(args: argparse.Namespace) -> dict[str, str]:
     return {k: getattr(args, k) for k in COLUMNS}
 
@@ -324,7 +329,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     from tuner.retrain import final_folder, finalize
 
     out = final_folder(args.experiment, args.out)
-    table = finalize(args.experiment, out, args.seeds, args.top, request, args.search)
+    table = finalize(args.experiment, out, args.seeds, args.top, request, args.search, args.trials)
     for _, row in table.iterrows():
         diff = "" if row["is_baseline"] else \
             f" ({row['test/NDCG@10_diff']:+.4f} vs baseline, p={row['test/NDCG@10_p']:.2g})"
@@ -350,6 +355,9 @@ def add_retrain_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=5, help="runs per configuration (default 5; the paper ran ten)")
     p.add_argument("--top", type=int, default=3,
                    help="configurations to retrain, best valid NDCG@10 first (default 3)")
+    p.add_argument("--trials", type=numbers, default=(), metavar="N[,N...]",
+                   help="also retrain these trials, by the number `status` shows (#N), e.g. one still "
+                        "improving when the search's epoch cap ended it")
     p.add_argument("--out", type=Path, help="folder for final.md, final.parquet, final_runs.parquet, "
                                             "final_checkpoint/ (default: EXPERIMENT's folder/final)")
     p.add_argument("--search", type=Path, help="the search's folder, holding search.yaml and space.yaml "

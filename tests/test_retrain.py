@@ -153,6 +153,24 @@ def test_a_restored_grid_trial_reports_again_only_from_a_final_checkpoint(final,
     assert grid.final_report(older) is None
 
 
+def test_finalize_also_retrains_trials_named_by_number(tiny_search, tmp_path, capsys):
+    experiment = str(tiny_search / "experiment")
+    results = pd.read_parquet(tiny_search / "results.parquet")
+    best = results.groupby("trial_id")["valid/NDCG@10"].max().sort_values(ascending=False)
+    number = {t.trial_id: t.number for t in read(experiment).trials}
+    last = number[best.index[-1]]
+    out = tmp_path / "final"
+    assert main(["finalize", experiment, "--seeds", "1", "--top", "1", "--trials", f"{last},{number[best.index[0]]}",
+                 "--max-epochs", "1", "--gpu", "never", "--out", str(out)]) == 0
+    table = pd.read_parquet(out / "final.parquet")
+    assert table["configuration"].tolist() == ["top-1", f"trial-{last}", "baseline"]  # top-1 not twice
+    assert table.loc[1, "param/alpha"] == results[results["trial_id"] == best.index[-1]]["alpha"].iloc[0]
+    assert f"trial #{last} (trial-{last})" in (out / "final.md").read_text()
+    assert main(["finalize", experiment, "--trials", "99", "--out", str(tmp_path / "other")]) == 2
+    assert f"--trials 99: {experiment} has no trial #99" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize("flags, message", [(["--max-epochs", "0"], "--max-epochs 0: must be at least 1"),
                                             (["--patience", "0"], "--patience 0: must be at least 1"),
                                             (["--seeds", "0"], "--seeds 0: must be at least 1")])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -57,9 +57,11 @@ class RetrainRequest:
             return grid.run(plan, out, settings, self.resume, self.ray_address)
 
 
-def top_trials(experiment: str, top: int) -> list[tuple[str, dict[str, Any]]]:
-    """(trial id, searched parameters) of the `top` trials by best valid NDCG@10, best first;
-    failed trials are left out."""
+def chosen_trials(experiment: str, top: int, numbers: Sequence[int] = ()) -> dict[str, dict[str, Any]]:
+    """Name -> searched parameters: `top-1` ... `top-K`, the `top` trials by best valid NDCG@10
+    (failed trials left out), then `trial-N` for each trial number N (as `status` numbers them)
+    not among them: a configuration the search ranked lower, such as one still improving at its
+    epoch cap."""
     run = read(experiment)
     frame = results_frame(run.trials)
     if METRIC not in frame.columns:
@@ -68,8 +70,16 @@ def top_trials(experiment: str, top: int) -> list[tuple[str, dict[str, Any]]]:
     best = frame.groupby("trial_id", sort=False)[METRIC].max().sort_values(ascending=False, kind="stable")
     if best.empty:
         raise ValueError(f"{experiment}: no trial without errors has reported {METRIC}")
-    configs = {t.trial_id: dict(t.config) for t in run.trials}
-    return [(trial_id, configs[trial_id]) for trial_id in best.index[:top]]
+    by_id, by_number = {t.trial_id: t for t in run.trials}, {t.number: t for t in run.trials}
+    chosen = {f"top-{i}": dict(by_id[trial_id].config) for i, trial_id in enumerate(best.index[:top], 1)}
+    ranked = {by_id[trial_id].number for trial_id in best.index[:top]}
+    for number in dict.fromkeys(numbers):
+        if number not in by_number:
+            raise ValueError(f"--trials {number}: {experiment} has no trial #{number} "
+                             f"(its trials are #{min(by_number)}-#{max(by_number)})")
+        if number not in ranked:
+            chosen[f"trial-{number}"] = dict(by_number[number].config)
+    return chosen
 
 
 def final_folder(experiment: str, out: Path | None) -> Path:
@@ -82,10 +92,11 @@ def final_folder(experiment: str, out: Path | None) -> Path:
 
 
 def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainRequest,
-             search_dir: Path | None = None) -> pd.DataFrame:
-    """Retrain the search's top configurations and the baseline; write the final files into OUT;
-    return final.parquet's table.  The data and the fixed settings are the search's (SEARCH_DIR's
-    search.yaml and space.yaml; SEARCH_DIR defaults to the folder holding EXPERIMENT)."""
+             search_dir: Path | None = None, trials: Sequence[int] = ()) -> pd.DataFrame:
+    """Retrain the search's top configurations, the `trials` named by number, and the baseline;
+    write the final files into OUT; return final.parquet's table.  The data and the fixed
+    settings are the search's (SEARCH_DIR's search.yaml and space.yaml; SEARCH_DIR defaults to
+    the folder holding EXPERIMENT)."""
     if "://" in experiment and search_dir is None:
         raise ValueError(f"{experiment}: for an experiment at a URI, give the search's folder (--search)")
     search_dir = Path(search_dir or Path(experiment).parent)
@@ -95,8 +106,7 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
     _at_least_one(seeds=seeds, top=top)
     record = read_yaml(search_dir / RECORD)
     space = spaces.load(search_dir / SPACE_COPY)
-    chosen = top_trials(experiment, top)
-    params = {f"top-{i}": p for i, (_, p) in enumerate(chosen, 1)}
+    params = chosen_trials(experiment, top, trials)
     best = params["top-1"]
     params[BASELINE] = {**best, **{k: v for k, v in SASREC.items() if k in best}}
     configs = {name: _settings(space.config(p, 1).to_dict(), request) for name, p in params.items()}
@@ -116,7 +126,8 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
                           out / "final_checkpoint")
     write_atomic(out / "final_runs.parquet", runs[verdict.RUN_COLUMNS].to_parquet(index=False))
     write_atomic(out / "final.parquet", table.to_parquet(index=False))
-    about = {"experiment": experiment, "top": len(chosen), "seeds": seeds,
+    about = {"experiment": experiment, "top": sum(name.startswith("top-") for name in params),
+             "trials": [name.removeprefix("trial-") for name in params if name.startswith("trial-")], "seeds": seeds,
              "patience": configs["top-1"]["patience"], "max_epochs": configs["top-1"]["epochs"]}
     write_atomic(out / "final.md", verdict.final_markdown(table, chosen_run, about).encode())
     return table

@@ -81,6 +81,11 @@ def final_table(runs: pd.DataFrame, params: dict[str, dict[str, Any]], baseline:
     return table
 
 
+def _named(about: dict[str, Any]) -> str:
+    """`, trial #1 (trial-1)` for each trial finalize was asked for by number."""
+    return "".join(f", trial #{n} (trial-{n})" for n in about.get("trials") or [])
+
+
 def final_markdown(table: pd.DataFrame, chosen: pd.Series, about: dict[str, Any]) -> str:
     """final.md: test and valid metrics with the differences to the baseline, cost, parameters."""
     def cells(split: str, row: pd.Series, with_diff: bool) -> list[str]:
@@ -102,7 +107,8 @@ def final_markdown(table: pd.DataFrame, chosen: pd.Series, about: dict[str, Any]
                  **{c: c[len("param/"):] for c in params}})
     return "\n".join([
         f"# Final runs of {about['experiment']}", "",
-        f"The top {about['top']} configurations of the search by best valid NDCG@10 and the baseline (SASRec: "
+        f"The top {about['top']} configurations of the search by best valid NDCG@10{_named(about)} and the "
+        "baseline (SASRec: "
         "the best configuration's settings with alpha = beta = 0, sr_loss ce), each trained with "
         f"{about['seeds']} seeds (0 to {about['seeds'] - 1}) until valid NDCG@10 had not improved for "
         f"{about['patience']} epochs (at most {about['max_epochs']}), then evaluated on test at its best "
