@@ -332,7 +332,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     table = finalize(args.experiment, out, args.seeds, args.top, request, args.search, args.trials)
     for _, row in table.iterrows():
         diff = "" if row["is_baseline"] else \
-            f" ({row['test/NDCG@10_diff']:+.4f} vs baseline, p={row['test/NDCG@10_p']:.2g})"
+            f" ({row['test/NDCG@10_diff']:+.4f} vs {row['baseline']}, p={row['test/NDCG@10_p']:.2g})"
         print(f"{row['configuration']}: {int(row['seeds'])} seeds, test NDCG@10 {row['test/NDCG@10_mean']:.4f} "
               f"± {row['test/NDCG@10_std']:.4f}{diff}")
     print(f"-> {out}/final.md, final.parquet, final_runs.parquet, final_checkpoint/")
@@ -349,8 +349,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def add_retrain_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finalize", help="retrain a search's best configurations and a SASRec baseline with "
-                                        "several seeds; mean ± std, paired tests, the final model")
+    p = sub.add_parser("finalize", help="retrain a search's best configurations and SASRec at their settings "
+                                        "with several seeds; mean ± std, paired tests, the final model")
     p.add_argument("experiment", help="the search's experiment folder (tune's OUT/experiment) or URI")
     p.add_argument("--seeds", type=int, default=5, help="runs per configuration (default 5; the paper ran ten)")
     p.add_argument("--top", type=int, default=3,

@@ -34,6 +34,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compile": ("auto", "on", "off"),
 }
 
+# The settings only L_d and L_cl read: with alpha = beta = 0 (SASRec) they change no loss and no score
+# of a model with given weights (the denoiser they shape is built but unused).
+SIMDIFFREC_ONLY = ("steps", "schedule", "mix", "denoiser_layers", "denoiser_heads", "restore_steps", "rounding",
+                   "k_noise", "k_sample", "tau", "tau_end", "tau_schedule", "aug_ratio", "min_substitutions",
+                   "aug_dropout", "view_dropout", "similarity", "shared_denoiser", "alpha_warmup",
+                   "noise_type", "aug_positions", "hard_negative", "exclude_original")
+
 
 @dataclass
 class Config:

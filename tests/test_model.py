@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simdiffrec.config import Config
+from simdiffrec.config import SIMDIFFREC_ONLY, Config
 from simdiffrec.diffusion import coefficients, q_sample, restore, restore_times
 from simdiffrec.model import HEALTH, SimDiffRec, attention, dropout, ranked_items, sample_negatives, select_positions
 from simdiffrec.train import alpha_factor, plan_epoch
@@ -276,6 +276,28 @@ def test_cpu_attention_and_dropout_paths_match_the_fused_kernel():
     assert abs(float((dropped == 0).float().mean()) - 0.3) < 0.01
     assert abs(float(dropped.mean()) - 1.0) < 0.01
     assert dropout(x, 0.3, training=False) is x
+
+
+def test_sasrec_reads_none_of_the_simdiffrec_only_settings():
+    """finalize lets configurations that differ only in these share one SASRec baseline."""
+    other = {"steps": 20, "schedule": "linear", "mix": "vp", "denoiser_layers": 2, "denoiser_heads": 4,
+             "restore_steps": 3, "rounding": "z0", "k_noise": 3, "k_sample": 5, "tau": 0.1, "tau_end": 0.5,
+             "tau_schedule": "linear", "aug_ratio": 0.5, "min_substitutions": 2, "aug_dropout": False,
+             "view_dropout": False, "similarity": "dot", "shared_denoiser": True, "alpha_warmup": 3,
+             "noise_type": "gaussian", "aug_positions": "random", "hard_negative": False, "exclude_original": False}
+    assert set(other) == set(SIMDIFFREC_ONLY) and all(other[k] != getattr(Config(), k) for k in other)
+    seq, item_pos = batch([[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12]], width=5)
+    target = seq.roll(-1, 1) * (seq > 0)
+    target[:, -1] = torch.tensor([13, 14, 15])
+    sasrec = make_model(alpha=0.0, beta=0.0, dropout=0.3, attn_dropout=0.3)
+    changed = make_model(alpha=0.0, beta=0.0, dropout=0.3, attn_dropout=0.3, **other)
+    changed.encoder.load_state_dict(sasrec.encoder.state_dict())
+    losses = []
+    for model in (sasrec, changed):
+        torch.manual_seed(1)  # the same dropout masks
+        losses.append(model.train().losses(seq, target, item_pos, tau=0.5))
+    assert set(losses[0]) == set(losses[1]) == {"sr"} and torch.equal(losses[0]["sr"], losses[1]["sr"])
+    assert torch.equal(sasrec.eval().score(seq), changed.eval().score(seq))
 
 
 def test_ablation_switches_change_what_they_name():

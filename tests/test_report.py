@@ -223,7 +223,8 @@ def final_table() -> pd.DataFrame:
     """finalize's final.parquet, by its contract: one row per configuration."""
     rows = []
     for i, name in enumerate(["top-1", "top-2", "baseline"]):
-        row = {"configuration": name, "is_baseline": name == "baseline", "seeds": 3, "epochs_mean": 40.0,
+        row = {"configuration": name, "is_baseline": name == "baseline", "baseline": "" if i == 2 else "baseline",
+               "seeds": 3, "epochs_mean": 40.0,
                "minutes_total": 12.5, "device": "cpu", "param/alpha": [0.3, 0.25, 0.4][i]}
         for split in ("valid", "test"):
             for metric in FINAL_METRICS:
@@ -248,8 +249,11 @@ def test_report_shows_finalize_table_from_its_default_folder_or_final(finished, 
 
     elsewhere = tmp_path / "elsewhere"
     shutil.move(out / "final", elsewhere)
+    final_table().drop(columns="baseline").to_parquet(elsewhere / "final.parquet")  # written before `baseline`
     assert main(["report", str(out), "--out", str(tmp_path / "again"), "--final", str(elsewhere)]) == 0
-    assert (tmp_path / "again" / "final.png").is_file()
+    section = (tmp_path / "again" / "report.html").read_text()
+    section = section[section.index("Final comparison"):]
+    assert section.count("<td>baseline</td>") == 3 and "+0.0200 (p 0.0123)" in section  # it, and top-1, top-2 against it
     assert main(["report", str(out), "--out", str(tmp_path / "bad"), "--final", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--final {tmp_path}: no final.parquet" in err

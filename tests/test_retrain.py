@@ -19,10 +19,11 @@ import ray
 import yaml
 
 from simdiffrec.cli import main
+from simdiffrec.config import SIMDIFFREC_ONLY, Config
 from tuner import grid, search, verdict
 from tuner.experiment import read
 from tuner.protocol import CHECKPOINT_FILE
-from tuner.retrain import REPRODUCE
+from tuner.retrain import REPRODUCE, SASREC, baselines
 
 from .conftest import synthetic_sequences
 from .test_tuner import SPACE, TINY
@@ -67,8 +68,9 @@ def final(tiny_search) -> Path:
 
 def test_finalize_writes_one_row_per_configuration_and_per_run(final, tiny_search):
     table = pd.read_parquet(final / "final.parquet")
-    assert table["configuration"].tolist() == ["top-1", "top-2", "baseline"]
-    assert table["is_baseline"].tolist() == [False, False, True] and (table["seeds"] == 2).all()
+    assert table["configuration"].tolist() == ["top-1", "top-2", "baseline", "baseline-top-2"]  # lr differs
+    assert table["is_baseline"].tolist() == [False, False, True, True] and (table["seeds"] == 2).all()
+    assert table["baseline"].tolist() == ["baseline", "baseline-top-2", "", ""]
     for split in ("valid", "test"):
         for m in verdict.METRICS:
             assert {f"{split}/{m}_mean", f"{split}/{m}_std"} <= set(table.columns)
@@ -81,25 +83,28 @@ def test_finalize_writes_one_row_per_configuration_and_per_run(final, tiny_searc
     top1 = results[results["trial_id"] == best.index[0]].iloc[0]
     assert table.loc[0, "param/alpha"] == top1["alpha"] and table.loc[0, "param/lr"] == top1["lr"]
     assert table.loc[2, "param/alpha"] == 0.0  # the baseline: SASRec with the best's other settings
-    planned = yaml.safe_load((final / "grid.yaml").read_text())["plan"]["runs"]
-    base, best_run = planned["baseline"]["config"], planned["top-1"]["config"]
-    assert (base["alpha"], base["beta"], base["sr_loss"]) == (0.0, 0.0, "ce")
-    assert {k: v for k, v in base.items() if k not in ("alpha", "beta", "sr_loss")} == \
-        {k: v for k, v in best_run.items() if k not in ("alpha", "beta", "sr_loss")}
+    assert table.loc[3, "param/lr"] == table.loc[1, "param/lr"]
+    planned = {name: run["config"] for name, run in
+               yaml.safe_load((final / "grid.yaml").read_text())["plan"]["runs"].items()}
+    assert planned["baseline"] == {**planned["top-1"], **SASREC}
+    assert planned["baseline-top-2"] == {**planned["top-2"], **SASREC,
+                                         **{k: planned["top-1"][k] for k in SIMDIFFREC_ONLY}}
 
     runs = pd.read_parquet(final / "final_runs.parquet")
-    assert list(runs.columns) == verdict.RUN_COLUMNS and len(runs) == 6
+    assert list(runs.columns) == verdict.RUN_COLUMNS and len(runs) == 8
     top = runs[runs["configuration"] == "top-1"]
     assert table.loc[0, "test/HR@10_mean"] == pytest.approx(top["test/HR@10"].mean())
     base = runs[runs["configuration"] == "baseline"].set_index("seed")["test/HR@10"]
     assert table.loc[0, "test/HR@10_diff"] == pytest.approx((top.set_index("seed")["test/HR@10"] - base).mean())
+    top2, base2 = (runs[runs["configuration"] == c].set_index("seed")["test/HR@10"] for c in ("top-2", "baseline-top-2"))
+    assert table.loc[1, "test/HR@10_diff"] == pytest.approx((top2 - base2).mean())
     assert "paired t-test" in (final / "final.md").read_text()
 
 
 def test_status_reads_a_finalize_folder_as_its_grid_of_runs(final, capsys):
     assert main(["status", str(final)]) == 0
     text = capsys.readouterr().out
-    assert "trials: 6 of 6 | 6 finished, 0 early-stopped, 0 ASHA-stopped, 0 running, 0 pending, 0 failed" in text
+    assert "trials: 8 of 8 | 8 finished, 0 early-stopped, 0 ASHA-stopped, 0 running, 0 pending, 0 failed" in text
     runs = pd.read_parquet(final / "final_runs.parquet")
     best = runs.loc[runs["valid/NDCG@10"].idxmax()]
     assert f"{best['valid/NDCG@10']:.4f} at epoch" in text
@@ -163,12 +168,24 @@ def test_finalize_also_retrains_trials_named_by_number(tiny_search, tmp_path, ca
     assert main(["finalize", experiment, "--seeds", "1", "--top", "1", "--trials", f"{last},{number[best.index[0]]}",
                  "--max-epochs", "1", "--gpu", "never", "--out", str(out)]) == 0
     table = pd.read_parquet(out / "final.parquet")
-    assert table["configuration"].tolist() == ["top-1", f"trial-{last}", "baseline"]  # top-1 not twice
+    assert table["configuration"].tolist() == ["top-1", f"trial-{last}",  # top-1 not twice
+                                               "baseline", f"baseline-trial-{last}"]
     assert table.loc[1, "param/alpha"] == results[results["trial_id"] == best.index[-1]]["alpha"].iloc[0]
     assert f"trial #{last} (trial-{last})" in (out / "final.md").read_text()
     assert main(["finalize", experiment, "--trials", "99", "--out", str(tmp_path / "other")]) == 2
     assert f"--trials 99: {experiment} has no trial #99" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_configurations_share_a_baseline_unless_sasrec_would_train_them_differently():
+    top1 = Config(alpha=0.3, tau=0.5, k_noise=5, lr=1e-3).to_dict()
+    configs = {"top-1": top1,
+               "top-2": {**top1, "alpha": 0.1, "beta": 0.2, "tau": 0.05, "k_sample": 3},  # SimDiffRec's own only
+               "trial-7": {**top1, "lr": 3e-3, "k_noise": 50}}
+    settings, compared = baselines(configs)
+    assert compared == {"top-1": "baseline", "top-2": "baseline", "trial-7": "baseline-trial-7"}
+    assert settings == {"baseline": {**top1, **SASREC},
+                        "baseline-trial-7": {**top1, **SASREC, "lr": 3e-3}}  # k_noise: top-1's, unread
 
 
 @pytest.mark.parametrize("flags, message", [(["--max-epochs", "0"], "--max-epochs 0: must be at least 1"),

@@ -26,7 +26,8 @@ def runs_frame() -> pd.DataFrame:
 
 
 def test_mean_std_paired_difference_and_p_value_match_hand_and_scipy():
-    table = verdict.final_table(runs_frame(), {"top-1": {"alpha": 0.2}, "baseline": {"alpha": 0.0}}, "baseline")
+    table = verdict.final_table(runs_frame(), {"top-1": {"alpha": 0.2}, "baseline": {"alpha": 0.0}},
+                                {"top-1": "baseline"})
     top, base = table.iloc[0], table.iloc[1]
     improved = [b + g for b, g in zip(BASE, GAIN)]
     assert top["configuration"] == "top-1" and top["seeds"] == 5 and not top["is_baseline"]
@@ -41,6 +42,21 @@ def test_mean_std_paired_difference_and_p_value_match_hand_and_scipy():
     assert base["is_baseline"] and base["test/NDCG@10_diff"] == 0 and math.isnan(base["test/NDCG@10_p"])
     assert top["epochs_mean"] == 22 and top["minutes_total"] == pytest.approx(7.5) and top["device"] == "cpu"
     assert (top["param/alpha"], base["param/alpha"]) == (0.2, 0.0)
+
+
+def test_each_configuration_is_compared_with_its_own_baseline():
+    runs = runs_frame()
+    other = runs[runs["configuration"] == "baseline"].assign(configuration="baseline-top-2")
+    other[[f"test/{m}" for m in verdict.METRICS]] -= 0.01  # SASRec at top-2's settings: 0.01 lower
+    top2 = runs[runs["configuration"] == "baseline"].assign(configuration="top-2")  # equal to `baseline`
+    table = verdict.final_table(pd.concat([runs, top2, other]), {n: {} for n in ["top-1", "top-2", "baseline",
+                                                                                "baseline-top-2"]},
+                                {"top-1": "baseline", "top-2": "baseline-top-2"}).set_index("configuration")
+    assert table["is_baseline"].tolist() == [False, False, True, True]
+    assert table["baseline"].tolist() == ["baseline", "baseline-top-2", "", ""]
+    assert table.loc["top-1", "test/HR@10_diff"] == pytest.approx(0.004)  # mean of GAIN
+    assert table.loc["top-2", "test/HR@10_diff"] == pytest.approx(0.01)  # not 0: against its own
+    assert table.loc["baseline-top-2", "test/HR@10_diff"] == 0
 
 
 def test_pairs_are_matched_by_seed_not_by_order():
@@ -66,12 +82,12 @@ def test_the_median_seed_is_chosen_for_the_final_model():
 
 def test_final_markdown_names_the_test_and_shows_the_differences():
     runs = runs_frame()
-    table = verdict.final_table(runs, {"top-1": {}, "baseline": {}}, "baseline")
+    table = verdict.final_table(runs, {"top-1": {}, "baseline": {}}, {"top-1": "baseline"})
     text = verdict.final_markdown(table, verdict.median_seed(runs, "top-1"),
                                   {"experiment": "runs/x/experiment", "top": 1, "seeds": 5, "patience": 10,
                                    "max_epochs": 200})
     assert "paired t-test" in text and "ttest_rel" in text
-    assert "| top-1 | 5 | 0.0450 ± 0.0010 (+0.0040, p=" in text
+    assert "| top-1 | 5 | baseline | 0.0450 ± 0.0010 (+0.0040, p=" in text
 
 
 def test_the_reproduce_table_puts_the_papers_value_and_the_gap_beside_each_mean():

@@ -255,8 +255,10 @@ def slices(search: Search) -> Section:
 
 
 def finalized(folder: Path) -> Section:
-    """finalize's table: each configuration retrained over seeds, tested, against the baseline."""
+    """finalize's table: each configuration retrained over seeds, tested, against its baseline."""
     final = pd.read_parquet(folder / "final.parquet")
+    if "baseline" not in final:  # written before each configuration had its own: all against `baseline`
+        final.insert(2, "baseline", np.where(final["is_baseline"], "", "baseline"))
     fig = Figure(figsize=(max(6, 1.3 * len(final) + 2), 4), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / len(FINAL_METRICS)
@@ -270,18 +272,19 @@ def finalized(folder: Path) -> Section:
     ax.set(ylabel="mean ± std over seeds")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    shown = {"configuration": final["configuration"], "seeds": final["seeds"]}
+    shown = {"configuration": final["configuration"], "seeds": final["seeds"], "against": final["baseline"]}
     for metric in FINAL_METRICS:
         shown[f"test {metric}"] = _spread(final, f"test/{metric}")
-        shown[f"Δ {metric} vs baseline (p)"] = [
+        shown[f"Δ {metric} (p)"] = [
             "" if baseline else f"{d:+.4f} (p {p:.3g})" for baseline, d, p in
             zip(final["is_baseline"], final[f"test/{metric}_diff"], final[f"test/{metric}_p"])]
     shown[f"valid {SELECT_BY}"] = _spread(final, f"valid/{SELECT_BY}")
     shown.update({"epochs": final["epochs_mean"], "minutes": final["minutes_total"], "device": final["device"]})
     shown.update({c.removeprefix("param/"): final[c] for c in final.columns if c.startswith("param/")})
-    text = (f"The top configurations and the baseline retrained with several seeds and evaluated on the test "
-            f"split ({html.escape(str(folder))}): mean ± standard deviation over seeds; Δ: the difference of the "
-            "means to the baseline, with its p-value.")
+    text = (f"The top configurations and their baselines retrained with several seeds and evaluated on the test "
+            f"split ({html.escape(str(folder))}): mean ± standard deviation over seeds; Δ: the mean paired "
+            "difference to the baseline named under against (SASRec at the configuration's settings), with its "
+            "p-value.")
     return Section("Final comparison on test", text, _png(fig), "final.png", _table(pd.DataFrame(shown)))
 
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from simdiffrec.config import Config, read_yaml
+from simdiffrec.config import SIMDIFFREC_ONLY, Config, read_yaml
 from simdiffrec.files import locked, write_atomic
 
 from . import grid, search, spaces, verdict
@@ -82,6 +82,22 @@ def chosen_trials(experiment: str, top: int, numbers: Sequence[int] = ()) -> dic
     return chosen
 
 
+def baselines(configs: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """SASRec at each configuration's settings: ({baseline: its settings}, {configuration: its
+    baseline}).  The settings SASRec never reads are top-1's in every baseline, so configurations
+    that differ only in those share one: `baseline` (top-1's), and `baseline-NAME` for the first
+    configuration NAME whose other settings (encoder, optimisation) differ."""
+    unread = {k: configs["top-1"][k] for k in SIMDIFFREC_ONLY}
+    settings: dict[str, dict[str, Any]] = {}
+    compared = {}
+    for name, config in configs.items():
+        twin = {**config, **unread, **SASREC}
+        same = [b for b, c in settings.items() if c == twin]
+        compared[name] = same[0] if same else f"{BASELINE}-{name}" if settings else BASELINE
+        settings.setdefault(compared[name], twin)
+    return settings, compared
+
+
 def final_folder(experiment: str, out: Path | None) -> Path:
     """finalize's --out: as given, else the folder holding EXPERIMENT plus /final."""
     if out is not None:
@@ -93,7 +109,7 @@ def final_folder(experiment: str, out: Path | None) -> Path:
 
 def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainRequest,
              search_dir: Path | None = None, trials: Sequence[int] = ()) -> pd.DataFrame:
-    """Retrain the search's top configurations, the `trials` named by number, and the baseline;
+    """Retrain the search's top configurations, the `trials` named by number, and their baselines;
     write the final files into OUT; return final.parquet's table.  The data and the fixed
     settings are the search's (SEARCH_DIR's search.yaml and space.yaml; SEARCH_DIR defaults to
     the folder holding EXPERIMENT)."""
@@ -107,10 +123,11 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
     record = read_yaml(search_dir / RECORD)
     space = spaces.load(search_dir / SPACE_COPY)
     params = chosen_trials(experiment, top, trials)
-    best = params["top-1"]
-    params[BASELINE] = {**best, **{k: v for k, v in SASREC.items() if k in best}}
     configs = {name: _settings(space.config(p, 1).to_dict(), request) for name, p in params.items()}
-    configs[BASELINE].update(SASREC)
+    baseline_configs, compared = baselines(configs)
+    for name, baseline in compared.items():  # a baseline's searched parameters as it runs them
+        params.setdefault(baseline, {k: baseline_configs[baseline][k] for k in params[name]})
+    configs.update(baseline_configs)
     fixed = Config.from_dict(space.fixed, source=space.source)
     plan = grid.Plan(datasets={"data": {"source": record["data"], "columns": record["columns"],
                                         "max_len": fixed.max_len, "kcore": fixed.kcore}},
@@ -119,7 +136,7 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
     runs = request.run(plan, out).rename(columns={"run": "configuration"})
     if runs.empty:
         raise ValueError(f"{out}: no run finished; nothing to write (--resume retries them)")
-    table = verdict.final_table(runs, params, BASELINE)
+    table = verdict.final_table(runs, params, compared)
     top_config = table.loc[table["valid/NDCG@10_mean"].idxmax(), "configuration"]
     chosen_run = verdict.median_seed(runs, top_config)
     grid.save_final_model(read_yaml(out / GRID_RECORD)["experiment"], chosen_run["trial_id"],

@@ -38,19 +38,21 @@ def paired(values: pd.Series, baseline: pd.Series) -> tuple[float, float]:
 
 
 def summarize(runs: pd.DataFrame, columns: Sequence[str], order: Sequence[str],
-              baseline: str | None = None, compared: Sequence[str] = ()) -> pd.DataFrame:
+              baselines: dict[str, str] | None = None, compared: Sequence[str] = ()) -> pd.DataFrame:
     """One row per configuration of `order` (a configuration without finished runs too):
     `seeds`, then `{c}_mean` and `{c}_std` (sample std; NaN for one seed) of each column, and
-    with a baseline `{c}_diff` and `{c}_p` (`paired`) of each compared column."""
-    base = runs[runs["configuration"] == baseline].set_index("seed")
+    `{c}_diff` and `{c}_p` (`paired`) of each compared column against the configuration's baseline
+    in `baselines` (0 and NaN for a configuration without one, such as a baseline)."""
     rows = []
     for name in order:
         group = runs[runs["configuration"] == name]
         row: dict[str, Any] = {"configuration": name, "seeds": len(group)}
         for c in columns:
             row[f"{c}_mean"], row[f"{c}_std"] = group[c].mean(), group[c].std(ddof=1)
+        baseline = (baselines or {}).get(name)
+        base = runs[runs["configuration"] == baseline].set_index("seed")
         for c in compared:
-            if name == baseline:
+            if baseline is None:
                 row[f"{c}_diff"], row[f"{c}_p"] = 0.0, math.nan
             else:
                 row[f"{c}_diff"], row[f"{c}_p"] = paired(group.set_index("seed")[c], base[c])
@@ -66,12 +68,14 @@ def median_seed(runs: pd.DataFrame, configuration: str, by: str = "valid/NDCG@10
 
 # --- finalize ------------------------------------------------------------------------------
 
-def final_table(runs: pd.DataFrame, params: dict[str, dict[str, Any]], baseline: str) -> pd.DataFrame:
+def final_table(runs: pd.DataFrame, params: dict[str, dict[str, Any]], baselines: dict[str, str]) -> pd.DataFrame:
     """final.parquet: one row per configuration of `params` (configuration -> its searched
-    parameters), `runs` holding RUN_COLUMNS and `gpu` (1 for a run on a GPU)."""
-    table = summarize(runs, [f"{s}/{m}" for s in SPLITS for m in METRICS], list(params), baseline,
+    parameters), each compared with its baseline in `baselines` (the baselines: the configurations
+    not in it), `runs` holding RUN_COLUMNS and `gpu` (1 for a run on a GPU)."""
+    table = summarize(runs, [f"{s}/{m}" for s in SPLITS for m in METRICS], list(params), baselines,
                       [f"test/{m}" for m in METRICS])
-    table.insert(1, "is_baseline", table["configuration"] == baseline)
+    table.insert(1, "is_baseline", ~table["configuration"].isin(list(baselines)))
+    table.insert(2, "baseline", [baselines.get(c, "") for c in table["configuration"]])
     grouped = runs.groupby("configuration")
     table["epochs_mean"] = table["configuration"].map(grouped["epochs"].mean())
     table["minutes_total"] = table["configuration"].map(grouped["minutes"].sum()).fillna(0.0)
@@ -87,7 +91,8 @@ def _named(about: dict[str, Any]) -> str:
 
 
 def final_markdown(table: pd.DataFrame, chosen: pd.Series, about: dict[str, Any]) -> str:
-    """final.md: test and valid metrics with the differences to the baseline, cost, parameters."""
+    """final.md: test and valid metrics with the differences to each configuration's baseline,
+    cost, parameters."""
     def cells(split: str, row: pd.Series, with_diff: bool) -> list[str]:
         out = []
         for m in METRICS:
@@ -97,8 +102,8 @@ def final_markdown(table: pd.DataFrame, chosen: pd.Series, about: dict[str, Any]
             out.append(cell)
         return out
 
-    test = pd.DataFrame([[r["configuration"], int(r["seeds"]), *cells("test", r, True)] for _, r in table.iterrows()],
-                        columns=["configuration", "seeds", *METRICS])
+    test = pd.DataFrame([[r["configuration"], int(r["seeds"]), r["baseline"], *cells("test", r, True)]
+                         for _, r in table.iterrows()], columns=["configuration", "seeds", "against", *METRICS])
     valid = pd.DataFrame([[r["configuration"], *cells("valid", r, False)] for _, r in table.iterrows()],
                          columns=["configuration", *METRICS])
     params = [c for c in table.columns if c.startswith("param/")]
@@ -107,13 +112,15 @@ def final_markdown(table: pd.DataFrame, chosen: pd.Series, about: dict[str, Any]
                  **{c: c[len("param/"):] for c in params}})
     return "\n".join([
         f"# Final runs of {about['experiment']}", "",
-        f"The top {about['top']} configurations of the search by best valid NDCG@10{_named(about)} and the "
-        "baseline (SASRec: "
-        "the best configuration's settings with alpha = beta = 0, sr_loss ce), each trained with "
+        f"The top {about['top']} configurations of the search by best valid NDCG@10{_named(about)} and "
+        "their baselines (SASRec: a configuration's settings with alpha = beta = 0, sr_loss ce; `baseline` "
+        "at the best configuration's, `baseline-NAME` at NAME's where its encoder or optimisation settings "
+        "differ), each trained with "
         f"{about['seeds']} seeds (0 to {about['seeds'] - 1}) until valid NDCG@10 had not improved for "
         f"{about['patience']} epochs (at most {about['max_epochs']}), then evaluated on test at its best "
         "epoch (full ranking, the user's history masked).  Cells: mean ± standard deviation over seeds "
-        f"(sample std).  In brackets: the mean paired difference to the baseline and the p-value of a {TEST_NAME}.",
+        f"(sample std).  In brackets: the mean paired difference to the baseline named under `against` and the "
+        f"p-value of a {TEST_NAME}.",
         "", "## Test", "", markdown(test), "## Valid", "", markdown(valid),
         "## Cost and parameters", "",
         "Minutes: training and validation time of every seed's run, summed; a run on a GPU held the "
