@@ -112,7 +112,7 @@ def final_markdown(table: pd.DataFrame, chosen: pd.Series, about: dict[str, Any]
                  **{c: c[len("param/"):] for c in params}})
     return "\n".join([
         f"# Final runs of {about['experiment']}", "",
-        f"The top {about['top']} configurations of the search by best valid NDCG@10{_named(about)} and "
+        f"The top {about['top']} configuration{'s' if about['top'] != 1 else ''} of the search by best valid NDCG@10{_named(about)} and "
         "their baselines (SASRec: a configuration's settings with alpha = beta = 0, sr_loss ce; `baseline` "
         "at the best configuration's, `baseline-NAME` at NAME's where its encoder or optimisation settings "
         "differ), each trained with "
