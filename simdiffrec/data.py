@@ -205,13 +205,19 @@ def load_data(source: str | Path, max_len: int | None = None, kcore: int = 5,
     else:
         raise DataError(f"{source}: no such file, and not a dataset name either "
                         f"(known: {', '.join(datasets.NAMES)})")
+    return frame_to_data(frame, default_len if max_len is None else max_len, kcore, source)
+
+
+def frame_to_data(frame: pd.DataFrame, max_len: int, kcore: int, source: object) -> SequenceData:
+    """(user, item, time) rows as leave-one-out tensors: k-core filter, drop users with fewer
+    than 3 interactions, renumber, split (`load_data`'s work after reading; a benchmark's
+    user subsample goes through it too)."""
     duplicates = int(frame.duplicated(COLUMNS).sum())
     if duplicates:  # kept (they may be real repeats), but never counted without a word
         warnings.warn(f"{source}: {duplicates:,} exact duplicate interaction row(s) (same user, item and "
-                      "time), kept as repeated interactions", stacklevel=2)
+                      "time), kept as repeated interactions", stacklevel=3)
     sequences, item_ids, user_ids = to_sequences(_drop_short(frame, kcore, source))
-    return SequenceData.from_sequences(sequences, n_items=len(item_ids) - 1,
-                                       max_len=default_len if max_len is None else max_len,
+    return SequenceData.from_sequences(sequences, n_items=len(item_ids) - 1, max_len=max_len,
                                        item_ids=item_ids, user_ids=user_ids)
 
 
