@@ -1,0 +1,413 @@
+"""A search replayed in seconds on recorded learning curves (`bench/curves.py`'s sets).
+
+    python bench/replay.py bench/curves/ml-100k                  # the policy table
+    python bench/replay.py bench/curves/ml-100k --json           # the same rows as JSON lines
+    python bench/replay.py bench/curves/ml-100k --searchers random,tpe,tpe-mv --orders 100
+
+A replayed search runs `--trials` trials on `--workers` parallel workers, one epoch per time
+unit.  The space's points come first, then the searcher's choices: `random` (a random order of
+the set's other configurations), `tpe` (Optuna's TPE at its defaults) or `tpe-mv` (multivariate
++ group + constant liar), both asking the space as a search does and handed the nearest
+configuration of the set not yet tried (table lookup); each trial is one recorded seed of its
+configuration, drawn at random.  A trial ends at the policy's epoch cap, after `--patience`
+epochs without a better valid NDCG@10 (the space's), or when the policy stops it:
+
+    none                no stopping
+    asha g,rf,b,m       Ray's ASHA (AsyncHyperBandScheduler) with grace period g, reduction factor
+                        rf, b brackets (b > 1: asynchronous Hyperband) and the search's
+                        `min_rung_results` m, on each epoch's valid NDCG@10
+    median g            Ray's MedianStoppingRule (grace period g, 3 samples): stop a trial whose
+                        best is below the median of the others' running means
+
+The pick is the trial with the best valid NDCG@10 of any epoch, as the search's export takes it.
+A configuration's worth is what retraining it to convergence gives: its best valid NDCG@10 over
+the whole recorded curve and the test NDCG@10 at that epoch, averaged over its seeds.  Per
+policy: epochs spent (% of no stopping at the longest cap), P(best kept) (the best configuration
+the search tried was not stopped by the policy), P(best picked), and the regret of the pick (the
+set's best worth minus the pick's, valid and test, mean and 90th percentile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import math
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from simdiffrec.config import read_yaml
+from tuner import spaces
+
+METRIC = "valid/NDCG@10"
+TEST = "test/NDCG@10"
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: str  # none | asha | median
+    cap: int  # the search's epoch cap (asha.max_epochs)
+    grace: int = 0
+    rf: float = 0.0
+    brackets: int = 1
+    min_rung: int = 1
+
+    @property
+    def name(self) -> str:
+        if self.kind == "asha":
+            return f"asha g{self.grace} rf{self.rf:g} b{self.brackets} m{self.min_rung} cap{self.cap}"
+        if self.kind == "median":
+            return f"median g{self.grace} cap{self.cap}"
+        return f"none cap{self.cap}"
+
+
+@dataclass
+class Curves:
+    """The recorded set: per (configuration, seed) its valid and test NDCG@10 by epoch."""
+
+    configs: pd.DataFrame  # one row per configuration: config, start, its parameters
+    valid: dict[tuple[int, int], np.ndarray]
+    test: dict[tuple[int, int], np.ndarray]
+    worth_valid: dict[int, float]  # the configuration's converged valid NDCG@10, mean over seeds
+    worth_test: dict[int, float]
+    seeds: dict[int, list[int]]
+    seed_std: float  # median over configurations of the std over seeds of the converged valid NDCG@10
+    _ends: dict = field(default_factory=dict)  # natural_end by (run, cap, patience)
+
+    def end(self, run: tuple[int, int], cap: int, patience: int) -> int:
+        key = (run, cap, patience)
+        if key not in self._ends:
+            self._ends[key] = natural_end(self.valid[run], cap, patience)
+        return self._ends[key]
+
+    @classmethod
+    def load(cls, folder: Path) -> "Curves":
+        configs = pd.read_parquet(folder / "configs.parquet")
+        curves = pd.read_parquet(folder / "curves.parquet").sort_values(["config", "seed", "epoch"])
+        valid, test, seeds = {}, {}, {}
+        for (config, seed), run in curves.groupby(["config", "seed"]):
+            valid[config, seed] = run[METRIC].to_numpy()
+            test[config, seed] = run[TEST].to_numpy()
+            seeds.setdefault(config, []).append(seed)
+        best_valid = {key: v.max() for key, v in valid.items()}
+        best_test = {key: test[key][v.argmax()] for key, v in valid.items()}
+        worth_valid = {c: float(np.mean([best_valid[c, s] for s in ss])) for c, ss in seeds.items()}
+        worth_test = {c: float(np.mean([best_test[c, s] for s in ss])) for c, ss in seeds.items()}
+        spread = [np.std([best_valid[c, s] for s in ss], ddof=1) for c, ss in seeds.items() if len(ss) > 1]
+        configs = configs[configs["config"].isin(seeds)].reset_index(drop=True)
+        return cls(configs, valid, test, worth_valid, worth_test, seeds,
+                   float(np.median(spread)) if spread else math.nan)
+
+
+def natural_end(valid: np.ndarray, cap: int, patience: int) -> int:
+    """The epoch a trial ends at without a scheduler: its cap, the recorded curve's end, or
+    `patience` epochs without a better valid NDCG@10."""
+    best, best_epoch = -math.inf, 0
+    for epoch, value in enumerate(valid[:cap], 1):
+        if value > best:
+            best, best_epoch = value, epoch
+        elif epoch - best_epoch >= patience:
+            return epoch
+    return min(cap, len(valid))
+
+
+class Asha:
+    """Ray's ASHA bracket bookkeeping (async_hyperband._Bracket, Ray 2.60) and the search's
+    `min_rung_results` rule (tuner.search.ResumableASHA)."""
+
+    def __init__(self, policy: Policy, rng: np.random.Generator) -> None:
+        self.policy, self.rng = policy, rng
+        self.brackets = []
+        for s in range(policy.brackets):
+            rungs = int(np.log(policy.cap / policy.grace) / np.log(policy.rf) - s + 1)
+            self.brackets.append([(policy.grace * policy.rf ** (k + s), {}) for k in reversed(range(rungs))])
+        sizes = np.array([len(b) for b in self.brackets])
+        probs = np.e ** (sizes - sizes.max())
+        self.probs = probs / probs.sum()
+        self.of: dict[int, list] = {}
+
+    def add(self, trial: int) -> list[int]:
+        """Assign the trial its bracket; return the epochs at which it will be judged."""
+        self.of[trial] = self.brackets[self.rng.choice(len(self.brackets), p=self.probs)]
+        return sorted({math.ceil(m) for m, _ in self.of[trial] if m <= self.policy.cap})
+
+    def result(self, trial: int, epoch: int, value: float) -> bool:
+        """Record the trial's result at `epoch`; True: stop it."""
+        if epoch >= self.policy.cap:
+            return True
+        for milestone, recorded in self.of[trial]:
+            if epoch < milestone or trial in recorded:
+                continue
+            earlier = list(recorded.values())
+            recorded[trial] = value
+            if not earlier:
+                return False
+            return value < percentile(earlier, 1 - 1 / self.policy.rf) and len(earlier) >= self.policy.min_rung
+        return False
+
+
+class Median:
+    """Ray's MedianStoppingRule (Ray 2.60, hard stop, min_samples_required 3), on epochs."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.grace = policy.grace
+        self.sums: dict[int, list[float]] = {}  # per trial: the sums of its first 0, 1, ... results
+        self.best: dict[int, float] = {}
+
+    def add(self, trial: int) -> None:
+        self.sums[trial], self.best[trial] = [0.0], -math.inf
+
+    def result(self, trial: int, epoch: int, value: float) -> bool:
+        self.sums[trial].append(self.sums[trial][-1] + value)
+        self.best[trial] = max(self.best[trial], value)
+        if epoch < self.grace:
+            return False
+        start, count = self.grace - 1, epoch - self.grace + 1
+        means = [(s[epoch] - s[start]) / count for t, s in self.sums.items() if t != trial and len(s) > epoch]
+        return len(means) >= 3 and self.best[trial] < statistics.median(means)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """numpy's default (linear) percentile, `q` in [0, 1], NaN left out as nanpercentile does."""
+    ordered = sorted(v for v in values if v == v)
+    if not ordered:
+        return math.nan
+    at = (len(ordered) - 1) * q
+    low = math.floor(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
+class Searcher:
+    """The order of configurations: the set's starting points, then random or TPE by lookup."""
+
+    def __init__(self, kind: str, curves: Curves, space: spaces.Space, rng: np.random.Generator, seed: int) -> None:
+        self.kind, self.curves, self.space, self.rng = kind, curves, space, rng
+        configs = curves.configs
+        self.left = list(configs["config"])
+        self.starts = list(configs.loc[configs["start"], "config"])
+        self.pending: dict[int, Any] = {}
+        if kind == "random":
+            rest = [c for c in self.left if c not in self.starts]
+            self.queue = self.starts + list(rng.permutation(rest))
+            return
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = (optuna.samplers.TPESampler(seed=seed) if kind == "tpe" else
+                   optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True))
+        self.study = optuna.create_study(direction="maximize", sampler=sampler)
+        self.params = [p for p in space.params]
+        for start in self.starts:
+            self.study.enqueue_trial(self._values(start))
+
+    def _values(self, config: int) -> dict[str, Any]:
+        row = self.curves.configs.set_index("config").loc[config]
+        return {p.name: _plain(row[p.name]) for p in self.space.params if not _missing(row[p.name])}
+
+    def next(self, trial: int) -> int | None:
+        if self.kind == "random":
+            return int(self.queue[trial]) if trial < len(self.queue) else None
+        if not self.left:
+            return None
+        asked = self.study.ask()
+        self.space(asked)
+        config = self._nearest(asked.params)
+        self.left.remove(config)
+        self.pending[trial] = asked
+        return config
+
+    def told(self, trial: int, value: float) -> None:
+        if self.kind != "random":
+            self.study.tell(self.pending.pop(trial), value)
+
+    def _nearest(self, params: dict[str, Any]) -> int:
+        """The configuration not yet tried closest to `params` (each parameter scaled to [0, 1],
+        log ones on a log scale; a categorical or an inactive one counts 1 where it differs)."""
+        rows = self.curves.configs.set_index("config").loc[self.left]
+        distance = np.zeros(len(rows))
+        for p in self.space.params:
+            theirs = rows[p.name].to_numpy() if p.name in rows else np.full(len(rows), None)
+            mine = params.get(p.name)
+            for i, value in enumerate(theirs):
+                distance[i] += _distance(p, mine, None if _missing(value) else _plain(value))
+        return int(rows.index[int(np.argmin(distance))])
+
+
+def _distance(p: spaces.Param, a: Any, b: Any) -> float:
+    if a is None or b is None:
+        return float(a is not b)
+    if p.type == "categorical":
+        return float(a != b)
+    lo, hi = p.low, p.high
+    if p.log:
+        lo, hi, a, b = (math.log(x) for x in (lo, hi, a, b))
+    return abs(a - b) / (hi - lo)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind: str, trials: int, workers: int,
+             patience: int, seed: int) -> dict[str, Any]:
+    """One replayed search; its epochs, the best configuration it tried and whether the policy
+    stopped it, and its pick."""
+    rng = np.random.default_rng(seed)
+    searcher = Searcher(searcher_kind, curves, space, rng, seed)
+    scheduler = Asha(policy, rng) if policy.kind == "asha" else Median(policy) if policy.kind == "median" else None
+    events: list[tuple[int, int, int, int]] = []  # (time, tie-break, trial, epoch): the trial reports that epoch then
+    state: dict[int, dict[str, Any]] = {}
+    started, epochs, order = 0, 0, itertools.count()
+
+    def start(now: int) -> None:
+        nonlocal started
+        if started >= trials:
+            return
+        config = searcher.next(started)
+        if config is None:
+            return
+        run = (config, int(rng.choice(curves.seeds[config])))
+        state[started] = {"run": run, "end": curves.end(run, policy.cap, patience), "best": -math.inf,
+                          "stopped": False, "start": now}
+        end = state[started]["end"]
+        if isinstance(scheduler, Asha):
+            reports = {epoch for epoch in scheduler.add(started) if epoch < end} | {end}
+        elif isinstance(scheduler, Median):
+            scheduler.add(started)
+            reports = set(range(1, end + 1))
+        else:
+            reports = {end}
+        for epoch in sorted(reports):
+            heapq.heappush(events, (now + epoch, next(order), started, epoch))
+        started += 1
+
+    for _ in range(workers):
+        start(0)
+    while events:
+        now, _, trial, epoch = heapq.heappop(events)
+        info = state[trial]
+        if info.get("done"):
+            continue
+        values = curves.valid[info["run"]]
+        stop = epoch >= info["end"]
+        if scheduler is not None and scheduler.result(trial, epoch, values[epoch - 1]) and not stop:
+            stop = info["stopped"] = True
+        if stop:
+            info["done"], info["epochs"] = True, epoch
+            info["best"] = float(values[:epoch].max())
+            epochs += epoch
+            searcher.told(trial, info["best"])
+            start(now)
+    tried = {info["run"][0] for info in state.values()}
+    best_tried = max(tried, key=lambda c: curves.worth_valid[c])
+    picked = max(state.values(), key=lambda info: info["best"])["run"][0]
+    return {"epochs": epochs,
+            "best_kept": not any(info["stopped"] for info in state.values() if info["run"][0] == best_tried),
+            "best_picked": picked == best_tried, "pick": picked}
+
+
+def policies(space: spaces.Space, caps: list[int]) -> list[Policy]:
+    """The policies to compare: no stopping, a grid of ASHA settings, median stopping, at each cap."""
+    found = []
+    for cap in caps:
+        found.append(Policy("none", cap))
+        for grace, rf, brackets, m in itertools.product((3, 5, 10, 15, 20), (2, 3, 4), (1, 3), (1, 3)):
+            if grace * rf <= cap:
+                found.append(Policy("asha", cap, grace, float(rf), brackets, m))
+        for grace in (5, 10, 20):
+            found.append(Policy("median", cap, grace))
+    return found
+
+
+def shipped(space: spaces.Space) -> Policy:
+    a = space.asha
+    return Policy("asha", a.max_epochs, a.grace_period, float(a.reduction_factor), 1, a.min_rung_results)
+
+
+def table(curves: Curves, space: spaces.Space, candidates: list[Policy], searchers: list[str], trials: int,
+          workers: int, patience: int, orders: int) -> pd.DataFrame:
+    best = max(curves.worth_valid, key=curves.worth_valid.get)
+    rows = []
+    for searcher in searchers:
+        longest = Policy("none", max(p.cap for p in candidates))
+        reference = np.mean([simulate(curves, space, longest, searcher, trials, workers, patience, seed)["epochs"]
+                             for seed in range(orders)])
+        for policy in candidates:
+            runs = [simulate(curves, space, policy, searcher, trials, workers, patience, seed) for seed in range(orders)]
+            epochs = np.mean([r["epochs"] for r in runs])
+            regret_valid = np.array([curves.worth_valid[best] - curves.worth_valid[r["pick"]] for r in runs])
+            regret_test = np.array([curves.worth_test[best] - curves.worth_test[r["pick"]] for r in runs])
+            rows.append({"searcher": searcher, "policy": policy.name, **asdict(policy), "epochs": epochs,
+                         "epochs_pct": 100 * epochs / reference,
+                         "p_best_kept": np.mean([r["best_kept"] for r in runs]),
+                         "p_best_picked": np.mean([r["best_picked"] for r in runs]),
+                         "regret_valid": regret_valid.mean(), "regret_valid_p90": np.quantile(regret_valid, 0.9),
+                         "regret_test": regret_test.mean(), "regret_test_p90": np.quantile(regret_test, 0.9),
+                         "shipped": policy == shipped(space)})
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("set", type=Path, help="a folder of bench/curves.py (configs.parquet, curves.parquet)")
+    p.add_argument("--space", default=None, help="the space the shipped policy is read from (default: the set's)")
+    p.add_argument("--trials", type=int, default=None, help="trials per search (default: every configuration)")
+    p.add_argument("--workers", type=int, default=4, help="trials in flight at once")
+    p.add_argument("--patience", type=int, default=None, help="a trial's own early stopping (default: the space's)")
+    p.add_argument("--caps", default=None, help="epoch caps to compare, comma-separated (default: 50 and the space's)")
+    p.add_argument("--orders", type=int, default=200, help="replayed searches per policy (random trial orders)")
+    p.add_argument("--searchers", default="random", help="random, tpe, tpe-mv (comma-separated)")
+    p.add_argument("--policies", default=None,
+                   help="only these policies, by name as the table prints them, ';'-separated (default: the grid)")
+    p.add_argument("--json", action="store_true", help="JSON lines, one per policy, instead of the table")
+    args = p.parse_args(argv)
+    about = read_yaml(args.set / "set.yaml")
+    recorded = Path(about["space"])  # a shipped space is recorded by its file's name
+    space = spaces.load(args.space or (recorded if recorded.is_file() else recorded.stem))
+    curves = Curves.load(args.set)
+    patience = args.patience or space.fixed.get("patience", 10)
+    caps = [int(c) for c in args.caps.split(",")] if args.caps else sorted({50, space.asha.max_epochs})
+    candidates = policies(space, caps)
+    if shipped(space) not in candidates:
+        candidates.append(shipped(space))
+    if args.policies:
+        wanted = set(args.policies.split(";"))
+        candidates = [c for c in candidates if c.name in wanted]
+    trials = args.trials or len(curves.configs)
+    frame = table(curves, space, candidates, args.searchers.split(","), trials, args.workers, patience, args.orders)
+    if args.json:
+        for row in frame.to_dict("records"):
+            print(json.dumps({k: _plain(v) for k, v in row.items()}))
+        return 0
+    print(f"{args.set}: {len(curves.configs)} configurations, {len(curves.valid)} runs; {trials} trials per search "
+          f"on {args.workers} workers, patience {patience}, {args.orders} orders per policy; one seed's std of "
+          f"converged valid NDCG@10: {curves.seed_std:.4f}")
+    print(markdown(frame))
+    return 0
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    cols = ["searcher", "policy", "epochs_pct", "p_best_kept", "p_best_picked", "regret_valid", "regret_valid_p90",
+            "regret_test", "regret_test_p90"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in frame.sort_values(["searcher", "epochs_pct"]).to_dict("records"):
+        mark = " (shipped)" if row["shipped"] else ""
+        cells = [row["searcher"], row["policy"] + mark, f"{row['epochs_pct']:.0f}%", f"{row['p_best_kept']:.2f}",
+                 f"{row['p_best_picked']:.2f}"] + [f"{row[c]:.4f}" for c in cols[5:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""bench/replay.py: a search replayed on recorded curves decides as Ray's schedulers would, and
+its table tells a policy that drops the best configuration from one that keeps it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from simdiffrec.config import write_yaml
+from tuner import search, spaces
+from tuner.protocol import METRIC
+
+BENCH = Path(__file__).parents[1] / "bench"
+spec = importlib.util.spec_from_file_location("replay", BENCH / "replay.py")
+replay = importlib.util.module_from_spec(spec)
+sys.modules["replay"] = replay
+spec.loader.exec_module(replay)
+
+SPACE = {"parameters": {"alpha": {"type": "float", "low": 0.001, "high": 0.5, "log": True},
+                        "k_noise": {"type": "categorical", "choices": [1, 25]}},
+         "fixed": {"patience": 5}, "points_to_evaluate": [{"alpha": 0.1, "k_noise": 25}],
+         "asha": {"max_epochs": 40, "grace_period": 2, "reduction_factor": 3, "min_rung_results": 1}}
+
+
+def write_set(folder: Path, worths: list[float], speeds: list[float], epochs: int = 40) -> Path:
+    """A set whose configuration c rises to worths[c] at the pace speeds[c] (epochs to 63%)."""
+    rng = np.random.default_rng(0)
+    configs = pd.DataFrame({"config": range(len(worths)), "start": [True] + [False] * (len(worths) - 1),
+                            "alpha": np.geomspace(0.001, 0.5, len(worths)), "k_noise": [25, 1] * (len(worths) // 2)})
+    rows = []
+    for c, (worth, speed) in enumerate(zip(worths, speeds)):
+        for seed in (0, 1):
+            curve = worth * (1 - np.exp(-np.arange(1, epochs + 1) / speed)) + rng.normal(0, 1e-5, epochs)
+            rows += [{"config": c, "seed": seed, "epoch": e + 1, "valid/NDCG@10": v, "test/NDCG@10": 0.9 * v}
+                     for e, v in enumerate(curve)]
+    folder.mkdir()
+    configs.to_parquet(folder / "configs.parquet")
+    pd.DataFrame(rows).to_parquet(folder / "curves.parquet")
+    (folder / "space.yaml").write_text(json.dumps(SPACE))
+    write_yaml(folder / "set.yaml", {"space": str(folder / "space.yaml")})
+    return folder
+
+
+def test_the_replayed_asha_decides_as_the_searchs_scheduler():
+    """On a random stream of results, the replay's ASHA stops exactly the trials that
+    tuner.search.ResumableASHA (Ray's ASHA with min_rung_results) stops."""
+    rng = np.random.default_rng(3)
+    for brackets_min_rung in ((1, 1), (1, 3), (3, 1)):
+        brackets, m = brackets_min_rung
+        policy = replay.Policy("asha", cap=27, grace=1, rf=3.0, brackets=brackets, min_rung=m)
+        ray_asha = search.ResumableASHA(metric=METRIC, mode="max", time_attr="epoch", max_t=27, grace_period=1,
+                                        reduction_factor=3, brackets=brackets, min_rung_results=m)
+        ours = replay.Asha(policy, np.random.default_rng(0))
+        stopped_ray, stopped_ours = set(), set()
+        trials = [SimpleNamespace(trial_id=f"t{i}", has_reported_at_least_once=False) for i in range(12)]
+        for i, trial in enumerate(trials):
+            np.random.seed(i)  # Ray draws a trial's bracket from numpy's global generator
+            ray_asha.on_trial_add(None, trial)
+            # the bracket Ray drew (its private state, Ray 2.60)
+            ours.of[i] = ours.brackets[ray_asha._brackets.index(ray_asha._trial_info[trial.trial_id])]
+        for epoch in range(1, 28):
+            for i, trial in enumerate(trials):
+                if i in stopped_ray:
+                    continue
+                value = float(rng.random())
+                if ray_asha.on_trial_result(None, trial, {"epoch": epoch, METRIC: value}) == "STOP":
+                    stopped_ray.add(i)
+                if ours.result(i, epoch, value):
+                    stopped_ours.add(i)
+        assert stopped_ours == stopped_ray and stopped_ray
+
+
+def test_natural_end_is_the_cap_or_patience_epochs_without_progress():
+    curve = np.array([0.1, 0.2, 0.3, 0.25, 0.2, 0.1, 0.05, 0.4])
+    assert replay.natural_end(curve, cap=8, patience=3) == 6
+    assert replay.natural_end(curve, cap=5, patience=3) == 5
+    assert replay.natural_end(curve, cap=20, patience=10) == 8  # the recorded curve ends first
+
+
+def test_a_grace_period_too_short_for_the_slow_best_configuration_shows_in_the_table(tmp_path):
+    """The best configuration rises slowest: no stopping keeps and picks it; ASHA judging at
+    epoch 2 drops it, and the table says so (kept 0, regret above 0) at a fraction of the epochs."""
+    worths = [0.05, 0.06, 0.05, 0.08, 0.05, 0.06]
+    speeds = [2, 2, 2, 12, 2, 2]
+    curves = replay.Curves.load(write_set(tmp_path / "set", worths, speeds))
+    space = spaces.parse(SPACE, "space")
+    policies = [replay.Policy("none", 40), replay.Policy("asha", 40, 2, 3.0, 1, 1)]
+    frame = replay.table(curves, space, policies, ["random"], trials=6, workers=2, patience=5, orders=20)
+    none, asha = frame.set_index("policy").loc[["none cap40", "asha g2 rf3 b1 m1 cap40"]].to_dict("records")
+    assert none["p_best_kept"] == 1.0 and none["p_best_picked"] == 1.0 and none["regret_valid"] == pytest.approx(0, abs=1e-4)
+    gap = curves.worth_valid[3] - curves.worth_valid[1]  # the best against the second best
+    assert asha["p_best_kept"] == 0.0 and asha["regret_valid"] == pytest.approx(gap, abs=1e-3)
+    assert asha["epochs_pct"] < none["epochs_pct"] == 100
+
+
+def test_the_searchers_each_try_every_configuration_once(tmp_path):
+    curves = replay.Curves.load(write_set(tmp_path / "set", [0.05] * 6, [2] * 6))
+    space = spaces.parse(SPACE, "space")
+    for kind in ("random", "tpe", "tpe-mv"):
+        searcher = replay.Searcher(kind, curves, space, np.random.default_rng(0), 0)
+        order = [searcher.next(i) for i in range(6)]
+        assert order[0] == 0 and sorted(order) == list(range(6)), kind  # the space's point first
+        assert searcher.next(6) is None
+
+
+def test_json_lines_name_the_shipped_policy(tmp_path):
+    folder = write_set(tmp_path / "set", [0.05, 0.06, 0.07, 0.05], [2, 3, 4, 2])
+    run = subprocess.run([sys.executable, str(BENCH / "replay.py"), str(folder), "--json", "--orders", "3",
+                          "--caps", "40"], capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["policy"] for r in rows if r["shipped"]] == ["asha g2 rf3 b1 m1 cap40"]
+    assert {"epochs_pct", "p_best_kept", "regret_valid", "regret_test_p90"} <= set(rows[0])
