@@ -236,10 +236,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def print_best(best: dict[str, Any], out: Path) -> None:
+    """A search's closing lines: its best trial, and the trials its epoch cap cut short."""
+    from tuner.status import load, rising
+
     metrics = best["metrics"]
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["parameters"].items())
     print(f"best trial {best['trial']} at epoch {best['epoch']}: valid NDCG@10 {metrics['valid/NDCG@10']:.4f} "
           f"HR@10 {metrics['valid/HR@10']:.4f} ({params}) -> {out}")
+    note = rising(load(str(out)))
+    if note is not None:
+        print(note)
 
 
 def add_search_commands(sub: argparse._SubParsersAction) -> None:
@@ -380,7 +386,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-epochs", type=int,
                    help="epochs at most, if early stopping has not ended a run (default 200)")
     g.add_argument("--patience", type=int, help="epochs without a better valid NDCG@10 before a run stops "
-                                                "(default: the search's for finalize, else 10)")
+                                                "(default: finalize 20, or the search's if longer; reproduce 10)")
     add_resource_flags(g, "continue the interrupted runs in OUT")
 
 

@@ -22,6 +22,7 @@ from ray import tune
 from simdiffrec.cli import main
 from simdiffrec.files import locked
 from tuner import search, spaces
+from tuner.experiment import read
 from tuner.protocol import BEST, GPU_SHARE, METRIC, RECORD, SPACE_COPY
 from tuner.status import outcome
 
@@ -164,6 +165,21 @@ def test_status_of_a_finished_search_counts_trials_and_names_the_best(finished, 
         with pytest.raises(SystemExit) as stop:
             main(["status", str(finished), "--top", top])
         assert stop.value.code == 2 and f"--top: '{top}': must be an integer of at least 1" in capsys.readouterr().err
+
+
+def test_status_and_report_name_the_trials_still_rising_at_the_cap(finished, tmp_path, capsys):
+    """A constant schedule improves every epoch up to the cap of 3: status, the report and tune's
+    closing lines (the same `status.rising`) name those trials and the flags that give them room."""
+    numbers = {t.trial_id: t.number for t in read(str(finished / "experiment")).trials}
+    at_cap = sorted(numbers[t] for t, rows in results(finished).groupby("trial_id")
+                    if rows["epoch"].max() == 3 and rows.loc[rows[METRIC].idxmax(), "epoch"] == 3)
+    assert at_cap
+    assert main(["status", str(finished)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"still rising at the cap of 3 epochs: #{at_cap[0]} (best at epoch 3)" in text
+    assert f"finalize --trials {','.join(map(str, at_cap))}, or give the next search a higher --max-epochs" in text
+    assert main(["report", str(finished), "--out", str(tmp_path)]) == 0
+    assert f"Still rising at the cap of 3 epochs: #{at_cap[0]}" in (tmp_path / "report.html").read_text()
 
 
 def test_status_mid_search_counts_running_and_waiting_trials(running, capsys):

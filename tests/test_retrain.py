@@ -23,7 +23,7 @@ from simdiffrec.config import SIMDIFFREC_ONLY, Config
 from tuner import grid, search, verdict
 from tuner.experiment import read
 from tuner.protocol import CHECKPOINT_FILE
-from tuner.retrain import REPRODUCE, SASREC, baselines
+from tuner.retrain import FINAL_PATIENCE, REPRODUCE, SASREC, RetrainRequest, _settings, baselines
 
 from .conftest import synthetic_sequences
 from .test_tuner import SPACE, TINY
@@ -68,13 +68,17 @@ def final(tiny_search) -> Path:
 
 def test_finalize_writes_one_row_per_configuration_and_per_run(final, tiny_search):
     table = pd.read_parquet(final / "final.parquet")
-    assert table["configuration"].tolist() == ["top-1", "top-2", "baseline", "baseline-top-2"]  # lr differs
-    assert table["is_baseline"].tolist() == [False, False, True, True] and (table["seeds"] == 2).all()
-    assert table["baseline"].tolist() == ["baseline", "baseline-top-2", "", ""]
+    assert table["configuration"].tolist() == ["top-1", "top-2", "start-1",  # the space's point, not in the top 2
+                                               "baseline", "baseline-top-2", "sasrec-defaults"]  # lr differs
+    assert table["is_baseline"].tolist() == [False, False, False, True, True, True] and (table["seeds"] == 2).all()
+    assert table["baseline"].tolist() == ["baseline", "baseline-top-2", "sasrec-defaults", "", "", ""]
+    assert table["start"].tolist() == [False, False, True, False, False, True]
+    winner = table.loc[table["valid/NDCG@10_mean"].idxmax(), "configuration"]
+    assert (final / "final.md").read_text().startswith(f"**Winner: {winner}**")
     for split in ("valid", "test"):
         for m in verdict.METRICS:
             assert {f"{split}/{m}_mean", f"{split}/{m}_std"} <= set(table.columns)
-    assert table.loc[2, "test/NDCG@10_diff"] == 0 and pd.isna(table.loc[2, "test/NDCG@10_p"])
+    assert table.loc[3, "test/NDCG@10_diff"] == 0 and pd.isna(table.loc[3, "test/NDCG@10_p"])
     assert set(table["device"]) == {"cpu"} and (table["minutes_total"] > 0).all()
     assert (table["epochs_mean"] == 2).all()
 
@@ -82,16 +86,19 @@ def test_finalize_writes_one_row_per_configuration_and_per_run(final, tiny_searc
     best = results.groupby("trial_id")["valid/NDCG@10"].max().sort_values(ascending=False)
     top1 = results[results["trial_id"] == best.index[0]].iloc[0]
     assert table.loc[0, "param/alpha"] == top1["alpha"] and table.loc[0, "param/lr"] == top1["lr"]
-    assert table.loc[2, "param/alpha"] == 0.0  # the baseline: SASRec with the best's other settings
-    assert table.loc[3, "param/lr"] == table.loc[1, "param/lr"]
+    assert table.loc[3, "param/alpha"] == 0.0  # the baseline: SASRec with the best's other settings
+    assert table.loc[4, "param/lr"] == table.loc[1, "param/lr"]
+    assert table.loc[5, "param/lr"] == Config.lr and table.loc[2, "param/alpha"] == SPACE["points_to_evaluate"][0]["alpha"]
     planned = {name: run["config"] for name, run in
                yaml.safe_load((final / "grid.yaml").read_text())["plan"]["runs"].items()}
     assert planned["baseline"] == {**planned["top-1"], **SASREC}
     assert planned["baseline-top-2"] == {**planned["top-2"], **SASREC,
                                          **{k: planned["top-1"][k] for k in SIMDIFFREC_ONLY}}
+    assert planned["sasrec-defaults"] == {**planned["start-1"], **SASREC,  # the point's lr is the default
+                                          **{k: planned["top-1"][k] for k in SIMDIFFREC_ONLY}}
 
     runs = pd.read_parquet(final / "final_runs.parquet")
-    assert list(runs.columns) == verdict.RUN_COLUMNS and len(runs) == 8
+    assert list(runs.columns) == verdict.RUN_COLUMNS and len(runs) == 12
     top = runs[runs["configuration"] == "top-1"]
     assert table.loc[0, "test/HR@10_mean"] == pytest.approx(top["test/HR@10"].mean())
     base = runs[runs["configuration"] == "baseline"].set_index("seed")["test/HR@10"]
@@ -104,7 +111,7 @@ def test_finalize_writes_one_row_per_configuration_and_per_run(final, tiny_searc
 def test_status_reads_a_finalize_folder_as_its_grid_of_runs(final, capsys):
     assert main(["status", str(final)]) == 0
     text = capsys.readouterr().out
-    assert "trials: 8 of 8 | 8 finished, 0 early-stopped, 0 ASHA-stopped, 0 running, 0 pending, 0 failed" in text
+    assert "trials: 12 of 12 | 12 finished, 0 early-stopped, 0 ASHA-stopped, 0 running, 0 pending, 0 failed" in text
     runs = pd.read_parquet(final / "final_runs.parquet")
     best = runs.loc[runs["valid/NDCG@10"].idxmax()]
     assert f"{best['valid/NDCG@10']:.4f} at epoch" in text
@@ -168,8 +175,10 @@ def test_finalize_also_retrains_trials_named_by_number(tiny_search, tmp_path, ca
     assert main(["finalize", experiment, "--seeds", "1", "--top", "1", "--trials", f"{last},{number[best.index[0]]}",
                  "--max-epochs", "1", "--gpu", "never", "--out", str(out)]) == 0
     table = pd.read_parquet(out / "final.parquet")
-    assert table["configuration"].tolist() == ["top-1", f"trial-{last}",  # top-1 not twice
-                                               "baseline", f"baseline-trial-{last}"]
+    assert last == 1  # the space's point, tried first, scored lowest: it is not retrained twice as start-1
+    assert table["configuration"].tolist() == ["top-1", "trial-1",  # top-1 not twice
+                                               "baseline", "sasrec-defaults"]  # trial 1's lr is the default
+    assert table["start"].tolist() == [False, True, False, True]
     assert table.loc[1, "param/alpha"] == results[results["trial_id"] == best.index[-1]]["alpha"].iloc[0]
     assert f"trial #{last} (trial-{last})" in (out / "final.md").read_text()
     assert main(["finalize", experiment, "--trials", "99", "--out", str(tmp_path / "other")]) == 2
@@ -186,6 +195,13 @@ def test_configurations_share_a_baseline_unless_sasrec_would_train_them_differen
     assert compared == {"top-1": "baseline", "top-2": "baseline", "trial-7": "baseline-trial-7"}
     assert settings == {"baseline": {**top1, **SASREC},
                         "baseline-trial-7": {**top1, **SASREC, "lr": 3e-3}}  # k_noise: top-1's, unread
+    # SASRec at the defaults: a run of its own, shared by configurations at the defaults ...
+    defaults = Config().to_dict()
+    settings, compared = baselines({"top-1": {**top1, "lr": 3e-3}, "start-1": {**top1, "alpha": 0.1}}, defaults)
+    assert compared == {"top-1": "baseline", "start-1": "sasrec-defaults"}
+    assert settings["sasrec-defaults"] == {**defaults, **SASREC, **{k: top1[k] for k in SIMDIFFREC_ONLY}}
+    # ... unless top-1's baseline is it (top-1's lr is the default)
+    assert list(baselines(configs, defaults)[0]) == ["baseline", "baseline-trial-7"]
 
 
 @pytest.mark.parametrize("flags, message", [(["--max-epochs", "0"], "--max-epochs 0: must be at least 1"),
@@ -263,3 +279,11 @@ def test_an_interrupted_grid_continues_each_run_from_its_checkpoint(ray_cluster,
     rows = {t.trial_id: t.rows for t in read(str(out / "experiment")).trials}
     for trial_id in interrupted:  # continued from its checkpoint, not from epoch 1 (every report, as written)
         assert sum(row.get("epoch") == 1 for row in rows[trial_id]) == 1
+
+
+def test_finalize_lets_runs_converge_with_patience_20_unless_told_otherwise():
+    searched = {**Config().to_dict(), "patience": 10}
+    assert _settings(searched, RetrainRequest(settings={}), FINAL_PATIENCE)["patience"] == 20
+    assert _settings({**searched, "patience": 30}, RetrainRequest(settings={}), FINAL_PATIENCE)["patience"] == 30
+    assert _settings(searched, RetrainRequest(settings={}, patience=5), FINAL_PATIENCE)["patience"] == 5
+    assert _settings(searched, RetrainRequest(settings={}))["patience"] == 10  # reproduce: as given

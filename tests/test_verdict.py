@@ -83,10 +83,11 @@ def test_the_median_seed_is_chosen_for_the_final_model():
 def test_final_markdown_names_the_test_and_shows_the_differences():
     runs = runs_frame()
     table = verdict.final_table(runs, {"top-1": {}, "baseline": {}}, {"top-1": "baseline"})
-    text = verdict.final_markdown(table, verdict.median_seed(runs, "top-1"),
+    text = verdict.final_markdown(table, runs, verdict.median_seed(runs, "top-1"),
                                   {"experiment": "runs/x/experiment", "top": 1, "seeds": 5, "patience": 10,
                                    "max_epochs": 200})
     assert "paired t-test" in text and "ttest_rel" in text
+    assert text.startswith("**Winner: top-1**, test HR@10 0.0450 ± 0.0010")
     assert "| top-1 | 5 | baseline | 0.0450 ± 0.0010 (+0.0040, p=" in text
 
 
@@ -116,3 +117,34 @@ def test_the_paper_settings_follow_section_5_4():
     assert settings["beauty"] == {"alpha": 0.4, "beta": 0.4}
     assert settings["toys"] == settings["sports"] == {"alpha": 0.1, "beta": 0.1}
     assert settings["ml-1m"]["max_len"] == 200
+
+
+def _headline(values: dict[str, list[float]], baselines: dict[str, str], starts: list[str]) -> str:
+    rows = [{"configuration": name, "seed": seed, "best_epoch": 1, "epochs": 2, "minutes": 1.0, "gpu": 0,
+             **{f"{s}/{m}": v for s in verdict.SPLITS for m in verdict.METRICS}}
+            for name, per_seed in values.items() for seed, v in enumerate(per_seed)]
+    runs = pd.DataFrame(rows)
+    table = verdict.final_table(runs, {name: {} for name in values}, baselines, starts)
+    return verdict.headline(table, runs)
+
+
+def test_the_headline_names_a_starting_point_that_beats_the_search():
+    line = _headline({"top-1": [0.040, 0.041, 0.042], "start-1": [0.050, 0.052, 0.051],
+                      "baseline": [0.030, 0.031, 0.030], "sasrec-defaults": [0.045, 0.044, 0.046]},
+                     {"top-1": "baseline", "start-1": "sasrec-defaults"}, ["start-1", "sasrec-defaults"])
+    assert line.startswith("**Winner: start-1**, test HR@10 0.0510 ± 0.0010")
+    assert "one of the search's starting points: the search found nothing better" in line
+    assert "Against SASRec-CE at its settings (sasrec-defaults): HR@10 +0.0060" in line
+    assert "SimDiffRec's own parts helped" in line  # +0.006 on every seed: p < 0.05
+
+
+def test_the_headline_compares_a_searched_winner_with_the_best_start_and_says_when_sasrec_wins():
+    line = _headline({"top-1": [0.060, 0.058, 0.062], "start-1": [0.050, 0.052, 0.051],
+                      "baseline": [0.061, 0.057, 0.060], "sasrec-defaults": [0.045, 0.044, 0.046]},
+                     {"top-1": "baseline", "start-1": "sasrec-defaults"}, ["start-1", "sasrec-defaults"])
+    assert line.startswith("**Winner: top-1**")
+    assert "Against the best starting point (start-1): HR@10 +0.0090" in line
+    assert "(baseline): HR@10 +0.0007" in line and "made no significant difference" in line
+    line = _headline({"top-1": [0.040, 0.041, 0.042], "baseline": [0.050, 0.052, 0.051]},
+                     {"top-1": "baseline"}, [])
+    assert line.startswith("**Winner: baseline**") and "SASRec-CE (alpha = beta = 0) won" in line

@@ -33,7 +33,7 @@ from simdiffrec.files import write_atomic
 
 from . import spaces
 from .protocol import GPU_SHARE, GRID_RECORD, METRIC
-from .status import Search, clock, counts, load, missing
+from .status import Search, clock, counts, load, missing, rising
 
 FINAL_DIR = "final"  # where finalize writes, in the folder holding the experiment
 FINAL_METRICS = ("HR@10", "NDCG@10")  # the bar chart's
@@ -112,8 +112,10 @@ def leaderboard(search: Search, top: int) -> Section:
                           "epochs": [f"{e}/{search.max_epochs}" for e in board["epochs"]],
                           "best epoch": board["best_epoch"], SELECT_BY: board["best"], "HR@10": board["HR@10"],
                           **{name: board[f"param/{name}"] for name in search.params if f"param/{name}" in board}})
+    note = rising(search)
     return Section("Leaderboard", f"Trials by their best {METRIC}, with that epoch's HR@10 (top {top}; # is the "
-                   "order the searcher proposed them in).", table=_table(table))
+                   "order the searcher proposed them in)." + ("" if note is None else f" {note[0].upper()}{note[1:]}."),
+                   table=_table(table))
 
 
 def learning_curves(search: Search) -> Section:

@@ -26,6 +26,10 @@ from .protocol import GRID_RECORD, METRIC, RECORD, SPACE_COPY
 
 GRID_FLAGS = ("trials_per_gpu", "cpus_per_trial", "gpu", "max_concurrent", "max_failures")  # of SearchSettings
 BASELINE = "baseline"
+# finalize's patience unless --patience says otherwise (or the search's is longer): SimDiffRec's valid
+# NDCG@10 plateaus for more than 10 epochs on Beauty before it climbs again (docs/tuning.md)
+FINAL_PATIENCE = 20
+DEFAULTS = "sasrec-defaults"  # SASRec-CE at the default settings: a starting point of every search
 SASREC = {"alpha": 0.0, "beta": 0.0, "sr_loss": "ce"}
 # reproduce's configurations: the two SASRec losses, SimDiffRec, the three ablations of Table 3
 REPRODUCE = {"sasrec-bce": {"alpha": 0.0, "beta": 0.0, "sr_loss": "bce"},
@@ -82,13 +86,20 @@ def chosen_trials(experiment: str, top: int, numbers: Sequence[int] = ()) -> dic
     return chosen
 
 
-def baselines(configs: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+def baselines(configs: dict[str, dict[str, Any]], defaults: dict[str, Any] | None = None
+              ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """SASRec at each configuration's settings: ({baseline: its settings}, {configuration: its
     baseline}).  The settings SASRec never reads are top-1's in every baseline, so configurations
-    that differ only in those share one: `baseline` (top-1's), and `baseline-NAME` for the first
-    configuration NAME whose other settings (encoder, optimisation) differ."""
+    that differ only in those share one: `baseline` (top-1's), then `sasrec-defaults` (SASRec at
+    `defaults`, the settings a user starts from, unless they are top-1's), and `baseline-NAME` for
+    the first configuration NAME whose other settings (encoder, optimisation) differ."""
     unread = {k: configs["top-1"][k] for k in SIMDIFFREC_ONLY}
     settings: dict[str, dict[str, Any]] = {}
+    if defaults is not None:
+        settings[BASELINE] = {**configs["top-1"], **unread, **SASREC}
+        twin = {**defaults, **unread, **SASREC}
+        if twin != settings[BASELINE]:
+            settings[DEFAULTS] = twin
     compared = {}
     for name, config in configs.items():
         twin = {**config, **unread, **SASREC}
@@ -96,6 +107,20 @@ def baselines(configs: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, A
         compared[name] = same[0] if same else f"{BASELINE}-{name}" if settings else BASELINE
         settings.setdefault(compared[name], twin)
     return settings, compared
+
+
+def starting_points(points: Sequence[dict[str, Any]], chosen: dict[str, dict[str, Any]]
+                    ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The space's points to evaluate as configurations to retrain: `start-J` for the J-th point
+    not among `chosen`, and the names in `chosen` that are one of them."""
+    new, already = {}, []
+    for j, point in enumerate(points, 1):
+        same = [name for name, params in chosen.items() if params == dict(point)]
+        if same:
+            already += same
+        else:
+            new[f"start-{j}"] = dict(point)
+    return new, already
 
 
 def final_folder(experiment: str, out: Path | None) -> Path:
@@ -123,9 +148,12 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
     record = read_yaml(search_dir / RECORD)
     space = spaces.load(search_dir / SPACE_COPY)
     params = chosen_trials(experiment, top, trials)
-    configs = {name: _settings(space.config(p, 1).to_dict(), request) for name, p in params.items()}
-    baseline_configs, compared = baselines(configs)
-    for name, baseline in compared.items():  # a baseline's searched parameters as it runs them
+    starts, chosen_starts = starting_points(space.points, params)
+    params.update(starts)
+    configs = {name: _settings(space.config(p, 1).to_dict(), request, FINAL_PATIENCE) for name, p in params.items()}
+    baseline_configs, compared = baselines(configs, _settings(space.config({}, 1).to_dict(), request, FINAL_PATIENCE))
+    defaults = DEFAULTS if DEFAULTS in baseline_configs else BASELINE
+    for name, baseline in [*compared.items(), ("top-1", defaults)]:  # a baseline's searched parameters as it runs them
         params.setdefault(baseline, {k: baseline_configs[baseline][k] for k in params[name]})
     configs.update(baseline_configs)
     fixed = Config.from_dict(space.fixed, source=space.source)
@@ -136,7 +164,7 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
     runs = request.run(plan, out).rename(columns={"run": "configuration"})
     if runs.empty:
         raise ValueError(f"{out}: no run finished; nothing to write (--resume retries them)")
-    table = verdict.final_table(runs, params, compared)
+    table = verdict.final_table(runs, params, compared, [*starts, *chosen_starts, defaults])
     top_config = table.loc[table["valid/NDCG@10_mean"].idxmax(), "configuration"]
     chosen_run = verdict.median_seed(runs, top_config)
     grid.save_final_model(read_yaml(out / GRID_RECORD)["experiment"], chosen_run["trial_id"],
@@ -146,7 +174,7 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
     about = {"experiment": experiment, "top": sum(name.startswith("top-") for name in params),
              "trials": [name.removeprefix("trial-") for name in params if name.startswith("trial-")], "seeds": seeds,
              "patience": configs["top-1"]["patience"], "max_epochs": configs["top-1"]["epochs"]}
-    write_atomic(out / "final.md", verdict.final_markdown(table, chosen_run, about).encode())
+    write_atomic(out / "final.md", verdict.final_markdown(table, runs, chosen_run, about).encode())
     return table
 
 
@@ -181,14 +209,13 @@ def reproduce(datasets: str, out: Path, seeds: int, request: RetrainRequest) -> 
     return table
 
 
-def _settings(config: dict[str, Any], request: RetrainRequest) -> dict[str, Any]:
-    """A run's settings for the grid: every epoch evaluated, --max-epochs and --patience applied,
-    the seed left to the grid."""
+def _settings(config: dict[str, Any], request: RetrainRequest, patience: int = 1) -> dict[str, Any]:
+    """A run's settings for the grid: every epoch evaluated, --max-epochs and --patience applied
+    (without --patience, at least `patience`), the seed left to the grid."""
     epochs = Config.epochs if request.max_epochs is None else request.max_epochs
     config = {**config, "eval_every": 1, "device": "auto", "epochs": epochs}
     config.pop("seed")
-    if request.patience is not None:
-        config["patience"] = request.patience
+    config["patience"] = max(config["patience"], patience) if request.patience is None else request.patience
     return config
 
 

@@ -145,6 +145,22 @@ def outcome(status: str, epochs: int, best_epoch: int, max_epochs: int, patience
     return "early-stopped" if epochs - best_epoch >= patience else "ASHA-stopped"
 
 
+def rising(search: Search) -> str | None:
+    """One line naming the trials still rising at the epoch cap (they ran to it and their best
+    epoch lies in its last tenth: a longer run would likely have scored higher), and the flags
+    that give them room; None when there are none."""
+    cap = search.max_epochs
+    late = search.trials[(search.trials["epochs"] >= cap) & (search.trials["best_epoch"] > 0.9 * cap)]
+    if late.empty:
+        return None
+    named = ", ".join(f"#{n} (best at epoch {b})" for n, b in zip(late["number"], late["best_epoch"]))
+    if search.out is not None and (search.out / GRID_RECORD).is_file():
+        return f"still rising at the cap of {cap} epochs: {named}; run them again with a higher --max-epochs"
+    numbers = ",".join(str(n) for n in late["number"])
+    return (f"still rising at the cap of {cap} epochs: {named}; retrain them to convergence with "
+            f"finalize --trials {numbers}, or give the next search a higher --max-epochs")
+
+
 def counts(search: Search) -> dict[str, int]:
     found = search.trials["outcome"].value_counts()
     return {name: int(found.get(name, 0)) for name in OUTCOMES}
@@ -206,7 +222,8 @@ def format_status(search: Search, top: int = 10, now: float | None = None) -> st
                      f"{row['best']:>8.4f} {'' if missing(row['HR@10']) else format(row['HR@10'], '.4f'):>7}")
         lines += textwrap.wrap(parameters(row, search.params), WIDTH, initial_indent=" " * 6,
                                subsequent_indent=" " * 6)
-    return "\n".join(lines) + "\n"
+    note = rising(search)
+    return "\n".join(lines + ([] if note is None else ["", *textwrap.wrap(note, WIDTH)])) + "\n"
 
 
 def missing(value: Any) -> bool:

@@ -68,14 +68,17 @@ def median_seed(runs: pd.DataFrame, configuration: str, by: str = "valid/NDCG@10
 
 # --- finalize ------------------------------------------------------------------------------
 
-def final_table(runs: pd.DataFrame, params: dict[str, dict[str, Any]], baselines: dict[str, str]) -> pd.DataFrame:
+def final_table(runs: pd.DataFrame, params: dict[str, dict[str, Any]], baselines: dict[str, str],
+                starts: Sequence[str] = ()) -> pd.DataFrame:
     """final.parquet: one row per configuration of `params` (configuration -> its searched
     parameters), each compared with its baseline in `baselines` (the baselines: the configurations
-    not in it), `runs` holding RUN_COLUMNS and `gpu` (1 for a run on a GPU)."""
+    not in it), `runs` holding RUN_COLUMNS and `gpu` (1 for a run on a GPU); `start` marks the
+    configurations the search started from (`starts`)."""
     table = summarize(runs, [f"{s}/{m}" for s in SPLITS for m in METRICS], list(params), baselines,
                       [f"test/{m}" for m in METRICS])
     table.insert(1, "is_baseline", ~table["configuration"].isin(list(baselines)))
     table.insert(2, "baseline", [baselines.get(c, "") for c in table["configuration"]])
+    table.insert(3, "start", table["configuration"].isin(list(starts)))
     grouped = runs.groupby("configuration")
     table["epochs_mean"] = table["configuration"].map(grouped["epochs"].mean())
     table["minutes_total"] = table["configuration"].map(grouped["minutes"].sum()).fillna(0.0)
@@ -90,9 +93,44 @@ def _named(about: dict[str, Any]) -> str:
     return "".join(f", trial #{n} (trial-{n})" for n in about.get("trials") or [])
 
 
-def final_markdown(table: pd.DataFrame, chosen: pd.Series, about: dict[str, Any]) -> str:
-    """final.md: test and valid metrics with the differences to each configuration's baseline,
-    cost, parameters."""
+def headline(table: pd.DataFrame, runs: pd.DataFrame) -> str:
+    """final.md's first line: the winner (best mean valid NDCG@10 of every configuration retrained),
+    its test metrics, its paired difference to the best starting point and to its SASRec, and
+    whether SimDiffRec's own parts helped."""
+    row = table.loc[table["valid/NDCG@10_mean"].idxmax()]
+    name = row["configuration"]
+    text = (f"**Winner: {name}**, test HR@10 {_mean_std(row['test/HR@10_mean'], row['test/HR@10_std'])}, "
+            f"NDCG@10 {_mean_std(row['test/NDCG@10_mean'], row['test/NDCG@10_std'])} over {int(row['seeds'])} seeds "
+            f"(the best mean valid NDCG@10 of {len(table)} configurations).")
+    starts = table[table["start"]] if "start" in table else table.iloc[:0]
+    if row.get("start", False):
+        text += " It is one of the search's starting points: the search found nothing better on validation."
+    elif len(starts):
+        best_start = starts.loc[starts["valid/NDCG@10_mean"].idxmax(), "configuration"]
+        text += f" Against the best starting point ({best_start}): {_against(runs, name, best_start)}."
+    if row["is_baseline"]:
+        return text + " SASRec-CE (alpha = beta = 0) won: SimDiffRec's own parts did not help on this data."
+    diff, p = row["test/HR@10_diff"], row["test/HR@10_p"]
+    verdict = ("helped" if diff > 0 else "hurt") if p < 0.05 else "made no significant difference"
+    return text + (f" Against SASRec-CE at its settings ({row['baseline']}): "
+                   f"{_against(runs, name, row['baseline'])}: SimDiffRec's own parts {verdict}.")
+
+
+def _against(runs: pd.DataFrame, name: str, other: str) -> str:
+    """`HR@10 +0.0012 (p=0.04), NDCG@10 +0.0003 (p=0.41)`: paired test differences of two configurations."""
+    def per_seed(config: str, metric: str) -> pd.Series:
+        return runs[runs["configuration"] == config].set_index("seed")[metric]
+
+    cells = []
+    for metric in ("HR@10", "NDCG@10"):
+        diff, p = paired(per_seed(name, f"test/{metric}"), per_seed(other, f"test/{metric}"))
+        cells.append(f"{metric} {diff:+.4f} (p={_p(p)})")
+    return ", ".join(cells)
+
+
+def final_markdown(table: pd.DataFrame, runs: pd.DataFrame, chosen: pd.Series, about: dict[str, Any]) -> str:
+    """final.md: the winner in one line, then test and valid metrics with the differences to each
+    configuration's baseline, cost, parameters."""
     def cells(split: str, row: pd.Series, with_diff: bool) -> list[str]:
         out = []
         for m in METRICS:
@@ -102,7 +140,8 @@ def final_markdown(table: pd.DataFrame, chosen: pd.Series, about: dict[str, Any]
             out.append(cell)
         return out
 
-    test = pd.DataFrame([[r["configuration"], int(r["seeds"]), r["baseline"], *cells("test", r, True)]
+    test = pd.DataFrame([[r["configuration"] + (" (start)" if r["start"] else ""), int(r["seeds"]), r["baseline"],
+                          *cells("test", r, True)]
                          for _, r in table.iterrows()], columns=["configuration", "seeds", "against", *METRICS])
     valid = pd.DataFrame([[r["configuration"], *cells("valid", r, False)] for _, r in table.iterrows()],
                          columns=["configuration", *METRICS])
@@ -111,8 +150,10 @@ def final_markdown(table: pd.DataFrame, chosen: pd.Series, about: dict[str, Any]
         columns={"epochs_mean": "epochs (mean)", "minutes_total": "minutes (all seeds)",
                  **{c: c[len("param/"):] for c in params}})
     return "\n".join([
-        f"# Final runs of {about['experiment']}", "",
-        f"The top {about['top']} configuration{'s' if about['top'] != 1 else ''} of the search by best valid NDCG@10{_named(about)} and "
+        headline(table, runs), "", f"# Final runs of {about['experiment']}", "",
+        f"The top {about['top']} configuration{'s' if about['top'] != 1 else ''} of the search by best valid NDCG@10{_named(about)}, "
+        "the space's points to evaluate not among them (`start-J`: the J-th point), SASRec-CE at the default "
+        "settings (`sasrec-defaults`, or the baseline with the same settings) and "
         "their baselines (SASRec: a configuration's settings with alpha = beta = 0, sr_loss ce; `baseline` "
         "at the best configuration's, `baseline-NAME` at NAME's where its encoder or optimisation settings "
         "differ), each trained with "
