@@ -116,6 +116,10 @@ def test_a_rung_judges_from_its_first_result_unless_the_space_says_otherwise(tmp
     ({"asha": {"max_epochs": 10, "grace_period": 2, "reduction_factor": 3, "min_rung_results": 0}},
      "asha.min_rung_results"),
     ({"searcher": "tpe"}, "searcher"),
+    ({"sampler": {"multivariate": "yes"}}, "sampler.multivariate"),
+    ({"sampler": {"n_startup_trials": -1}}, "sampler.n_startup_trials"),
+    ({"sampler": {"group": True}}, "sampler.group"),  # needs multivariate
+    ({"sampler": {"seed": 3}}, "sampler.seed"),  # --seed seeds it
 ])
 def test_mistakes_name_the_file_and_the_key(tmp_path, change, key):
     path = write(tmp_path, {**MINIMAL, **change})

@@ -5,6 +5,7 @@ objective, tune-all.  One Ray instance (4 CPUs, 1 logical GPU) serves the module
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -448,6 +449,46 @@ def test_the_plumbing_finds_the_optimum_of_a_known_objective(ray_cluster, tmp_pa
     assert study.best_params == best
     with pytest.raises(ValueError, match="already holds a study"):  # a second search must not mix into it
         search.make_searcher(space, settings)
+
+
+def interrupts_once(config: dict, driver: int, log: Path, at: int) -> None:
+    """-(alpha - 0.3)² - (log10 lr + 3)² at two epochs; the `at`-th trial to start sends the
+    driver SIGINT (as Ctrl-C does), once: restarted, it counts again."""
+    with log.open("a") as started:
+        started.write(f"{config['alpha']}\n")
+    if len(log.read_text().splitlines()) == at:
+        os.kill(driver, signal.SIGINT)
+        time.sleep(5)  # the driver stops the search meanwhile
+    score = -(config["alpha"] - 0.3) ** 2 - (math.log10(config["lr"]) + 3) ** 2
+    for epoch in (1, 2):
+        tune.report({"epoch": epoch, METRIC: score, BEST: score})
+
+
+def test_a_resumed_search_samples_on_from_its_restored_study(ray_cluster, tmp_path):
+    """Interrupted after its fifth trial had started and resumed, a search proposes the same
+    configurations as one never interrupted: its TPE sampler (multivariate, group, constant
+    liar) went on from the study it had, neither starting over nor sampling at random."""
+    space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5},
+                                         "lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True}},
+                          "points_to_evaluate": [{"alpha": 0.45, "lr": 1e-2}],
+                          "sampler": {"multivariate": True, "group": True, "constant_liar": True,
+                                      "n_startup_trials": 2},
+                          "asha": {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2}}, "sampler")
+
+    def proposed(settings: search.SearchSettings) -> list[tuple[float, float]]:
+        trials = sorted(read(settings.experiment).trials, key=lambda t: t.number)
+        return [(t.config["alpha"], t.config["lr"]) for t in trials]
+
+    whole = search.SearchSettings(experiment=str(tmp_path / "whole"), num_samples=8, max_concurrent=1)
+    search.run(tune.with_parameters(interrupts_once, driver=os.getpid(), log=tmp_path / "whole.log", at=0),
+               space, whole)
+    cut = search.SearchSettings(experiment=str(tmp_path / "cut"), num_samples=8, max_concurrent=1)
+    trainable = tune.with_parameters(interrupts_once, driver=os.getpid(), log=tmp_path / "cut.log", at=5)
+    with pytest.raises(KeyboardInterrupt):
+        search.run(trainable, space, cut)
+    assert len(read(cut.experiment).trials) < 8
+    search.run(trainable, space, cut, resume=True)
+    assert len(set(proposed(cut))) == 8 and proposed(cut) == proposed(whole)
 
 
 def diverges_when_alpha_is_high(config: dict) -> None:

@@ -81,15 +81,17 @@ def trial_resources(settings: SearchSettings) -> dict[str, float]:
 
 
 def make_searcher(space: Space, settings: SearchSettings) -> OptunaSearch:
-    """Seeded TPE learning from each trial's best valid NDCG@10; the space's points come first."""
+    """Seeded TPE (with the space's `sampler` settings) learning from each trial's best valid
+    NDCG@10; the space's points come first."""
     storage, study = None, settings.experiment  # the experiment's path or URI: unique per search
     if settings.optuna_storage:
         storage = optuna.storages.get_storage(settings.optuna_storage)
         if study in optuna.study.get_all_study_names(storage):
             raise ValueError(f"{settings.optuna_storage} already holds a study {study!r}: "
                              "resume that search (--resume) or give the new one another name")
+    sampler = optuna.samplers.TPESampler(seed=settings.seed, **space.sampler)
     return OptunaSearch(space, metric=BEST, mode=MODE, points_to_evaluate=list(space.points),
-                        seed=settings.seed, study_name=study, storage=storage)
+                        sampler=sampler, study_name=study, storage=storage)
 
 
 class ResumableASHA(ASHAScheduler):

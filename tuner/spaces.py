@@ -9,6 +9,7 @@
     fixed: {batch_size: 256}                  # settings every trial shares
     points_to_evaluate: [{alpha: 0.4, beta: 0.4}]   # tried first, in order; the rest is sampled
     asha: {max_epochs: 100, grace_period: 5, reduction_factor: 3}
+    sampler: {multivariate: true, group: true, constant_liar: true}   # Optuna's TPESampler settings
 
 `type` is float, int or categorical; `log` and `step` mean what they mean to Optuna's
 `suggest_float` / `suggest_int`.  `when` makes a parameter conditional on an earlier categorical
@@ -34,7 +35,10 @@ NOT_SEARCHABLE = {"epochs": "set by asha.max_epochs", "device": "Ray assigns the
 NOT_FIXABLE = {"epochs": "set asha.max_epochs instead", "device": "Ray assigns the device"}
 TYPE_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
              "categorical": {"choices"}}
-TOP_KEYS = {"parameters", "fixed", "points_to_evaluate", "asha"}
+TOP_KEYS = {"parameters", "fixed", "points_to_evaluate", "asha", "sampler"}
+# Optuna's TPESampler settings a space may set (each a bool, n_startup_trials an int): multivariate +
+# group + constant_liar is Optuna's advice for parallel trials in a conditional space
+SAMPLER_KEYS = {"multivariate": bool, "group": bool, "constant_liar": bool, "n_startup_trials": int}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 # Each setting's value type as Config declares it ("int | None" -> "int"): a float range for an
 # integer setting would pass the extremes check (1.0, 3.0) and then fail every trial on 1.7.
@@ -90,6 +94,7 @@ class Space:
     asha: Asha
     fixed: dict[str, Any] = field(default_factory=dict)
     points: tuple[dict[str, Any], ...] = ()
+    sampler: dict[str, Any] = field(default_factory=dict)  # TPESampler's settings (SAMPLER_KEYS)
 
     def __call__(self, trial: Any) -> None:
         """Optuna's define-by-run: sample each parameter whose condition holds, in file order."""
@@ -157,7 +162,8 @@ def parse(raw: Any, source: str) -> Space:
     if not params:
         raise ValueError(f"{source}: parameters: empty; give at least one parameter to search")
     space = Space(source=source, params=tuple(params), asha=_asha(raw["asha"], source), fixed=fixed,
-                  points=_points(raw.get("points_to_evaluate") or [], params, source))
+                  points=_points(raw.get("points_to_evaluate") or [], params, source),
+                  sampler=_sampler(raw.get("sampler") or {}, source))
     _check_against_config(space)
     return space
 
@@ -239,6 +245,19 @@ def _asha(spec: Any, source: str) -> Asha:
     if spec["grace_period"] > spec["max_epochs"]:
         raise ValueError(f"{source}: asha.grace_period: {spec['grace_period']} exceeds max_epochs {spec['max_epochs']}")
     return Asha(spec["max_epochs"], spec["grace_period"], factor, spec["min_rung_results"])
+
+
+def _sampler(spec: Any, source: str) -> dict[str, Any]:
+    spec = _mapping(spec, source, "sampler")
+    _no_unknown(spec, set(SAMPLER_KEYS), source, "sampler.")
+    for key, kind in SAMPLER_KEYS.items():
+        value = spec.get(key)
+        if key in spec and (not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0))):
+            raise ValueError(f"{source}: sampler.{key}: {value!r} must be "
+                             f"{'true or false' if kind is bool else 'an integer >= 0'}")
+    if spec.get("group") and not spec.get("multivariate"):
+        raise ValueError(f"{source}: sampler.group: needs multivariate: true (Optuna groups only a multivariate TPE)")
+    return spec
 
 
 def _points(raw: Any, params: list[Param], source: str) -> tuple[dict[str, Any], ...]:
