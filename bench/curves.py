@@ -2,13 +2,15 @@
 every seed to a fixed epoch cap without early stopping, every epoch's valid and test metrics kept.
 
     python bench/curves.py --data ../shared/data/ml-100k.inter --name ml-100k --configs 48 --epochs 150
-    python bench/curves.py --data ../shared/data/Toys_and_Games.txt --name toys-4k --users 4000 ...
+    python bench/curves.py --data ../shared/data/Toys_and_Games.txt --name toys-8k --users 8000 --epochs 150 --patience 30
 
 The set's configurations are the space's `points_to_evaluate` (what a search tries first) and
 then draws of Optuna's seeded random sampler, so `bench/replay.py` can replay a search of that
 space: its scheduler on the recorded curves, its searcher by table lookup.  Runs go seed by seed
 (every configuration with the first seed, then the second), so an unfinished set is already
-usable.  Resumable: each (configuration, seed) trains in WORK/c<NN>-s<SEED>/ with a checkpoint
+usable.  A user sample (`--users`) shrinks every batch by the share of training rows it
+keeps, so that an epoch takes as many optimizer steps as on the whole data and a grace period
+in epochs means the same on both.  Resumable: each (configuration, seed) trains in WORK/c<NN>-s<SEED>/ with a checkpoint
 after every epoch; the same command continues where it stopped, and `--lane i/n` splits the runs
 over n processes.  After each finished run the set is rewritten in bench/curves/NAME/:
 `configs.parquet` (one row per configuration), `curves.parquet` (one row per run and epoch) and
@@ -59,13 +61,16 @@ def draw(space: spaces.Space, count: int, seed: int) -> list[dict[str, Any]]:
     return points
 
 
-def load(source: str, users: int | None, seed: int, max_len: int | None, kcore: int) -> SequenceData:
-    """The data, or a seeded sample of `users` of its users (then k-core filtered as a whole)."""
+def load(source: str, users: int | None, seed: int, max_len: int | None, kcore: int) -> tuple[SequenceData, float]:
+    """The data, or a seeded sample of `users` of its users (then k-core filtered as a whole),
+    and the share of the data's training rows the sample keeps."""
     frame = read_file(source)
-    if users is not None:
-        chosen = np.random.default_rng(seed).permutation(frame["user"].unique())[:users]
-        frame = frame[frame["user"].isin(chosen)]
-    return frame_to_data(frame, max_len or DEFAULT_MAX_LEN, kcore, source)
+    data = frame_to_data(frame, max_len or DEFAULT_MAX_LEN, kcore, source)
+    if users is None:
+        return data, 1.0
+    chosen = np.random.default_rng(seed).permutation(frame["user"].unique())[:users]
+    sample = frame_to_data(frame[frame["user"].isin(chosen)], max_len or DEFAULT_MAX_LEN, kcore, source)
+    return sample, len(sample.train_lengths) / len(data.train_lengths)
 
 
 def train_run(cfg: Config, data: SequenceData, work: Path, progress: str) -> pd.DataFrame:
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = {**space.fixed, **overrides}
     points = draw(space, args.configs, args.draw_seed)
     base = Config.from_dict(fixed, source="--set")
-    data = load(args.data, args.users, args.draw_seed, base.max_len, base.kcore)
+    data, share = load(args.data, args.users, args.draw_seed, base.max_len, base.kcore)
     given = sys.argv[1:] if argv is None else argv
     command = [a for i, a in enumerate(given) if a != "--lane" and given[i - 1:i] != ["--lane"]]
     about = {"command": "python bench/curves.py " + shlex.join(command),
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
              "space": str(Path(space.source).name), "fixed": fixed, "epochs": args.epochs, "seeds": seeds,
              "configs": len(points), "draw_seed": args.draw_seed, "starts": min(len(space.points), len(points)),
              "machine": f"{platform.node()} {platform.machine()}, torch {torch.__version__}",
-             "patience": args.patience}
+             "patience": args.patience, "batch_scale": share}
     configs = pd.DataFrame(points)
     configs.insert(0, "config", range(len(points)))
     configs.insert(1, "start", configs["config"] < about["starts"])  # one of the space's points_to_evaluate
@@ -168,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, (seed, c) in enumerate(plan):
         if i % lanes != lane or (c, seed) in done:
             continue
-        cfg = Config.from_dict({**fixed, **points[c], "epochs": args.epochs, "patience": args.patience or args.epochs,
-                                "eval_every": 1, "seed": seed, "device": "cpu"}, source=f"configuration {c}")
+        cfg = space.config({**fixed, **points[c]}, args.epochs)
+        # a sample's epoch takes as many steps as the whole data's: its batches shrink with it
+        cfg = cfg.replace(patience=args.patience or args.epochs, eval_every=1, seed=seed, device="cpu",
+                          batch_size=max(1, round(cfg.batch_size * share)))
         rows = train_run(cfg, data, work / f"c{c:02d}-s{seed}", f"[{i + 1}/{len(plan)} c{c:02d} s{seed}]")
         # another lane may have added runs meanwhile: merge with what is on disk now
         curves = pd.concat([earlier(out, configs, about), rows.assign(config=c, seed=seed)], ignore_index=True)

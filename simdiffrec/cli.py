@@ -19,7 +19,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .config import CHOICES, Config
+from .config import CHOICES, Config, setting_type
 
 if TYPE_CHECKING:
     from tuner.jobs import SearchRequest
@@ -84,14 +84,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        shown = {"max_len": "the dataset's: 50, 200 for ml-1m", "tau_end": "none"}.get(f.name, default)
+        shown = {"max_len": "the dataset's: 50, 200 for ml-1m", "tau_end": "none", "inner": "4 × hidden"}.get(
+            f.name, default)
         text = f"{SETTING_HELP.get(f.name, '')} (default {shown})".lstrip()  # a missing line fails a test
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name in CHOICES:
             group.add_argument(flag, choices=CHOICES[f.name], default=None, help=text)
         else:
-            kind = {"max_len": int, "tau_end": float}.get(f.name, type(default))
+            kind = setting_type(f)
             group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
 
 

@@ -34,6 +34,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compile": ("auto", "on", "off"),
 }
 
+SASREC = {"alpha": 0.0, "beta": 0.0, "sr_loss": "ce"}  # SASRec with the full softmax (SASRec-CE): no L_cl, no L_d
+
 # The settings only L_d and L_cl read: with alpha = beta = 0 (SASRec) they change no loss and no score
 # of a model with given weights (the denoiser they shape is built but unused).
 SIMDIFFREC_ONLY = ("steps", "schedule", "mix", "denoiser_layers", "denoiser_heads", "restore_steps", "rounding",
@@ -51,7 +53,7 @@ class Config:
     hidden: int = 64
     layers: int = 2
     heads: int = 2
-    inner: int = 256
+    inner: int | None = None  # the feed-forward size; None: 4 × hidden (SASRec's; 256 at hidden 64)
     dropout: float = 0.5
     attn_dropout: float = 0.5
     # diffusion (Section 4.2)
@@ -111,7 +113,10 @@ class Config:
         if self.max_len is not None and (isinstance(self.max_len, bool) or not isinstance(self.max_len, int)
                                          or self.max_len < 1):
             raise ValueError(f"max_len={self.max_len!r}: must be a positive integer (or unset)")
-        positive_ints = ("hidden", "layers", "heads", "inner", "steps", "denoiser_layers",
+        if self.inner is not None and (isinstance(self.inner, bool) or not isinstance(self.inner, int)
+                                       or self.inner < 1):
+            raise ValueError(f"inner={self.inner!r}: must be a positive integer (or unset: 4 × hidden)")
+        positive_ints = ("hidden", "layers", "heads", "steps", "denoiser_layers",
                          "denoiser_heads", "restore_steps", "k_noise", "k_sample", "min_substitutions", "batch_size",
                          "epochs", "eval_every", "patience")
         for name in positive_ints:
@@ -141,6 +146,11 @@ class Config:
             raise ValueError(f"tau={self.tau!r}: must be > 0")
         if self.tau_schedule != "constant" and (self.tau_end is None or self.tau_end <= 0):
             raise ValueError(f"tau_end={self.tau_end!r}: a {self.tau_schedule} tau schedule needs tau_end > 0")
+
+    @property
+    def ff_size(self) -> int:
+        """The Transformer layers' feed-forward size: `inner`, else 4 × hidden."""
+        return self.inner or 4 * self.hidden
 
     def for_items(self, n_items: int) -> "Config":
         """The settings as used on data of `n_items` items: k_noise and k_sample cannot exceed
@@ -183,32 +193,33 @@ class Config:
         return cls.from_dict(values, source=str(path))
 
 
+def setting_type(field: dataclasses.Field) -> type:
+    """The type a setting holds, as its annotation names it (`int | None` -> int)."""
+    return {"int": int, "float": float, "bool": bool, "str": str}[str(field.type).split(" | ")[0]]
+
+
 def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
     """Accept what YAML and Ray hand us (numpy scalars, ints for floats), reject the rest."""
-    default = field.default
-    if value is None and default is None:
+    if value is None and field.default is None:
         return None
-    if field.name == "max_len":
-        default = 0
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()  # numpy scalar from a search space
-    if isinstance(default, bool):
+    kind = setting_type(field)
+    if kind is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{source}: {field.name}={value!r} must be true or false")
         return value
-    if isinstance(default, int):
+    if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ValueError(f"{source}: {field.name}={value!r} must be an integer")
         return value
-    if isinstance(default, float) or field.name == "tau_end":
-        if value is None and field.name == "tau_end":
-            return None
+    if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{source}: {field.name}={value!r} must be a number")
         return float(value)
-    if isinstance(default, str) and not isinstance(value, str):
+    if not isinstance(value, str):
         raise ValueError(f"{source}: {field.name}={value!r} must be a string")
     return value
 

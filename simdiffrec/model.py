@@ -108,7 +108,7 @@ class Encoder(nn.Module):
         self.items = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
         self.positions = nn.Embedding(max_len, cfg.hidden)
         self.drop = Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg.hidden, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout)
+        self.blocks = nn.ModuleList(Block(cfg.hidden, cfg.heads, cfg.ff_size, cfg.dropout, cfg.attn_dropout)
                                     for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.hidden)
 
@@ -149,7 +149,7 @@ class Denoiser(nn.Module):
         self.time = nn.Sequential(nn.Linear(h, 4 * h), nn.SiLU(), nn.Linear(4 * h, h))
         self.drop = Dropout(cfg.dropout)
         self.blocks = blocks if blocks is not None else nn.ModuleList(
-            Block(h, cfg.denoiser_heads, cfg.inner, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.denoiser_layers))
+            Block(h, cfg.denoiser_heads, cfg.ff_size, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.denoiser_layers))
         self.norm = nn.LayerNorm(h)
         self.out = nn.Linear(h, h)
 

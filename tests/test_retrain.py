@@ -69,10 +69,10 @@ def final(tiny_search) -> Path:
 def test_finalize_writes_one_row_per_configuration_and_per_run(final, tiny_search):
     table = pd.read_parquet(final / "final.parquet")
     assert table["configuration"].tolist() == ["top-1", "top-2", "start-1",  # the space's point, not in the top 2
-                                               "baseline", "baseline-top-2", "sasrec-defaults"]  # lr differs
+                                               "baseline", "sasrec-defaults", "baseline-top-2"]  # lr differs
     assert table["is_baseline"].tolist() == [False, False, False, True, True, True] and (table["seeds"] == 2).all()
     assert table["baseline"].tolist() == ["baseline", "baseline-top-2", "sasrec-defaults", "", "", ""]
-    assert table["start"].tolist() == [False, False, True, False, False, True]
+    assert table["start"].tolist() == [False, False, True, False, True, False]
     winner = table.loc[table["valid/NDCG@10_mean"].idxmax(), "configuration"]
     assert (final / "final.md").read_text().startswith(f"**Winner: {winner}**")
     for split in ("valid", "test"):
@@ -87,8 +87,8 @@ def test_finalize_writes_one_row_per_configuration_and_per_run(final, tiny_searc
     top1 = results[results["trial_id"] == best.index[0]].iloc[0]
     assert table.loc[0, "param/alpha"] == top1["alpha"] and table.loc[0, "param/lr"] == top1["lr"]
     assert table.loc[3, "param/alpha"] == 0.0  # the baseline: SASRec with the best's other settings
-    assert table.loc[4, "param/lr"] == table.loc[1, "param/lr"]
-    assert table.loc[5, "param/lr"] == Config.lr and table.loc[2, "param/alpha"] == SPACE["points_to_evaluate"][0]["alpha"]
+    assert table.loc[5, "param/lr"] == table.loc[1, "param/lr"]
+    assert table.loc[4, "param/lr"] == Config.lr and table.loc[2, "param/alpha"] == SPACE["points_to_evaluate"][0]["alpha"]
     planned = {name: run["config"] for name, run in
                yaml.safe_load((final / "grid.yaml").read_text())["plan"]["runs"].items()}
     assert planned["baseline"] == {**planned["top-1"], **SASREC}
@@ -191,17 +191,21 @@ def test_configurations_share_a_baseline_unless_sasrec_would_train_them_differen
     configs = {"top-1": top1,
                "top-2": {**top1, "alpha": 0.1, "beta": 0.2, "tau": 0.05, "k_sample": 3},  # SimDiffRec's own only
                "trial-7": {**top1, "lr": 3e-3, "k_noise": 50}}
-    settings, compared = baselines(configs)
+    settings, compared, _ = baselines(configs)
     assert compared == {"top-1": "baseline", "top-2": "baseline", "trial-7": "baseline-trial-7"}
     assert settings == {"baseline": {**top1, **SASREC},
                         "baseline-trial-7": {**top1, **SASREC, "lr": 3e-3}}  # k_noise: top-1's, unread
     # SASRec at the defaults: a run of its own, shared by configurations at the defaults ...
     defaults = Config().to_dict()
-    settings, compared = baselines({"top-1": {**top1, "lr": 3e-3}, "start-1": {**top1, "alpha": 0.1}}, defaults)
-    assert compared == {"top-1": "baseline", "start-1": "sasrec-defaults"}
+    settings, compared, named = baselines({"top-1": {**top1, "lr": 3e-3}, "start-1": {**top1, "alpha": 0.1}}, defaults)
+    assert compared == {"top-1": "baseline", "start-1": "sasrec-defaults"} and named == "sasrec-defaults"
     assert settings["sasrec-defaults"] == {**defaults, **SASREC, **{k: top1[k] for k in SIMDIFFREC_ONLY}}
+    # ... or a configuration that is SASRec-CE at the defaults (a sasrec-family trial), which needs no baseline
+    settings, compared, named = baselines({"top-1": {**top1, "lr": 3e-3}, "start-2": {**defaults, **SASREC}}, defaults)
+    assert list(settings) == ["baseline"] and compared == {"top-1": "baseline"} and named == "start-2"
     # ... unless top-1's baseline is it (top-1's lr is the default)
     assert list(baselines(configs, defaults)[0]) == ["baseline", "baseline-trial-7"]
+    assert baselines(configs, defaults)[2] == "baseline"
 
 
 @pytest.mark.parametrize("flags, message", [(["--max-epochs", "0"], "--max-epochs 0: must be at least 1"),

@@ -3,6 +3,8 @@ says, and every kind of mistake is an error naming the file and the key.  No Ray
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 import yaml
@@ -30,9 +32,17 @@ def test_every_dataset_has_a_space_with_the_papers_ranges_and_points_first():
         assert (by_name["alpha"].low, by_name["alpha"].high, by_name["alpha"].log) == (1e-3, 0.5, True)
         assert (by_name["beta"].low, by_name["beta"].high) == (0.1, 0.5)
         assert by_name["lr"].log and by_name["dropout"].step == 0.1
-        paper, authors = space.points[:2]
+        paper, sasrec, authors = space.points[:3]
         assert (paper["tau"], paper["k_noise"], paper["k_sample"], paper["lr"], paper["dropout"]) == (1.0, 25, 2, 1e-3, 0.5)
         assert (authors["alpha"], authors["tau"], authors["beta"]) == (1e-3, 0.05, 0.2)
+        # SASRec-CE at the defaults, and each point at the default encoder and optimiser
+        assert space.config(sasrec, 1) == space.config({}, 1).replace(alpha=0.0, beta=0.0, sr_loss="ce", epochs=1)
+        for point in (paper, authors):
+            assert space.config(point, 1).replace(**{k: getattr(Config, k) for k in point if k != "family"}) \
+                == Config(epochs=1, device="auto", **space.fixed)
+        # the encoder and the optimiser are searched for both families
+        assert by_name["layers"].low == 1 and by_name["hidden"].choices == (64, 128, 256)
+        assert by_name["family"].choices == ("simdiffrec", "sasrec") and by_name["alpha"].when == ("family", ("simdiffrec",))
         assert by_name["k_noise"].choices == (1, 5, 10, 25, 50, 100)
         assert by_name["k_sample"].choices == (2, 3, 5, 10, 20, 50)
         assert (by_name["tau"].low, by_name["tau"].high, by_name["tau"].log) == (0.05, 1.0, True)
@@ -52,6 +62,12 @@ def test_define_by_run_samples_conditional_parameters_only_when_active():
         trial = study.ask()
         space(trial)
         params = trial.params
+        if params["family"] == "sasrec":  # SASRec-CE: none of SimDiffRec's own settings sampled
+            assert not set(params) & spaces.SIMDIFFREC_PARAMS
+            cfg = space.config(params, epochs=7)
+            assert (cfg.alpha, cfg.beta, cfg.sr_loss) == (0.0, 0.0, "ce")
+            study.tell(trial, 0.0)
+            continue
         assert ("tau_end" in params) == (params["tau_schedule"] != "constant")
         assert 1e-3 <= params["alpha"] <= 0.5 and params["k_noise"] in (1, 5, 10, 25, 50, 100)
         assert round(params["dropout"] * 10) == pytest.approx(params["dropout"] * 10)  # step 0.1
@@ -120,6 +136,12 @@ def test_a_rung_judges_from_its_first_result_unless_the_space_says_otherwise(tmp
     ({"sampler": {"n_startup_trials": -1}}, "sampler.n_startup_trials"),
     ({"sampler": {"group": True}}, "sampler.group"),  # needs multivariate
     ({"sampler": {"seed": 3}}, "sampler.seed"),  # --seed seeds it
+    ({"parameters": {"family": {"type": "categorical", "choices": ["sasrec", "gru4rec"]}}}, "parameters.family"),
+    ({"parameters": {"family": {"type": "categorical", "choices": ["sasrec", "simdiffrec"]},  # sampled for SASRec
+                     "alpha": {"type": "float", "low": 0.1, "high": 0.5}}}, "parameters.alpha"),
+    ({"parameters": {"family": {"type": "categorical", "choices": ["sasrec", "simdiffrec"]},
+                     "k_noise": {"type": "categorical", "choices": [1, 5], "when": {"family": ["sasrec", "simdiffrec"]}}}},
+     "parameters.k_noise"),
 ])
 def test_mistakes_name_the_file_and_the_key(tmp_path, change, key):
     path = write(tmp_path, {**MINIMAL, **change})
@@ -162,3 +184,25 @@ def test_tune_all_names_must_stay_inside_out(tmp_path):
             plan_all(datasets, tmp_path, None, None)
     assert [j.out for j in plan_all("toys,my-data.v2=x.txt", tmp_path, None, None)] == \
         [tmp_path / "toys", tmp_path / "my-data.v2"]
+
+
+def test_a_space_states_only_what_differs_from_its_base(tmp_path):
+    """`base`: the base's parameters, fixed settings, asha and sampler entries, each overridden
+    by key (null drops one); points replaced; the resolved mapping is what a search copies."""
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({
+        "base": "default", "parameters": {"batch_size": None, "layers": {"type": "int", "low": 1, "high": 2}},
+        "fixed": {"batch_size": 128}, "asha": {"grace_period": 7}, "sampler": {"multivariate": True},
+        "points_to_evaluate": [{"family": "sasrec", "layers": 1}]}))
+    mine, default = spaces.load(tmp_path / "mine.yaml"), spaces.load("default")
+    names = [p.name for p in mine.params]
+    assert names == [p.name for p in default.params if p.name != "batch_size"]  # the base's order
+    assert {p.name: p for p in mine.params}["layers"].high == 2 and mine.fixed["batch_size"] == 128
+    assert mine.asha == default.asha.__class__(default.asha.max_epochs, 7, default.asha.reduction_factor,
+                                               default.asha.min_rung_results)
+    assert mine.sampler == {"multivariate": True} and mine.points == ({"family": "sasrec", "layers": 1},)
+    copy = yaml.safe_load(yaml.safe_dump(mine.raw, sort_keys=False))  # as a search writes it (write_yaml)
+    assert spaces.parse(copy, "copy") == dataclasses.replace(mine, source="copy")  # it stands alone
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"base": "b.yaml", "asha": {"grace_period": 1}}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"base": "a.yaml"}))
+    with pytest.raises(ValueError, match="leads back to itself"):
+        spaces.load(tmp_path / "a.yaml")

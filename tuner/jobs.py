@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,7 +118,7 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
     data, stats = load_and_describe(job.data, max_len=fixed.max_len, kcore=fixed.kcore, **job.columns)
     if not resume:
         job.out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(space.source, job.out / SPACE_COPY)
+        write_yaml(job.out / SPACE_COPY, space.raw)  # its base merged in: a resume never reads a changed base
         record = {"data": job.data, "columns": job.columns, "space": space.source,
                   "max_epochs": space.asha.max_epochs, "settings": dataclasses.asdict(settings)}
         write_yaml(job.out / RECORD, record)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from simdiffrec.config import SIMDIFFREC_ONLY, Config, read_yaml
+from simdiffrec.config import SASREC, SIMDIFFREC_ONLY, Config, read_yaml
 from simdiffrec.files import locked, write_atomic
 
 from . import grid, search, spaces, verdict
@@ -30,7 +30,6 @@ BASELINE = "baseline"
 # NDCG@10 plateaus for more than 10 epochs on Beauty before it climbs again (docs/tuning.md)
 FINAL_PATIENCE = 20
 DEFAULTS = "sasrec-defaults"  # SASRec-CE at the default settings: a starting point of every search
-SASREC = {"alpha": 0.0, "beta": 0.0, "sr_loss": "ce"}
 # reproduce's configurations: the two SASRec losses, SimDiffRec, the three ablations of Table 3
 REPRODUCE = {"sasrec-bce": {"alpha": 0.0, "beta": 0.0, "sr_loss": "bce"},
              "sasrec-ce": {"alpha": 0.0, "beta": 0.0, "sr_loss": "ce"},
@@ -87,26 +86,33 @@ def chosen_trials(experiment: str, top: int, numbers: Sequence[int] = ()) -> dic
 
 
 def baselines(configs: dict[str, dict[str, Any]], defaults: dict[str, Any] | None = None
-              ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """SASRec at each configuration's settings: ({baseline: its settings}, {configuration: its
-    baseline}).  The settings SASRec never reads are top-1's in every baseline, so configurations
-    that differ only in those share one: `baseline` (top-1's), then `sasrec-defaults` (SASRec at
-    `defaults`, the settings a user starts from, unless they are top-1's), and `baseline-NAME` for
-    the first configuration NAME whose other settings (encoder, optimisation) differ."""
+              ) -> tuple[dict[str, dict[str, Any]], dict[str, str], str | None]:
+    """SASRec-CE at each configuration's settings: ({baseline: its settings}, {configuration: its
+    baseline}, the name of SASRec-CE at `defaults`, the settings a user starts from).
+
+    The settings SASRec never reads are top-1's in every baseline, so configurations that differ
+    only in those share one: `baseline` (top-1's), `sasrec-defaults` (at `defaults`) and
+    `baseline-NAME` for the first configuration NAME whose other settings (encoder,
+    optimisation) differ.  A configuration that is SASRec-CE itself (a sasrec-family trial) has
+    no baseline and stands for any baseline of its settings."""
     unread = {k: configs["top-1"][k] for k in SIMDIFFREC_ONLY}
+
+    def twin(config: dict[str, Any]) -> dict[str, Any]:
+        return {**config, **unread, **SASREC}
+
+    runs = {name: twin(c) for name, c in configs.items() if all(c[k] == v for k, v in SASREC.items())}
     settings: dict[str, dict[str, Any]] = {}
-    if defaults is not None:
-        settings[BASELINE] = {**configs["top-1"], **unread, **SASREC}
-        twin = {**defaults, **unread, **SASREC}
-        if twin != settings[BASELINE]:
-            settings[DEFAULTS] = twin
-    compared = {}
-    for name, config in configs.items():
-        twin = {**config, **unread, **SASREC}
-        same = [b for b, c in settings.items() if c == twin]
-        compared[name] = same[0] if same else f"{BASELINE}-{name}" if settings else BASELINE
-        settings.setdefault(compared[name], twin)
-    return settings, compared
+
+    def baseline_of(config: dict[str, Any], name: str) -> str:
+        found = [b for b, c in {**runs, **settings}.items() if c == twin(config)]
+        if not found:
+            settings[name] = twin(config)
+        return found[0] if found else name
+
+    baseline_of(configs["top-1"], BASELINE)
+    default_name = None if defaults is None else baseline_of(defaults, DEFAULTS)
+    compared = {name: baseline_of(config, f"{BASELINE}-{name}") for name, config in configs.items() if name not in runs}
+    return settings, compared, default_name
 
 
 def starting_points(points: Sequence[dict[str, Any]], chosen: dict[str, dict[str, Any]]
@@ -151,10 +157,10 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
     starts, chosen_starts = starting_points(space.points, params)
     params.update(starts)
     configs = {name: _settings(space.config(p, 1).to_dict(), request, FINAL_PATIENCE) for name, p in params.items()}
-    baseline_configs, compared = baselines(configs, _settings(space.config({}, 1).to_dict(), request, FINAL_PATIENCE))
-    defaults = DEFAULTS if DEFAULTS in baseline_configs else BASELINE
-    for name, baseline in [*compared.items(), ("top-1", defaults)]:  # a baseline's searched parameters as it runs them
-        params.setdefault(baseline, {k: baseline_configs[baseline][k] for k in params[name]})
+    baseline_configs, compared, defaults = baselines(
+        configs, _settings(space.config({}, 1).to_dict(), request, FINAL_PATIENCE))
+    for baseline, settings in baseline_configs.items():  # a baseline's searched parameters as it runs them
+        params[baseline] = {k: "sasrec" if k == spaces.FAMILY else settings[k] for k in params["top-1"]}
     configs.update(baseline_configs)
     fixed = Config.from_dict(space.fixed, source=space.source)
     plan = grid.Plan(datasets={"data": {"source": record["data"], "columns": record["columns"],

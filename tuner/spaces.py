@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from simdiffrec.config import Config, read_yaml
+from simdiffrec.config import SASREC, SIMDIFFREC_ONLY, Config, read_yaml, setting_type
 
 # Settings a trial never samples: the tuner owns epochs (ASHA's max) and device (Ray's GPU);
 # max_len and kcore shape the prepared data, which all trials share.
@@ -35,14 +35,21 @@ NOT_SEARCHABLE = {"epochs": "set by asha.max_epochs", "device": "Ray assigns the
 NOT_FIXABLE = {"epochs": "set asha.max_epochs instead", "device": "Ray assigns the device"}
 TYPE_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
              "categorical": {"choices"}}
-TOP_KEYS = {"parameters", "fixed", "points_to_evaluate", "asha", "sampler"}
+TOP_KEYS = {"base", "parameters", "fixed", "points_to_evaluate", "asha", "sampler"}
+MERGED = ("parameters", "fixed", "asha", "sampler")  # a file's own entries go over its base's, by key
+# A space parameter that is no setting: a trial of family sasrec is SASRec-CE (SASREC), one of
+# simdiffrec the model its other settings say.  SimDiffRec's own settings must then be sampled
+# for simdiffrec trials only (`when`), so the two families share every other dimension.
+FAMILY = "family"
+FAMILIES = ("sasrec", "simdiffrec")
+SIMDIFFREC_PARAMS = {"alpha", "beta", *SIMDIFFREC_ONLY}
 # Optuna's TPESampler settings a space may set (each a bool, n_startup_trials an int): multivariate +
 # group + constant_liar is Optuna's advice for parallel trials in a conditional space
 SAMPLER_KEYS = {"multivariate": bool, "group": bool, "constant_liar": bool, "n_startup_trials": int}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 # Each setting's value type as Config declares it ("int | None" -> "int"): a float range for an
 # integer setting would pass the extremes check (1.0, 3.0) and then fail every trial on 1.7.
-SETTING_TYPES = {f.name: str(f.type).split(" | ")[0] for f in dataclasses.fields(Config)}
+SETTING_TYPES = {f.name: setting_type(f).__name__ for f in dataclasses.fields(Config)}
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class Space:
     fixed: dict[str, Any] = field(default_factory=dict)
     points: tuple[dict[str, Any], ...] = ()
     sampler: dict[str, Any] = field(default_factory=dict)  # TPESampler's settings (SAMPLER_KEYS)
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)  # the mapping parsed, its base merged in
 
     def __call__(self, trial: Any) -> None:
         """Optuna's define-by-run: sample each parameter whose condition holds, in file order."""
@@ -104,9 +112,12 @@ class Space:
                 values[param.name] = param.suggest(trial)
 
     def config(self, params: dict[str, Any], epochs: int) -> Config:
-        """The trial's settings: fixed ones, then the sampled ones, for at most `epochs` epochs."""
-        return Config.from_dict({**self.fixed, **params, "epochs": epochs, "device": "auto"},
-                                source=self.source)
+        """The trial's settings: fixed ones, then the sampled ones (a sasrec `family`: SASRec-CE),
+        for at most `epochs` epochs."""
+        params = dict(params)
+        family = params.pop(FAMILY, "simdiffrec")
+        return Config.from_dict({**self.fixed, **params, **(SASREC if family == "sasrec" else {}),
+                                 "epochs": epochs, "device": "auto"}, source=self.source)
 
     def with_max_epochs(self, epochs: int | None) -> "Space":
         """Override asha.max_epochs (from --max-epochs); the grace period is capped at it."""
@@ -138,7 +149,30 @@ def find(space: str | Path) -> Path:
 
 def load(space: str | Path) -> Space:
     path = find(space)
-    return parse(read_yaml(path), str(path))
+    return parse(resolve(path), str(path))
+
+
+def resolve(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """The file's mapping with its `base` (a shipped space's name or a path beside it) merged
+    in: its own `parameters`, `fixed`, `asha` and `sampler` entries go over the base's (an entry
+    set to null drops the base's), its `points_to_evaluate` replace them."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or "base" not in raw:
+        return raw
+    name = raw.pop("base")
+    beside = path.parent / f"{name}"
+    base_path = beside if beside.is_file() else find(name)
+    if base_path in seen or base_path == path:
+        raise ValueError(f"{path}: base: {name} leads back to itself")
+    base = resolve(base_path, (*seen, path))
+    if not isinstance(base, dict):
+        raise ValueError(f"{base_path}: expected a mapping (the base of {path})")
+    merged = {**base, **{k: v for k, v in raw.items() if k not in MERGED}}
+    for key in MERGED:
+        entries = {**(base.get(key) or {}), **(raw.get(key) or {})}
+        if entries or key in base or key in raw:
+            merged[key] = {k: v for k, v in entries.items() if v is not None}
+    return merged
 
 
 def parse(raw: Any, source: str) -> Space:
@@ -161,16 +195,21 @@ def parse(raw: Any, source: str) -> Space:
         params.append(_param(name, spec, params, source))
     if not params:
         raise ValueError(f"{source}: parameters: empty; give at least one parameter to search")
+    _check_family(params, source)
     space = Space(source=source, params=tuple(params), asha=_asha(raw["asha"], source), fixed=fixed,
                   points=_points(raw.get("points_to_evaluate") or [], params, source),
-                  sampler=_sampler(raw.get("sampler") or {}, source))
+                  sampler=_sampler(raw.get("sampler") or {}, source), raw=raw)
     _check_against_config(space)
     return space
 
 
 def _param(name: str, spec: Any, earlier: list[Param], source: str) -> Param:
     where = f"{source}: parameters.{name}"
-    if name not in CONFIG_FIELDS:
+    if name == FAMILY:
+        if not isinstance(spec, dict) or spec.get("type") != "categorical" \
+                or not set(spec.get("choices") or ["?"]) <= set(FAMILIES):
+            raise ValueError(f"{where}: must be {{type: categorical, choices: [...]}} of {', '.join(FAMILIES)}")
+    elif name not in CONFIG_FIELDS:
         raise ValueError(f"{where}: unknown parameter (not a simdiffrec setting)")
     if name in NOT_SEARCHABLE:
         raise ValueError(f"{where}: cannot be searched ({NOT_SEARCHABLE[name]})")
@@ -179,7 +218,7 @@ def _param(name: str, spec: Any, earlier: list[Param], source: str) -> Param:
     if kind not in TYPE_KEYS:
         raise ValueError(f"{where}.type: {kind!r}; expected one of {', '.join(TYPE_KEYS)}")
     _no_unknown(spec, TYPE_KEYS[kind] | {"type", "when"}, source, f"parameters.{name}.")
-    setting = SETTING_TYPES[name]
+    setting = SETTING_TYPES.get(name, "str")
     if kind != "categorical" and (setting not in ("int", "float") or (kind, setting) == ("float", "int")):
         fits = "int" if setting == "int" else "categorical"
         raise ValueError(f"{where}.type: {kind} for {name}, a setting of type {setting}; use type: {fits}")
@@ -247,6 +286,23 @@ def _asha(spec: Any, source: str) -> Asha:
     return Asha(spec["max_epochs"], spec["grace_period"], factor, spec["min_rung_results"])
 
 
+def _check_family(params: list[Param], source: str) -> None:
+    """With a `family` parameter, each of SimDiffRec's own settings is sampled only where the
+    family is simdiffrec (through its own condition or the conditions it hangs on)."""
+    by_name = {p.name: p for p in params}
+    if FAMILY not in by_name:
+        return
+    for param in params:
+        if param.name not in SIMDIFFREC_PARAMS:
+            continue
+        cause = param
+        while cause.when is not None and cause.when[0] != FAMILY:
+            cause = by_name[cause.when[0]]
+        if cause.when is None or "sasrec" in cause.when[1]:
+            raise ValueError(f"{source}: parameters.{param.name}: SimDiffRec's own, so it needs "
+                             f"when: {{{FAMILY}: [simdiffrec]}} (SASRec trials do not sample it)")
+
+
 def _sampler(spec: Any, source: str) -> dict[str, Any]:
     spec = _mapping(spec, source, "sampler")
     _no_unknown(spec, set(SAMPLER_KEYS), source, "sampler.")
@@ -284,9 +340,9 @@ def _check_against_config(space: Space) -> None:
         for value in param.extremes():
             values = {**base, param.name: value}
             active = {p.name: values[p.name] for p in space.params if p.active(values)}
-            Config.from_dict({**space.fixed, **active}, source=f"{space.source}: parameters.{param.name}")
+            dataclasses.replace(space, source=f"{space.source}: parameters.{param.name}").config(active, 1)
     for i, point in enumerate(space.points):
-        Config.from_dict({**space.fixed, **base, **point}, source=f"{space.source}: points_to_evaluate[{i}]")
+        dataclasses.replace(space, source=f"{space.source}: points_to_evaluate[{i}]").config({**base, **point}, 1)
 
 
 def _mapping(value: Any, source: str, key: str) -> dict:
