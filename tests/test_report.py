@@ -280,3 +280,38 @@ def test_report_and_status_of_a_folder_without_an_experiment_fail_in_one_line(tm
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"{tmp_path}: no Ray Tune experiment there" in err
+
+
+def family_objective(config: dict) -> None:
+    """SimDiffRec scores by alpha, SASRec-CE 0.05; three epochs."""
+    score = config["alpha"] if config["family"] == "simdiffrec" else 0.05
+    for epoch in (1, 2, 3):
+        tune.report({"epoch": epoch, METRIC: score, BEST: score, "best_epoch": epoch, GPU_SHARE: 0.0})
+
+
+def test_status_and_report_compare_the_families_of_a_search_that_samples_both(tmp_path, capsys):
+    space = {"parameters": {"family": {"type": "categorical", "choices": ["simdiffrec", "sasrec"]},
+                            "alpha": {"type": "float", "low": 0.1, "high": 0.5, "when": {"family": ["simdiffrec"]}}},
+             "points_to_evaluate": [{"family": "sasrec"}, {"family": "simdiffrec", "alpha": 0.3}],
+             "asha": {"max_epochs": 3, "grace_period": 3, "reduction_factor": 2}}
+    out = tmp_path / "search"
+    out.mkdir()
+    (out / SPACE_COPY).write_text(yaml.safe_dump(space, sort_keys=False))
+    settings = search.SearchSettings(experiment=str(out / "experiment"), num_samples=4, gpu="never")
+    (out / RECORD).write_text(yaml.safe_dump({"data": "none", "space": str(out / SPACE_COPY), "max_epochs": 3,
+                                              "settings": dataclasses.asdict(settings)}, sort_keys=False))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        search.run(family_objective, spaces.load(out / SPACE_COPY), settings)
+    finally:
+        ray.shutdown()
+    trials = {t.number: t.config for t in read(settings.experiment).trials}
+    best = max((c["alpha"], n) for n, c in trials.items() if c["family"] == "simdiffrec")
+    sasrec = sum(c["family"] == "sasrec" for c in trials.values())
+    assert main(["status", str(out)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"families: sasrec {sasrec} trials, best 0.05 (#{min(n for n, c in trials.items() if c['family'] == 'sasrec')})" in text
+    assert f"simdiffrec {4 - sasrec} trials, best {best[0]:.4g} (#{best[1]})" in text
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<h2>SASRec-CE and SimDiffRec</h2>" in page and f"SimDiffRec's best is {best[0] - 0.05:+.4f}" in page

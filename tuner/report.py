@@ -33,7 +33,7 @@ from simdiffrec.files import write_atomic
 
 from . import spaces
 from .protocol import GPU_SHARE, GRID_RECORD, METRIC
-from .status import Search, clock, counts, load, missing, rising
+from .status import Search, clock, counts, families, load, missing, rising
 
 FINAL_DIR = "final"  # where finalize writes, in the folder holding the experiment
 FINAL_METRICS = ("HR@10", "NDCG@10")  # the bar chart's
@@ -64,8 +64,9 @@ def write_report(path: str, out: str | Path, final: str | Path | None = None, to
     final_dir = Path(final) if final else _default_final(search)
     if final is not None and not (final_dir / "final.parquet").is_file():
         raise FileNotFoundError(f"--final {final}: no final.parquet there")
-    sections = [cost(search), leaderboard(search, top), learning_curves(search), best_so_far(search),
-                importance(search), slices(search)]
+    sections = [cost(search), leaderboard(search, top), family_comparison(search), learning_curves(search),
+                best_so_far(search), importance(search), slices(search)]
+    sections = [section for section in sections if section is not None]
     if (final_dir / "final.parquet").is_file():
         sections.append(finalized(final_dir))
     for section in sections:
@@ -116,6 +117,24 @@ def leaderboard(search: Search, top: int) -> Section:
     return Section("Leaderboard", f"Trials by their best {METRIC}, with that epoch's HR@10 (top {top}; # is the "
                    "order the searcher proposed them in)." + ("" if note is None else f" {note[0].upper()}{note[1:]}."),
                    table=_table(table))
+
+
+def family_comparison(search: Search) -> Section | None:
+    """SASRec-CE against SimDiffRec in a search that samples both: best and cost per family."""
+    table = families(search)
+    if table is None:
+        return None
+    text = (f"Each family's trials, its best {METRIC} and that trial's number, and what it cost: the "
+            "trial-hours of its trials and their hours per epoch trained.")
+    by_name = table.set_index("family")
+    if {"sasrec", "simdiffrec"} <= set(by_name.index) and by_name[["best", "hours_per_epoch"]].notna().all().all():
+        gap = by_name.loc["simdiffrec", "best"] - by_name.loc["sasrec", "best"]
+        ratio = by_name.loc["simdiffrec", "hours_per_epoch"] / by_name.loc["sasrec", "hours_per_epoch"]
+        text += (f" SimDiffRec's best is {gap:+.4f} against SASRec-CE's, at {ratio:.1f}× its time per epoch "
+                 "(one seed each: finalize's paired runs decide).")
+    shown = table.assign(hours_per_epoch=3600 * table["hours_per_epoch"]).rename(
+        columns={"best": f"best {SELECT_BY}", "hours": "trial-hours", "hours_per_epoch": "s/epoch"})
+    return Section("SASRec-CE and SimDiffRec", text, table=_table(shown))
 
 
 def learning_curves(search: Search) -> Section:

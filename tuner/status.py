@@ -29,6 +29,7 @@ from simdiffrec.files import in_use
 from . import spaces
 from .experiment import Trial, read, results_frame
 from .protocol import GPU_SHARE, GRID_RECORD, METRIC, RECORD, SPACE_COPY
+from .spaces import FAMILY
 
 OUTCOMES = ("finished", "early-stopped", "ASHA-stopped", "running", "interrupted", "pending", "failed")
 TRIAL_COLUMNS = ("trial_id", "number", "outcome", "epochs", "best", "best_epoch", "HR@10", "hours", GPU_SHARE,
@@ -161,6 +162,25 @@ def rising(search: Search) -> str | None:
             f"finalize --trials {numbers}, or give the next search a higher --max-epochs")
 
 
+def families(search: Search) -> pd.DataFrame | None:
+    """Per model family of a search that samples one (`spaces.FAMILY`): its trials, its best
+    trial and score, its trial-hours and hours per epoch; None for a search without families."""
+    column = f"param/{FAMILY}"
+    if column not in search.trials:
+        return None
+    rows = []
+    for family, trials in search.trials.groupby(column, sort=True):
+        reported = trials.dropna(subset=["best"])
+        top = reported.loc[reported["best"].idxmax()] if len(reported) else None
+        epochs = trials["epochs"].sum()
+        rows.append({"family": family, "trials": len(trials),
+                     "best": math.nan if top is None else top["best"],
+                     "trial": math.nan if top is None else int(top["number"]),
+                     "hours": trials["hours"].sum(),
+                     "hours_per_epoch": trials["hours"].sum() / epochs if epochs else math.nan})
+    return pd.DataFrame(rows)
+
+
 def counts(search: Search) -> dict[str, int]:
     found = search.trials["outcome"].value_counts()
     return {name: int(found.get(name, 0)) for name in OUTCOMES}
@@ -222,6 +242,11 @@ def format_status(search: Search, top: int = 10, now: float | None = None) -> st
                      f"{row['best']:>8.4f} {'' if missing(row['HR@10']) else format(row['HR@10'], '.4f'):>7}")
         lines += textwrap.wrap(parameters(row, search.params), WIDTH, initial_indent=" " * 6,
                                subsequent_indent=" " * 6)
+    by_family = families(search)
+    if by_family is not None:
+        lines += ["", "families: " + "; ".join(
+            f"{r['family']} {r['trials']} trials, best {number(r['best'])} (#{number(r['trial'])}), "
+            f"{r['hours']:.2f} h, {3600 * r['hours_per_epoch']:.0f} s/epoch" for _, r in by_family.iterrows())]
     note = rising(search)
     return "\n".join(lines + ([] if note is None else ["", *textwrap.wrap(note, WIDTH)])) + "\n"
 
