@@ -2,6 +2,8 @@
 
     python bench/epoch.py --data ../shared/data/Beauty.txt              # full epochs
     python bench/epoch.py --data ../shared/data/Beauty.txt --batches 20  # CPU: a slice, extrapolated
+    python bench/epoch.py --data ../shared/data/Toys_and_Games.txt --batches 10 --batching tokens \
+        --variants 0,1 --hidden 64,128,256                                # what a wider encoder costs
 
 Each variant runs with every --batching (random: the old plan, as baseline in the same run) and
 every --compile setting.  Plain SASRec (α = β = 0, the same code path) with the same batching is
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--batching", default="random,tokens", help="comma-separated batching settings")
     parser.add_argument("--compile", default="auto", help="comma-separated compile settings (auto, on, off)")
     parser.add_argument("--floor", type=Path, default=FLOOR, help=f"cpu_floor.py (default {FLOOR})")
+    parser.add_argument("--hidden", default="64", help="comma-separated hidden sizes (inner: 4 × hidden), "
+                                                       "as a search's space samples them")
     args = parser.parse_args()
     device = resolve_device(args.device)
     data = load_data(args.data).to(device)
@@ -114,22 +118,24 @@ def main() -> None:
         print(f"note: {floor_script} not found: no ratio to the CPU floor (cpu_floor.py lives outside the "
               f"project, in ../shared/tools/ next to the project root; --floor names another place)", file=sys.stderr)
         floor_script = None
-    print("| variant | batching | compile | s/epoch | sequences/s | eval s/split | warm-up s | graphs "
-          "| ratio to SASRec | floor s/epoch | ratio to floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| variant | hidden | batching | compile | s/epoch | sequences/s | eval s/split | warm-up s | graphs "
+          "| ratio to the first row | floor s/epoch | ratio to floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     chosen = [list(VARIANTS.items())[int(i)] for i in args.variants.split(",")]
-    base: dict[tuple[str, str], float] = {}
+    base: dict[tuple[str, str], float] = {}  # per compile and batching: its first row (SASRec, the first hidden)
     for compile_ in args.compile.split(","):
         for batching in args.batching.split(","):
-            for label, overrides in chosen:
-                cfg = Config(device=str(device), max_len=data.max_len, batching=batching, compile=compile_, **overrides)
-                floor = cpu_floor(data, cfg.batch_size, floor_script) if floor_script else None
-                r = measure(cfg, data, args.batches, args.repeats)
-                base.setdefault((compile_, batching), r["epoch"])
-                to_floor = f"{floor:.1f} | {r['epoch'] / floor:.2f}" if floor else "- | -"
-                print(f"| {label} | {batching} | {compile_} | {r['epoch']:.3f} | {r['seq_per_s']:,.0f} | "
-                      f"{r['eval']:.3f} | {r['warmup']:.2f} | {r['graphs']} | "
-                      f"{r['epoch'] / base[compile_, batching]:.2f} | {to_floor} |", flush=True)
+            for hidden in (int(h) for h in args.hidden.split(",")):
+                for label, overrides in chosen:
+                    cfg = Config(device=str(device), max_len=data.max_len, batching=batching, compile=compile_,
+                                 hidden=hidden, **overrides)
+                    floor = cpu_floor(data, cfg.batch_size, floor_script) if floor_script else None
+                    r = measure(cfg, data, args.batches, args.repeats)
+                    base.setdefault((compile_, batching), r["epoch"])
+                    to_floor = f"{floor:.1f} | {r['epoch'] / floor:.2f}" if floor else "- | -"
+                    print(f"| {label} | {hidden} | {batching} | {compile_} | {r['epoch']:.3f} | {r['seq_per_s']:,.0f} | "
+                          f"{r['eval']:.3f} | {r['warmup']:.2f} | {r['graphs']} | "
+                          f"{r['epoch'] / base[compile_, batching]:.2f} | {to_floor} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import dataclasses
 import json
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -315,3 +317,14 @@ def test_status_and_report_compare_the_families_of_a_search_that_samples_both(tm
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "report.html").read_text()
     assert "<h2>SASRec-CE and SimDiffRec</h2>" in page and f"SimDiffRec's best is {best[0] - 0.05:+.4f}" in page
+
+
+def test_keep_curves_writes_every_reported_epoch_with_its_trial_and_parameters(finished, tmp_path):
+    script = Path(__file__).parents[1] / "bench" / "keep_curves.py"
+    subprocess.run([sys.executable, str(script), str(finished), "tiny", "--command", "simdiffrec tune ...",
+                    "--out", str(tmp_path / "kept")], check=True, capture_output=True)
+    kept = pd.read_parquet(tmp_path / "kept" / "rows.parquet")
+    reported = results(finished)
+    assert len(kept) == len(reported) and set(kept["trial_id"]) == set(reported["trial_id"])
+    assert {"number", "epoch", "param/alpha", "param/k_noise", METRIC} <= set(kept.columns)
+    assert yaml.safe_load((tmp_path / "kept" / "about.yaml").read_text())["command"] == "simdiffrec tune ..."
