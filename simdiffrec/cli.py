@@ -15,11 +15,11 @@ import json
 import shlex
 import sys
 import warnings
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .config import CHOICES, Config, setting_type
+from .config import Config, setting_type
 
 if TYPE_CHECKING:
     from tuner.jobs import SearchRequest
@@ -27,79 +27,27 @@ if TYPE_CHECKING:
 
 COLUMNS = ("user_col", "item_col", "time_col")  # of a .csv/.parquet file
 STORAGE_ENV = "SIMDIFFREC_STORAGE"  # tuner.jobs.STORAGE_ENV, named here without importing the tuner
-# One line per Config field for --help; docs/method.md says more.
-SETTING_HELP = {
-    "max_len": "items of each sequence kept, the most recent ones",
-    "kcore": "keep users and items with at least this many interactions (0: no filter)",
-    "hidden": "embedding and hidden size of the encoder and denoiser",
-    "layers": "Transformer layers of the SASRec encoder",
-    "heads": "attention heads of the encoder",
-    "inner": "feed-forward size inside each Transformer layer",
-    "dropout": "dropout on hidden states",
-    "attn_dropout": "dropout on attention weights",
-    "steps": "diffusion steps T",
-    "schedule": "noise schedule of the forward process (alpha-bar_t)",
-    "mix": "how z_t mixes z_0 and the noise: convex (1 - a_t) or vp (sqrt(1 - a_t^2))",
-    "denoiser_layers": "Transformer layers of the denoiser",
-    "denoiser_heads": "attention heads of the denoiser",
-    "restore_steps": "deterministic steps restoring z_T (Eq. 11)",
-    "rounding": "what L_d's rounding term scores: the denoiser's output (pred) or z_0",
-    "alpha": "weight of the contrastive loss L_cl (0 with --beta 0: plain SASRec)",
-    "beta": "weight of the diffusion loss L_d",
-    "k_noise": "similar items averaged into the noise (Eq. 6-7)",
-    "k_sample": "rank of the hard-negative substitute item",
-    "tau": "contrastive temperature (its start value under a schedule)",
-    "tau_end": "final temperature of a linear or cosine tau schedule",
-    "tau_schedule": "temperature over the epochs",
-    "aug_ratio": "share of each sequence's positions replaced in the views",
-    "sr_loss": "next-item loss: full softmax (ce) or one sampled negative (bce)",
-    "noise_type": "similarity noise, or gaussian (ablation)",
-    "aug_positions": "replace the most confident positions, or random ones (ablation)",
-    "hard_negative": "a hard-negative view per sequence besides in-batch negatives",
-    "min_substitutions": "positions substituted per view at least",
-    "aug_dropout": "restore and score the views with the denoiser's dropout on (--no-aug-dropout: eval mode)",
-    "view_dropout": "encode L_cl's sequence and views with dropout (--no-view-dropout: without)",
-    "similarity": "L_cl's similarity: cosine (the paper) or dot product",
-    "shared_denoiser": "the denoiser runs the encoder's Transformer layers",
-    "alpha_warmup": "epochs over which alpha grows linearly to its value (0: none)",
-    "exclude_original": "the positive view never puts back the original item",
-    "lr": "Adam learning rate",
-    "weight_decay": "Adam weight decay",
-    "batch_size": "sequences per step (with batching=tokens: the mean number of real positions per step is this times the mean length)",
-    "batching": "tokens: rows grouped by length under a budget of real positions (little padding); random: shuffled rows",
-    "compile": "torch.compile the training step: auto (CUDA only), on, off",
-    "epochs": "most epochs; early stopping usually ends sooner",
-    "eval_every": "epochs between validation passes",
-    "patience": "validation passes without a better valid NDCG@10 before stopping",
-    "seed": "random seed (weights, batches, noise)",
-    "device": "auto (CUDA when present), cpu, cuda, cuda:1, ...",
-    "amp": "bf16 autocast on CUDA (scores are always fp32)",
-}
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field (`k_noise` -> `--k-noise`), defaulting to 'not given'."""
+def add_config_flags(parser: argparse.ArgumentParser, cls: type[Config] = Config) -> None:
+    """One flag per Config field (`k_noise` -> `--k-noise`), defaulting to 'not given'; its help,
+    choices and type come from the field (`config.setting`)."""
     group = parser.add_argument_group("model and training settings (defaults: the paper's)")
     group.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
-    for f in fields(Config):
+    for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        shown = {"max_len": "the dataset's: 50, 200 for ml-1m", "tau_end": "none", "inner": "4 × hidden"}.get(
-            f.name, default)
-        text = f"{SETTING_HELP.get(f.name, '')} (default {shown})".lstrip()  # a missing line fails a test
-        if isinstance(default, bool):
+        text = f"{f.metadata['help']} (default {f.metadata['shown'] or f.default})"
+        if setting_type(f) is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif f.name in CHOICES:
-            group.add_argument(flag, choices=CHOICES[f.name], default=None, help=text)
+        elif f.metadata["choices"]:
+            group.add_argument(flag, choices=f.metadata["choices"], default=None, help=text)
         else:
             kind = setting_type(f)
             group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    base = Config.load_yaml(args.config) if args.config else Config()
-    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
-    return Config.from_dict({**base.to_dict(), **given}, source="command line")
+def config_from_args(args: argparse.Namespace, cls: type[Config] = Config) -> Config:
+    base = cls.load_yaml(args.config) if args.config else cls()
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
+    return cls.from_dict({**base.to_dict(), **given}, source="command line")
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:

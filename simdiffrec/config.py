@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,82 +21,93 @@ from .files import write_atomic
 
 SELECT_BY = "NDCG@10"  # the valid metric that early stopping, checkpoints and the search select by
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "sr_loss": ("ce", "bce"),
-    "noise_type": ("similarity", "gaussian"),
-    "aug_positions": ("confidence", "random"),
-    "schedule": ("cosine", "linear", "sqrt"),
-    "mix": ("convex", "vp"),
-    "rounding": ("z0", "pred"),
-    "tau_schedule": ("constant", "linear", "cosine"),
-    "similarity": ("cosine", "dot"),
-    "batching": ("tokens", "random"),
-    "compile": ("auto", "on", "off"),
-}
-
 SASREC = {"alpha": 0.0, "beta": 0.0, "sr_loss": "ce"}  # SASRec with the full softmax (SASRec-CE): no L_cl, no L_d
 
-# The settings only L_d and L_cl read: with alpha = beta = 0 (SASRec) they change no loss and no score
-# of a model with given weights (the denoiser they shape is built but unused).
-SIMDIFFREC_ONLY = ("steps", "schedule", "mix", "denoiser_layers", "denoiser_heads", "restore_steps", "rounding",
-                   "k_noise", "k_sample", "tau", "tau_end", "tau_schedule", "aug_ratio", "min_substitutions",
-                   "aug_dropout", "view_dropout", "similarity", "shared_denoiser", "alpha_warmup",
-                   "noise_type", "aug_positions", "hard_negative", "exclude_original")
+
+def setting(default: Any, help: str, *, choices: tuple[str, ...] = (), simdiffrec_only: bool = False,
+            resumable: bool = False, shown: str | None = None) -> Any:
+    """A Config field and everything said about it in one place: its one line of `--help`, the
+    named options it takes, whether only L_cl and L_d read it (with alpha = beta = 0, SASRec, it
+    changes no loss and no score, so finalize's SASRec baselines ignore it), whether it may
+    change when a run is resumed, and how --help shows a default of None.  Its type, flag and
+    YAML coercion come from the annotation."""
+    return field(default=default, metadata={"help": help, "choices": choices, "simdiffrec_only": simdiffrec_only,
+                                            "resumable": resumable, "shown": shown})
 
 
 @dataclass
 class Config:
     # data
-    max_len: int | None = None  # None: the dataset's default (50; 200 for ml-1m)
-    kcore: int = 5
+    max_len: int | None = setting(None, "items of each sequence kept, the most recent ones",
+                                  shown="the dataset's: 50, 200 for ml-1m")
+    kcore: int = setting(5, "keep users and items with at least this many interactions (0: no filter)")
     # SASRec encoder
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 2
-    inner: int | None = None  # the feed-forward size; None: 4 × hidden (SASRec's; 256 at hidden 64)
-    dropout: float = 0.5
-    attn_dropout: float = 0.5
+    hidden: int = setting(64, "embedding and hidden size of the encoder and denoiser")
+    layers: int = setting(2, "Transformer layers of the SASRec encoder")
+    heads: int = setting(2, "attention heads of the encoder")
+    inner: int | None = setting(None, "feed-forward size inside each Transformer layer", shown="4 × hidden")
+    dropout: float = setting(0.5, "dropout on hidden states")
+    attn_dropout: float = setting(0.5, "dropout on attention weights")
     # diffusion (Section 4.2)
-    steps: int = 1000
-    schedule: str = "cosine"
-    mix: str = "convex"
-    denoiser_layers: int = 1
-    denoiser_heads: int = 2
-    restore_steps: int = 1
-    rounding: str = "pred"
+    steps: int = setting(1000, "diffusion steps T", simdiffrec_only=True)
+    schedule: str = setting("cosine", "noise schedule of the forward process (alpha-bar_t)",
+                            choices=("cosine", "linear", "sqrt"), simdiffrec_only=True)
+    mix: str = setting("convex", "how z_t mixes z_0 and the noise: convex (1 - a_t) or vp (sqrt(1 - a_t^2))",
+                       choices=("convex", "vp"), simdiffrec_only=True)
+    denoiser_layers: int = setting(1, "Transformer layers of the denoiser", simdiffrec_only=True)
+    denoiser_heads: int = setting(2, "attention heads of the denoiser", simdiffrec_only=True)
+    restore_steps: int = setting(1, "deterministic steps restoring z_T (Eq. 11)", simdiffrec_only=True)
+    rounding: str = setting("pred", "what L_d's rounding term scores: the denoiser's output (pred) or z_0",
+                            choices=("z0", "pred"), simdiffrec_only=True)
     # SimDiffRec (Sections 4.1, 4.3, 4.4, Eq. 18)
-    alpha: float = 0.4
-    beta: float = 0.4
-    k_noise: int = 25
-    k_sample: int = 2
-    tau: float = 1.0
-    tau_end: float | None = None
-    tau_schedule: str = "constant"
-    aug_ratio: float = 0.2
-    min_substitutions: int = 1  # positions substituted per view at least (the paper: one)
-    aug_dropout: bool = True  # restore and score the views with the denoiser's dropout on (the authors' code)
-    view_dropout: bool = True  # L_cl's e_u, e_v+, e_v- encoded with dropout (the authors' code)
-    similarity: str = "cosine"  # Eq. 17's sim: cosine (the paper) or dot product (CaDiRec)
-    shared_denoiser: bool = False  # the denoiser runs the encoder's layers (the authors' code)
-    alpha_warmup: int = 0  # α grows linearly to its value over this many epochs (0: from the start)
-    sr_loss: str = "ce"  # L_sr: full softmax (ce, the authors' code) or one sampled negative (bce, Eq. 3)
+    alpha: float = setting(0.4, "weight of the contrastive loss L_cl (0 with --beta 0: plain SASRec)")
+    beta: float = setting(0.4, "weight of the diffusion loss L_d")
+    k_noise: int = setting(25, "similar items averaged into the noise (Eq. 6-7)", simdiffrec_only=True)
+    k_sample: int = setting(2, "rank of the hard-negative substitute item", simdiffrec_only=True)
+    tau: float = setting(1.0, "contrastive temperature (its start value under a schedule)", simdiffrec_only=True)
+    tau_end: float | None = setting(None, "final temperature of a linear or cosine tau schedule",
+                                    simdiffrec_only=True, shown="none")
+    tau_schedule: str = setting("constant", "temperature over the epochs", choices=("constant", "linear", "cosine"),
+                                simdiffrec_only=True)
+    aug_ratio: float = setting(0.2, "share of each sequence's positions replaced in the views", simdiffrec_only=True)
+    min_substitutions: int = setting(1, "positions substituted per view at least (the paper: one)",
+                                     simdiffrec_only=True)
+    aug_dropout: bool = setting(True, "restore and score the views with the denoiser's dropout on "
+                                      "(--no-aug-dropout: eval mode; on: the authors' code)", simdiffrec_only=True)
+    view_dropout: bool = setting(True, "encode L_cl's sequence and views with dropout (--no-view-dropout: "
+                                       "without; on: the authors' code)", simdiffrec_only=True)
+    similarity: str = setting("cosine", "Eq. 17's sim: cosine (the paper) or dot product (CaDiRec)",
+                              choices=("cosine", "dot"), simdiffrec_only=True)
+    shared_denoiser: bool = setting(False, "the denoiser runs the encoder's Transformer layers (the authors' code)",
+                                    simdiffrec_only=True)
+    alpha_warmup: int = setting(0, "epochs over which alpha grows linearly to its value (0: none)",
+                                simdiffrec_only=True)
+    sr_loss: str = setting("ce", "next-item loss: full softmax (ce, the authors' code) or one sampled negative "
+                                 "(bce, Eq. 3)", choices=("ce", "bce"))
     # ablation switches (Table 3)
-    noise_type: str = "similarity"  # Eq. 6-7's similarity noise, or isotropic gaussian
-    aug_positions: str = "confidence"  # Eq. 14-16's most confident positions, or random ones
-    hard_negative: bool = True
-    exclude_original: bool = True
+    noise_type: str = setting("similarity", "Eq. 6-7's similarity noise, or isotropic gaussian (ablation)",
+                              choices=("similarity", "gaussian"), simdiffrec_only=True)
+    aug_positions: str = setting("confidence", "replace Eq. 14-16's most confident positions, or random ones "
+                                               "(ablation)", choices=("confidence", "random"), simdiffrec_only=True)
+    hard_negative: bool = setting(True, "a hard-negative view per sequence besides in-batch negatives",
+                                  simdiffrec_only=True)
+    exclude_original: bool = setting(True, "the positive view never puts back the original item",
+                                     simdiffrec_only=True)
     # optimisation
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    batching: str = "tokens"  # rows grouped by length under a budget of real positions, or random rows
-    epochs: int = 200
-    eval_every: int = 1
-    patience: int = 10
-    seed: int = 42
-    device: str = "auto"
-    amp: bool = True
-    compile: str = "auto"  # torch.compile the training step: auto = on CUDA only
+    lr: float = setting(1e-3, "Adam learning rate")
+    weight_decay: float = setting(0.0, "Adam weight decay")
+    batch_size: int = setting(256, "sequences per step (with batching=tokens: the mean number of real positions "
+                                   "per step is this times the mean length)")
+    batching: str = setting("tokens", "tokens: rows grouped by length under a budget of real positions (little "
+                                      "padding); random: shuffled rows", choices=("tokens", "random"))
+    epochs: int = setting(200, "most epochs; early stopping usually ends sooner", resumable=True)
+    eval_every: int = setting(1, "epochs between validation passes", resumable=True)
+    patience: int = setting(10, "validation passes without a better valid NDCG@10 before stopping", resumable=True)
+    seed: int = setting(42, "random seed (weights, batches, noise)")
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...", resumable=True)
+    amp: bool = setting(True, "bf16 autocast on CUDA (scores are always fp32)")
+    compile: str = setting("auto", "torch.compile the training step: auto (CUDA only), on, off",
+                           choices=("auto", "on", "off"), resumable=True)
 
     def __post_init__(self) -> None:
         self.check()
@@ -107,7 +118,7 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name}={value!r}: must be a finite number")
-        for name, allowed in CHOICES.items():
+        for name, allowed in choices(type(self)).items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")
         if self.max_len is not None and (isinstance(self.max_len, bool) or not isinstance(self.max_len, int)
@@ -191,6 +202,26 @@ class Config:
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of parameter: value")
         return cls.from_dict(values, source=str(path))
+
+
+def choices(cls: type | None = None) -> dict[str, tuple[str, ...]]:
+    """Each setting with named options -> its options (the one list of them)."""
+    return {f.name: f.metadata["choices"] for f in fields(cls or Config) if f.metadata.get("choices")}
+
+
+def simdiffrec_only(cls: type | None = None) -> tuple[str, ...]:
+    """The settings only L_d and L_cl read: with alpha = beta = 0 (SASRec) they change no loss
+    and no score of a model with given weights (the denoiser they shape is built but unused)."""
+    return tuple(f.name for f in fields(cls or Config) if f.metadata.get("simdiffrec_only"))
+
+
+def resumable(cls: type | None = None) -> set[str]:
+    """The settings that may differ between a checkpoint and the run resuming it."""
+    return {f.name for f in fields(cls or Config) if f.metadata.get("resumable")}
+
+
+CHOICES = choices()
+SIMDIFFREC_ONLY = simdiffrec_only()
 
 
 def setting_type(field: dataclasses.Field) -> type:

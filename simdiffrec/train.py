@@ -19,15 +19,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import SELECT_BY, Config
+from .config import SELECT_BY, Config, resumable
 from .data import SequenceData
 from .device import autocast, resolve_device
 from .evaluate import evaluate, scorer
 from .files import FileFault, read_torch, save_torch
 from .model import LOSSES, SimDiffRec
 
-# Settings that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"epochs", "patience", "eval_every", "device", "compile"}
+RESUMABLE_CHANGES = resumable()  # settings that may differ between a checkpoint and the run resuming it
 
 
 class Diverged(ValueError):

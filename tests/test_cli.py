@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -10,9 +11,10 @@ import pytest
 import torch
 import yaml
 
-from simdiffrec.cli import main
-from simdiffrec.config import Config
+from simdiffrec.cli import add_config_flags, config_from_args, main
+from simdiffrec.config import Config, resumable, setting, simdiffrec_only
 from simdiffrec.model_folder import load_model
+from simdiffrec.train import RESUMABLE_CHANGES
 
 from .conftest import synthetic_sequences
 
@@ -323,3 +325,24 @@ def test_the_epoch_line_names_each_loss_and_health_number(seq_file, tmp_path, ca
     assert main(["train", "--data", str(seq_file), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch"))
     assert all(f" {name} " in line for name in ("sr", "d", "cl", "cl_view_cos", "cl_substituted", "cl_margin"))
+
+
+def test_a_setting_added_as_one_field_gets_its_flag_help_type_choices_and_role():
+    """docs/house.md's "adding a setting": the field says everything; nothing else lists it."""
+    @dataclasses.dataclass
+    class Wider(Config):
+        gate: float = setting(0.5, "how far the gate opens", simdiffrec_only=True)
+        mode: str = setting("a", "which mode", choices=("a", "b"), resumable=True)
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, Wider)
+    cfg = config_from_args(parser.parse_args(["--gate", "0.7", "--mode", "b"]), Wider)
+    assert (cfg.gate, cfg.mode) == (0.7, "b") and "how far the gate opens (default 0.5)" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "c"])
+    with pytest.raises(ValueError, match="gate='wide' must be a number"):
+        Wider.from_dict({"gate": "wide"}, source="settings.yaml")
+    with pytest.raises(ValueError, match="mode='c': must be one of a, b"):
+        Wider(mode="c")
+    assert "gate" in simdiffrec_only(Wider) and "mode" in resumable(Wider)
+    assert "gate" not in simdiffrec_only() and resumable() == RESUMABLE_CHANGES
