@@ -32,7 +32,7 @@ FINAL_PATIENCE = 20
 DEFAULTS = "sasrec-defaults"  # SASRec-CE at the default settings: a starting point of every search
 # reproduce's configurations: the two SASRec losses, SimDiffRec, the three ablations of Table 3
 REPRODUCE = {"sasrec-bce": {"alpha": 0.0, "beta": 0.0, "sr_loss": "bce"},
-             "sasrec-ce": {"alpha": 0.0, "beta": 0.0, "sr_loss": "ce"},
+             "sasrec-ce": SASREC,
              "simdiffrec": {},
              "no-k_noise": {"noise_type": "gaussian"},
              "no-c_aug": {"aug_positions": "random"},
