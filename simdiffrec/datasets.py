@@ -128,7 +128,7 @@ AMAZON_LICENCE = "no licence stated by its authors (McAuley et al., UCSD); resea
 @dataclass(frozen=True)
 class Dataset:
     filename: str  # the raw file: under <cache>/raw/, or in the package's shipped/ folder
-    url: str  # where it comes from: the file itself, or the page to fetch it by hand
+    url: str  # where it comes from: the file itself, the page to fetch it by hand, or what wrote it
     read: Callable[[Path], pd.DataFrame]  # raw file -> (user, item, time) rows
     licence: str
     counts: tuple[int, int, int]  # users, items, actions after 5-core (a benchmark's: the paper's Table 1)
