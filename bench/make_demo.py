@@ -11,17 +11,13 @@ whom, while counting items finds only the popular ones.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from simdiffrec.files import write_atomic
 
-from simdiffrec.files import write_atomic  # noqa: E402
-
-SHIPPED = ROOT / "simdiffrec" / "shipped" / "demo.txt"
+SHIPPED = Path(__file__).resolve().parents[1] / "simdiffrec" / "shipped" / "demo.txt"
 USERS, CLUSTERS, CLUSTER_SIZE = 1500, 20, 20  # 400 items
 LENGTHS = (5, 30)  # a user's number of interactions, uniform, both ends included
 SUCCESSOR_P = (0.6, 0.25, 0.15)  # chances of an item's first, second and third successor
