@@ -211,6 +211,8 @@ def test_cache_dir_argument_overrides_the_environment(tmp_path):
 
 
 def test_the_demo_ships_with_the_package_is_what_its_generator_writes_and_is_never_cached(cache):
+    """Should numpy's Generator ever draw otherwise (its streams may change between versions), the
+    shipped file stays as it is and this test says the generator no longer writes it."""
     spec = importlib.util.spec_from_file_location("make_demo", ROOT / "bench" / "make_demo.py")
     make_demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_demo)
