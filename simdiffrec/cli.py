@@ -1,5 +1,5 @@
-"""`simdiffrec train | evaluate | recommend | tune | tune-all | export | status | report | finalize |
-reproduce`: the one face over the core (`simdiffrec`) and the search and retraining (`tuner`).
+"""`simdiffrec train | evaluate | recommend | datasets | tune | tune-all | export | status | report |
+finalize | reproduce`: the one face over the core (`simdiffrec`) and the search and retraining (`tuner`).
 
 Nothing imports this module; it parses flags and calls one function of the core or the tuner per
 command.  Heavy imports (torch, Ray, Optuna) happen inside the commands, so `--help` is fast and a
@@ -52,7 +52,8 @@ def config_from_args(args: argparse.Namespace, cls: type[Config] = Config) -> Co
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
-                        help="a file (.txt, .inter, .csv, .parquet) or a dataset name (beauty, toys, sports, yelp, ml-1m)")
+                        help="a file (.txt, .inter, .csv, .parquet) or a dataset name: demo (ships with the "
+                             "package), beauty, toys, sports, ml-1m, yelp (`simdiffrec datasets` says what each needs)")
     parser.add_argument("--user-col", default="user_id", help="user column of a .csv/.parquet file")
     parser.add_argument("--item-col", default="item_id", help="item column of a .csv/.parquet file")
     parser.add_argument("--time-col", default="timestamp", help="time column of a .csv/.parquet file")
@@ -126,6 +127,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     for history, items in zip(args.history, recommend(loaded, [h.split() for h in args.history], args.k)):
         print(f"{history}\t{' '.join(map(str, items))}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from .datasets import listing
+
+    print(listing(), end="")
     return 0
 
 
@@ -387,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="items per history, never one of the history's own "
                                                       "(default 10)")
     p.set_defaults(run=cmd_recommend)
+
+    p = sub.add_parser("datasets", help="the named datasets for --data: what each needs, its size and terms")
+    p.set_defaults(run=cmd_datasets)
 
     add_search_commands(sub)
     add_retrain_commands(sub)

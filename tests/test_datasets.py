@@ -1,12 +1,19 @@
-"""Named datasets prepared from raw files placed in a temporary cache, and their cache."""
+"""Named datasets: the shipped demo; raw files placed in a temporary cache or downloaded from a
+local HTTP server, checked against their sha256, and their cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
+import http.server
+import importlib.util
 import io
 import json
+import threading
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -14,10 +21,13 @@ import pandas as pd
 import pytest
 
 from simdiffrec import datasets
+from simdiffrec.cli import main
 from simdiffrec.data import load_data
 from simdiffrec.readers import DataError
 
 BEAUTY_URL = datasets.AMAZON_URL + "reviews_Beauty_5.json.gz"
+URLOPEN = urllib.request.urlopen  # the real one, for the local server's tests
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +93,8 @@ def test_download_goes_through_a_temporary_file(cache, monkeypatch):
         headers = {"Content-Length": str(len(payload))}
 
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Response(payload))
-    assert len(datasets.prepare("beauty")) == 25
+    with pytest.warns(UserWarning, match="no sha256 recorded"):
+        assert len(datasets.prepare("beauty")) == 25
     assert (cache / "raw" / "reviews_Beauty_5.json.gz").read_bytes() == payload
     assert not list((cache / "raw").glob(".*"))
 
@@ -188,7 +199,7 @@ def test_bad_review_lines_name_file_and_line(cache, lines, expected):
 
 
 def test_unknown_names_list_the_known_ones(tmp_path):
-    with pytest.raises(DataError, match="unknown dataset 'netflix'; known: beauty, toys, sports, ml-1m, yelp"):
+    with pytest.raises(DataError, match="unknown dataset 'netflix'; known: demo, beauty, toys, sports, ml-1m, yelp"):
         datasets.prepare("netflix")
     with pytest.raises(DataError, match="netflix: no such file, and not a dataset name either .*ml-1m"):
         load_data("netflix")
@@ -197,3 +208,106 @@ def test_unknown_names_list_the_known_ones(tmp_path):
 def test_cache_dir_argument_overrides_the_environment(tmp_path):
     assert datasets.data_home() == tmp_path
     assert datasets.data_home(tmp_path / "other") == tmp_path / "other"
+
+
+def test_the_demo_ships_with_the_package_is_what_its_generator_writes_and_is_never_cached(cache):
+    """Should numpy's Generator ever draw otherwise (its streams may change between versions), the
+    shipped file stays as it is and this test says the generator no longer writes it."""
+    spec = importlib.util.spec_from_file_location("make_demo", ROOT / "bench" / "make_demo.py")
+    make_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_demo)
+    shipped = datasets.raw_file("demo", download=False)
+    assert shipped.read_text() == make_demo.demo_text()
+    data = load_data("demo", download=False)
+    actions = int(data.test.history_ptr[-1]) + data.n_users
+    assert (data.n_users, data.n_items, actions) == datasets.DATASETS["demo"].counts
+    assert list(cache.iterdir()) == [cache / "raw"] and not list((cache / "raw").iterdir())
+
+
+def test_the_datasets_command_lists_each_name_with_what_it_needs(cache, capsys):
+    (cache / "toys.parquet").write_bytes(b"")  # prepared already
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    assert "demo    nothing: ships with the package" in out
+    assert f"beauty  a download of {BEAUTY_URL} (sha256 not recorded yet), cached in {cache / 'raw'}" in out
+    assert f"toys    nothing: prepared in {cache / 'toys.parquet'}" in out
+    assert "yelp    yelp_academic_dataset_review.json from https://www.yelp.com/dataset, placed by hand" in out
+    assert "22,363 users, 12,101 items, 198,502 actions" in out
+    assert all(name in out for name in datasets.NAMES)
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A local HTTP server (127.0.0.1) of the files in tmp_path/served; `server.requests` lists
+    the paths it was asked for.  The real urlopen, without a proxy in between."""
+    served = tmp_path / "served"
+    served.mkdir()
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(urllib.request, "urlopen", URLOPEN)
+    for proxy in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    yield dataclasses.make_dataclass("Server", ["folder", "url", "requests"])(
+        served, f"http://127.0.0.1:{httpd.server_address[1]}/", requests)
+    httpd.shutdown()
+    thread.join()
+    httpd.server_close()
+
+
+def serve_beauty(server, monkeypatch, payload: bytes, sha256: str | None) -> None:
+    """Serve `payload` as Beauty's file, with `sha256` recorded as its hash."""
+    (server.folder / "beauty.json.gz").write_bytes(payload)
+    spec = dataclasses.replace(datasets.DATASETS["beauty"], url=server.url + "beauty.json.gz", sha256=sha256)
+    monkeypatch.setitem(datasets.DATASETS, "beauty", spec)
+
+
+def test_a_download_with_the_recorded_sha256_is_kept_and_reused(cache, server, monkeypatch):
+    payload = amazon_bytes(amazon_reviews())
+    serve_beauty(server, monkeypatch, payload, hashlib.sha256(payload).hexdigest())
+    assert len(datasets.prepare("beauty")) == 25
+    assert (cache / "raw" / "reviews_Beauty_5.json.gz").read_bytes() == payload
+    assert server.requests == ["/beauty.json.gz"]
+    (cache / "beauty.parquet").unlink()  # prepared again from the raw file, not downloaded again
+    assert len(load_data("beauty").test.targets) == 5
+    assert server.requests == ["/beauty.json.gz"]
+    assert [p.name for p in (cache / "raw").iterdir()] == ["reviews_Beauty_5.json.gz"]  # no temporary left
+
+
+def test_a_download_with_another_sha256_is_refused_in_one_line_and_removed(cache, server, monkeypatch, capsys):
+    payload = amazon_bytes(amazon_reviews())
+    expected = hashlib.sha256(payload).hexdigest()
+    damaged = payload[:-1] + bytes([payload[-1] ^ 1])
+    serve_beauty(server, monkeypatch, damaged, expected)
+    assert main(["train", "--data", "beauty", "--out", str(cache / "run")]) == 2
+    err = capsys.readouterr().err
+    seen = hashlib.sha256(damaged).hexdigest()
+    assert err == (f"simdiffrec train: error: reviews_Beauty_5.json.gz from {server.url}beauty.json.gz: "
+                   f"sha256 {seen}, expected {expected}: refused, not kept (a damaged or changed file)\n")
+    assert list((cache / "raw").iterdir()) == [] and not (cache / "beauty.parquet").exists()
+    assert not (cache / "run").exists()
+
+
+def test_a_download_without_a_recorded_sha256_warns_with_the_hash_it_saw(cache, server, monkeypatch):
+    payload = amazon_bytes(amazon_reviews())
+    serve_beauty(server, monkeypatch, payload, None)
+    with pytest.warns(UserWarning, match=f"no sha256 recorded for beauty's .*{hashlib.sha256(payload).hexdigest()}"):
+        datasets.prepare("beauty")
+    (cache / "beauty.parquet").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the cached file is not downloaded again
+        datasets.prepare("beauty")
+    assert server.requests == ["/beauty.json.gz"]

@@ -24,7 +24,7 @@ def write(tmp_path, content: dict):
 
 
 def test_every_dataset_has_a_space_with_the_papers_ranges_and_points_first():
-    assert set(spaces.shipped()) == {*DATASETS, "default"}
+    assert set(spaces.shipped()) == {*DATASETS, "default", "demo"}
     for name in (*DATASETS, "default"):
         space = spaces.load(name)
         by_name = {p.name: p for p in space.params}
@@ -53,6 +53,13 @@ def test_every_dataset_has_a_space_with_the_papers_ranges_and_points_first():
     assert (best["beauty"]["alpha"], best["beauty"]["beta"]) == (0.4, 0.4)
     assert (best["toys"]["alpha"], best["toys"]["beta"]) == (0.1, 0.1)
     assert (best["sports"]["alpha"], best["sports"]["beta"]) == (0.1, 0.1)
+
+
+def test_the_demo_space_is_a_short_search():
+    """The README's first command: its trials end within a few epochs, ASHA stops some after two."""
+    space = spaces.load("demo")
+    assert space.asha.max_epochs <= 8 and space.asha.grace_period == 2 and space.fixed["patience"] <= 5
+    assert {"alpha", "beta", "lr"} <= {p.name for p in space.params}
 
 
 def test_define_by_run_samples_conditional_parameters_only_when_active():
