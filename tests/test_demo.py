@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from simdiffrec.cli import main
+from simdiffrec.config import read_yaml
 from tuner import spaces
 
 from .test_retrain import ray_cluster  # noqa: F401  (a fixture)
@@ -52,7 +53,9 @@ def test_the_readme_main_job_runs_on_the_shipped_demo_and_ends_with_the_report(r
     results = pd.read_parquet(search / "results.parquet")
     assert results["trial_id"].nunique() == 3 and results["epoch"].max() <= 2
     assert (search / "best_checkpoint" / "model.pt").is_file()
-    assert (search / "space.yaml").read_bytes() == spaces.find("demo").read_bytes()  # the demo's own space
+    assert read_yaml(search / "space.yaml") == spaces.resolve(spaces.find("demo"))  # the demo's own space
     final = pd.read_parquet(search / "final" / "final.parquet")
-    assert set(final["configuration"]) == {"top-1", "baseline"} and set(final["seeds"]) == {2}
+    # the search's best, its starting point and SASRec-CE at the defaults, with their baselines
+    assert {"top-1", "baseline", "sasrec-defaults"} <= set(final["configuration"]) and set(final["seeds"]) == {2}
+    assert (search / "final" / "final.md").read_text().startswith("**Winner: ")
     assert "Final comparison" in report.read_text() and (report.parent / "final.png").is_file()
