@@ -484,6 +484,44 @@ def test_a_failed_trial_is_recorded_with_its_reason_and_the_searcher_told_it_fai
     assert states[0.45] == optuna.trial.TrialState.FAIL and states[0.2] == optuna.trial.TrialState.COMPLETE
 
 
+def kills_its_worker_when_alpha_is_high(config: dict) -> None:
+    """Scores alpha for 4 epochs with a model checkpoint each; above alpha 0.3 its worker process
+    dies (kill -9) after epoch 3, as a killed or out-of-memory worker does."""
+    for epoch in range(1, 5):
+        with tempfile.TemporaryDirectory() as folder:
+            model = Path(folder) / MODEL_DIR
+            model.mkdir()
+            (model / "metrics.json").write_text(json.dumps({"data": {"source": "test"}}))
+            (model / "config.yaml").write_text(yaml.safe_dump(config))
+            tune.report({"epoch": epoch, METRIC: config["alpha"], BEST: config["alpha"]},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+        if epoch == 3 and config["alpha"] > 0.3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_trial_whose_worker_dies_past_its_retries_is_failed_everywhere_and_never_the_best(ray_cluster, tmp_path,
+                                                                                          capsys):
+    """Ray's saved state kept such a trial RUNNING: it was exported as the best, `status` called
+    it interrupted.  Now results, status, export and the Optuna study all say it failed."""
+    space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
+                          "points_to_evaluate": [{"alpha": 0.45}, {"alpha": 0.2}],
+                          "asha": {"max_epochs": 4, "grace_period": 4, "reduction_factor": 2}}, "killed")
+    database = f"sqlite:///{tmp_path / 'study.db'}"
+    settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=2, max_concurrent=1,
+                                     optuna_storage=database, max_failures=0)
+    search.run(kills_its_worker_when_alpha_is_high, space, settings)
+    killed, kept = read(settings.experiment).trials
+    assert (killed.status, kept.status) == ("ERROR", "TERMINATED")
+    assert killed.error == "The actor is dead because its worker process has died."
+    best = export(settings.experiment, tmp_path / "out")
+    assert best["trial"] == kept.trial_id and best["search"]["error"] == 1
+    results = pd.read_parquet(tmp_path / "out" / "results.parquet").drop_duplicates("trial_id")
+    assert results.set_index("trial_id").loc[killed.trial_id, ["status", "error"]].tolist() == ["ERROR", killed.error]
+    assert load(settings.experiment).trials.set_index("trial_id").loc[killed.trial_id, "outcome"] == "failed"
+    study = optuna.load_study(study_name=settings.experiment, storage=database)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+
+
 def test_ctrl_c_stops_the_search_in_one_line_that_says_how_to_continue_and_export_works(ray_cluster, files, tmp_path):
     slower = tmp_path / "space.yaml"
     slower.write_text(yaml.safe_dump({**SPACE, "fixed": {**TINY, "batch_size": 8}}, sort_keys=False))

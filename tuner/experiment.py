@@ -66,6 +66,7 @@ class Experiment:
     fs: pyarrow.fs.FileSystem
     path: str
     trials: list[Trial]
+    state: str  # the experiment state file read, Ray's newest
 
 
 def read(experiment: str) -> Experiment:
@@ -95,7 +96,7 @@ def read(experiment: str) -> Experiment:
         if trial.status == FAILED and "error.txt" in present:
             trial.error = _last_line(read_text(fs, f"{folder}/error.txt"))
         trials.append(trial)
-    return Experiment(experiment, fs, path, sorted(trials, key=lambda t: t.number))
+    return Experiment(experiment, fs, path, sorted(trials, key=lambda t: t.number), f"{path}/{states[-1]}")
 
 
 def results_frame(trials: list[Trial]) -> pd.DataFrame:
@@ -244,9 +245,12 @@ def parse_rows(text: str) -> list[dict[str, Any]]:
 
 def _last_line(text: str) -> str:
     """An exception's one-line message from Ray's error.txt (its traceback ends with it), without
-    the module path of its class: `Diverged: loss became nan at epoch 2: lower --lr`."""
+    the module path of its class: `Diverged: loss became nan at epoch 2: lower --lr`; a long one
+    cut to its first sentence."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     last = lines[-1] if lines else "failed (error.txt is empty)"
+    if len(last) > 200:  # Ray's word on a dead worker runs to 600 characters: its first sentence
+        last = last.split(". ", 1)[0].rstrip(".") + "."
     kind, sep, message = last.partition(": ")
     return f"{kind.rsplit('.', 1)[-1]}{sep}{message}" if sep and " " not in kind else last
 

@@ -22,11 +22,12 @@ import optuna
 import pyarrow.fs
 import ray
 from ray import tune
+from ray.air.constants import EXPR_ERROR_FILE, EXPR_ERROR_PICKLE_FILE
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from .experiment import listing, parse_rows, read, read_text, result_rows
+from .experiment import FAILED, listing, parse_rows, read, read_text, result_rows
 from .protocol import BEST, METRIC, MODE, REPORTED
 from .spaces import Space
 from .storage import storage_filesystem
@@ -244,9 +245,36 @@ def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: Sea
         tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints, checkpoint_score_attribute=METRIC,
                               checkpoint_score_order=MODE))
     grid = tuner.fit()
+    record_failures(settings.experiment, grid)
     if grid.num_terminated + grid.num_errors < settings.num_samples:
         raise KeyboardInterrupt  # Ray stopped on Ctrl-C, saved the experiment and returned: tell the caller
     return grid
+
+
+def record_failures(experiment: str, grid: tune.ResultGrid) -> list[str]:
+    """Mark failed, in Ray's saved state, each trial that `fit` ended as failed but the state
+    keeps unfinished; return their folders' names.
+
+    Ray saves a trial's end when it stops the trial's worker.  A trial whose worker died (killed,
+    out of memory) on its last allowed try has no worker left to stop, so the state keeps it
+    RUNNING: `export` would rank it, `status` would call it interrupted, and `--resume` would
+    continue it as if nothing had happened.  The ResultGrid `fit` returns knows that it failed
+    (and Ray wrote its error.txt)."""
+    failed = {result.path.rstrip("/").rsplit("/", 1)[-1] for result in grid if result.error is not None}
+    run = read(experiment)
+    saved = json.loads(read_text(run.fs, run.state))
+    marked = []
+    for entry in saved["trial_data"]:
+        trial, metadata = (json.loads(part) for part in entry)
+        if trial["relative_logdir"] in failed and trial["status"] != FAILED:
+            trial["status"] = FAILED
+            metadata.update(error_filename=EXPR_ERROR_FILE, pickled_error_filename=EXPR_ERROR_PICKLE_FILE)
+            entry[:] = [json.dumps(trial), json.dumps(metadata)]
+            marked.append(trial["relative_logdir"])
+    if marked:
+        with (storage_filesystem(experiment) or run.fs).open_output_stream(run.state) as stream:
+            stream.write(json.dumps(saved).encode())
+    return marked
 
 
 def _no_restore_hint(record: logging.LogRecord) -> bool:
