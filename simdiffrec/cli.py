@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 import warnings
 from dataclasses import MISSING, fields
@@ -441,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if "resume" in args:  # the long commands: SIGTERM ends them as Ctrl-C does
+        from tuner.signals import stop_on_sigterm
+
+        stop_on_sigterm()
     try:
         with warnings.catch_warnings():  # a warning is one line too
             warnings.showwarning = lambda message, *_: print(f"simdiffrec {args.command}: warning: {message}",
@@ -453,12 +458,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"simdiffrec {args.command}: error: needs the Python package {err.name!r}, which is not "
               f"installed (pip install -e . installs every dependency)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or tuner.signals.Stopped (SIGTERM too)
+        signum = getattr(err, "signum", signal.SIGINT)
         hint = ""
         if "resume" in args:  # the commands that take --resume: what was done is kept
             hint = f"; continue with: simdiffrec {shlex.join(argv + ['--resume'] * (not args.resume))}"
-        print(f"simdiffrec {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"simdiffrec {args.command}: {how}{hint}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -543,6 +543,42 @@ def test_ctrl_c_stops_the_search_in_one_line_that_says_how_to_continue_and_expor
     assert (tmp_path / "export" / "best_checkpoint" / "model.pt").is_file()
 
 
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_a_stop_signal_once_every_trial_runs_ends_unfinished_and_resume_finishes(ray_cluster, files, tmp_path, signum,
+                                                                               code, said):
+    """Ray marks the trials it stops TERMINATED in what fit returns: a Ctrl-C once the last trial
+    had started passed for a finished search (exit 0, exports), and SIGTERM ran sys.exit inside
+    fit (a crash dump, no hint).  Both now end in one line with the --resume command, export
+    nothing, and leave the trials interrupted; --resume finishes them."""
+    slower = tmp_path / "space.yaml"  # no ASHA stop: both trials run their 20 epochs
+    slower.write_text(yaml.safe_dump({**SPACE, "fixed": {**TINY, "batch_size": 8},
+                                      "asha": {"max_epochs": 20, "grace_period": 20, "reduction_factor": 2}},
+                                     sort_keys=False))
+    out = tmp_path / "out"
+    args = ["tune", "--data", str(files["data"]), "--space", str(slower), "--out", str(out), "--num-samples", "2",
+            "--max-concurrent", "2"]
+    driver = subprocess.Popen([*SIMDIFFREC, *args], start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(out / "experiment", lambda trials: len(trials) == 2 and all(
+            rows and not rows[-1]["done"] for rows in trials.values()))  # the last trial has reported
+        driver.send_signal(signum)
+        err = driver.communicate(timeout=120)[1]
+    finally:
+        _kill(driver)
+    assert driver.returncode == code, err
+    assert "Traceback" not in err and "Tuner.restore" not in err
+    ours = [line for line in err.splitlines() if line.startswith("simdiffrec")]
+    assert ours == [f"simdiffrec tune: {said}; continue with: simdiffrec " + " ".join(args) + " --resume"]
+    assert not (out / "best_config.yaml").exists() and not (out / "results.parquet").exists()
+    assert set(load(str(out)).trials["outcome"]) == {"interrupted"}
+
+    assert main([*args, "--resume"]) == 0
+    results = pd.read_parquet(out / "results.parquet")
+    assert set(results["status"]) == {"TERMINATED"} and results.groupby("trial_id")["epoch"].max().tolist() == [20, 20]
+
+
 def test_tune_all_runs_a_search_per_dataset_and_a_summary(ray_cluster, files, tmp_path, monkeypatch):
     monkeypatch.setenv("SIMDIFFREC_STORAGE", str(tmp_path / "storage"))  # as cluster.yaml sets it
     spaces_dir = tmp_path / "spaces"

@@ -22,6 +22,7 @@ from simdiffrec.data import load_and_describe
 from simdiffrec.files import locked
 
 from .protocol import RECORD, SPACE_COPY
+from .signals import stop_on_sigterm
 
 if TYPE_CHECKING:
     from .search import SearchSettings
@@ -148,6 +149,7 @@ def init_ray(address: str | None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address or "local")
+        stop_on_sigterm()  # ray.init's own handler exits mid-search with a crash dump
 
 
 def _new(job: Job, max_epochs: int | None, given: dict[str, Any]) -> tuple["Space", "SearchSettings"]:

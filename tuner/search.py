@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from .experiment import FAILED, listing, parse_rows, read, read_text, result_rows
 from .protocol import BEST, METRIC, MODE, REPORTED
+from .signals import Stopped, stopping_fit
 from .spaces import Space
 from .storage import storage_filesystem
 
@@ -244,10 +246,23 @@ def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: Sea
                         max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
         tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints, checkpoint_score_attribute=METRIC,
                               checkpoint_score_order=MODE))
-    grid = tuner.fit()
-    record_failures(settings.experiment, grid)
-    if grid.num_terminated + grid.num_errors < settings.num_samples:
-        raise KeyboardInterrupt  # Ray stopped on Ctrl-C, saved the experiment and returned: tell the caller
+    return fit(tuner, settings.experiment, settings.num_samples)
+
+
+def fit(tuner: tune.Tuner, experiment: str, trials: int) -> tune.ResultGrid:
+    """Run `tuner` (of `trials` trials in all) to its end and record its failures
+    (`record_failures`); raise `Stopped` if a stop signal or anything else ended it before.
+
+    Ray marks the trials it stops on Ctrl-C TERMINATED in the ResultGrid it returns, as if they
+    had finished: whether the experiment is finished is read from the state Ray saved."""
+    with stopping_fit() as received:
+        grid = tuner.fit()
+    record_failures(experiment, grid)
+    if received:
+        raise Stopped(received[0])
+    run = read(experiment)
+    if len(run.trials) < trials or any(t.status not in (Trial.TERMINATED, FAILED) for t in run.trials):
+        raise Stopped(signal.SIGINT)  # Ray stopped on a signal of its own (SIGUSR1): as on Ctrl-C
     return grid
 
 
