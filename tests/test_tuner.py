@@ -145,6 +145,34 @@ def test_resume_refuses_other_settings_and_a_fresh_start_refuses_a_used_folder(s
     assert "--resume" in capsys.readouterr().err
 
 
+def test_resume_refuses_data_that_changed_since_the_search_began(ray_cluster, files, tmp_path, capsys):
+    """Only the path was compared: data changed to the same counts trained the resumed trials on
+    it silently.  The record keeps the data's fingerprint; an older record without one warns."""
+    data = tmp_path / "seq.txt"
+    lines = files["data"].read_text().splitlines(keepends=True)
+    data.write_text("".join(lines))
+    out = tmp_path / "out"
+    args = ["tune", "--data", str(data), "--space", str(files["space"]), "--out", str(out), "--num-samples", "1",
+            "--max-epochs", "1"]
+    assert main(args) == 0
+    record = yaml.safe_load((out / "search.yaml").read_text())
+    assert set(record["fingerprint"]) == {"users", "items", "actions", "sha256"}
+    user, first, second, *rest = lines[0].split()
+    swapped = " ".join([user, second, first, *rest]) + "\n"  # the same users, items and actions
+    for changed, named in ((swapped, "sha256"), (lines[0].rstrip() + " 151\n", "items 150 -> 151")):
+        data.write_text(changed + "".join(lines[1:]))
+        capsys.readouterr()
+        assert main([*args, "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"simdiffrec tune: error: {out / 'search.yaml'}: the search began on other data")
+        assert named in err[-1] and "Traceback" not in "".join(err)
+    data.write_text("".join(lines))
+    del record["fingerprint"]
+    (out / "search.yaml").write_text(yaml.safe_dump(record))
+    assert main([*args, "--resume"]) == 0
+    assert "keeps no fingerprint" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, value, message", [("--num-samples", "0", "num_samples=0: must be at least 1"),
                                                    ("--max-concurrent", "0", "max_concurrent=0: must be at least 1"),
                                                    ("--trials-per-gpu", "0", "trials_per_gpu=0: must be at least 1"),

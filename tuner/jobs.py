@@ -14,11 +14,12 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from simdiffrec.config import read_yaml, write_yaml
-from simdiffrec.data import load_and_describe
+from simdiffrec.data import fingerprint, load_and_describe
 from simdiffrec.files import locked
 
 from .protocol import RECORD, SPACE_COPY
@@ -118,10 +119,12 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
                        else _new(job, request.max_epochs, given))
     fixed = Config.from_dict(space.fixed, source=space.source)
     data, stats = load_and_describe(job.data, max_len=fixed.max_len, kcore=fixed.kcore, **job.columns)
-    if not resume:
+    if resume:
+        check_same_data(job.out / RECORD, fingerprint(data))
+    else:
         job.out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(space.source, job.out / SPACE_COPY)
-        record = {"data": job.data, "columns": job.columns, "space": space.source,
+        record = {"data": job.data, "columns": job.columns, "fingerprint": fingerprint(data), "space": space.source,
                   "max_epochs": space.asha.max_epochs, "settings": dataclasses.asdict(settings)}
         write_yaml(job.out / RECORD, record)
     init_ray(address)
@@ -129,6 +132,22 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
                        max_epochs=space.asha.max_epochs)
     search.run(make_trainable(setup), space, settings, resume=resume)
     return export(settings.experiment, job.out)
+
+
+def check_same_data(record: Path, now: dict[str, Any]) -> None:
+    """Refuse to resume a search on data other than it began with (its trials would go on
+    training on the new data, or fail for its other number of items).  A record from before
+    fingerprints were kept is trusted, with a warning."""
+    started = read_yaml(record).get("fingerprint")
+    if started is None:
+        warnings.warn(f"{record} keeps no fingerprint of the search's data (an older search): "
+                      "--resume cannot tell whether the data changed since it began")
+        return
+    changed = [f"{key} {str(started.get(key))[:12]} -> {str(value)[:12]}"
+               for key, value in now.items() if started.get(key) != value]
+    if changed:
+        raise ValueError(f"{record}: the search began on other data ({', '.join(changed)}): "
+                         "--resume continues a search on the data it began with")
 
 
 def prefer_loopback(address: str | None) -> str | None:
