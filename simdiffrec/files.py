@@ -15,7 +15,7 @@ import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 
 class FileFault(ValueError):
@@ -61,6 +61,26 @@ def atomic_symlink(link: str | Path, target: str | Path) -> None:
     link = Path(link)
     with atomic_path(link) as tmp:
         os.symlink(target, tmp)
+
+
+def replace_entries(stage: str | Path, folder: str | Path, names: Sequence[str]) -> None:
+    """Make `folder`'s entries `names` those in `stage` (an entry `stage` lacks is removed), each in
+    one rename, in the order given, after removing the last: a reader that takes the last name's
+    presence for "complete" never sees a mix as complete.  A folder replaced is set aside into
+    `stage` first (a rename cannot replace a folder that holds files); `stage` is the caller's to
+    remove."""
+    stage, folder = Path(stage), Path(folder)
+    with writing(folder / names[-1]):
+        (folder / names[-1]).unlink(missing_ok=True)
+    for name in names:
+        dest, new = folder / name, stage / name
+        with writing(dest):
+            if dest.is_dir() and not dest.is_symlink():
+                os.replace(dest, stage / f".replaced-{name}")
+            elif not new.exists():
+                dest.unlink(missing_ok=True)
+            if new.exists():
+                os.replace(new, dest)
 
 
 def in_use(folder: str | Path) -> bool:

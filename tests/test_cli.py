@@ -12,6 +12,7 @@ import yaml
 
 from simdiffrec.cli import main
 from simdiffrec.config import Config
+from simdiffrec.files import locked
 from simdiffrec.model_folder import load_model
 
 from .conftest import synthetic_sequences
@@ -228,11 +229,25 @@ def test_train_never_silently_replaces_an_earlier_run(seq_file, tmp_path, capsys
     assert main(run) == 2
     one_line_error(capsys, str(out), "--resume", "--force")
     assert (out / "metrics.json").read_bytes() == before
-    # --force replaces the earlier run as a whole: a replacement that fails leaves none of it behind
+    # --force replaces the earlier run as a whole, once the new one is complete: a replacement
+    # that fails leaves the earlier run as it was (it used to be deleted before training)
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert main([*run, "--force", "--seed", "7", "--lr", "1e6"]) == 2
-    assert not {"metrics.json", "checkpoint.pt", "best_checkpoint"} & {p.name for p in out.iterdir()}
-    assert main([*run, "--seed", "7"]) == 0
-    assert (out / "metrics.json").read_bytes() != before
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == files
+    assert main([*run, "--force", "--seed", "7"]) == 0
+    assert (out / "metrics.json").read_bytes() != before and Config.load_yaml(out / "config.yaml").seed == 7
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "best_checkpoint", "checkpoint.pt", "config.yaml",
+                                                     "metrics.json"]
+
+
+def test_train_refuses_an_out_another_process_is_writing(seq_file, tmp_path, capsys):
+    """Two `train --out` at once both ran: config.yaml held one run's settings, the model the
+    other's.  The second is refused in one line and writes nothing."""
+    out = tmp_path / "r"
+    with locked(out):  # as a running train holds it
+        assert main(["train", "--data", str(seq_file), "--out", str(out), *TINY, "--epochs", "1"]) == 2
+    one_line_error(capsys, str(out), "in use by another simdiffrec process")
+    assert [p.name for p in out.iterdir()] == [".lock"]
 
 
 def test_without_a_terminal_train_prints_lines_not_bars(seq_file, tmp_path, capsys):
