@@ -20,6 +20,7 @@ import yaml
 
 from simdiffrec.cli import main
 from simdiffrec.config import SIMDIFFREC_ONLY, Config
+from simdiffrec.files import locked
 from tuner import grid, search, verdict
 from tuner.experiment import read
 from tuner.protocol import CHECKPOINT_FILE
@@ -175,6 +176,17 @@ def test_finalize_also_retrains_trials_named_by_number(tiny_search, tmp_path, ca
     assert main(["finalize", experiment, "--trials", "99", "--out", str(tmp_path / "other")]) == 2
     assert f"--trials 99: {experiment} has no trial #99" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_finalize_refuses_a_search_that_is_still_running(tiny_search, capsys):
+    """finalize took the top K of a half-finished leaderboard and started a second Ray."""
+    with locked(tiny_search):  # as the running search holds it
+        assert main(["finalize", str(tiny_search / "experiment"), "--out", str(tiny_search / "early"),
+                     "--seeds", "1", "--gpu", "never"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"simdiffrec finalize: error: {tiny_search}: the search is still running (it holds "
+                   f"{tiny_search / '.lock'}): finalize it once it has ended (simdiffrec status {tiny_search} follows it)"]
+    assert not (tiny_search / "early").exists()
 
 
 def test_configurations_share_a_baseline_unless_sasrec_would_train_them_differently():

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from simdiffrec.config import SIMDIFFREC_ONLY, Config, read_yaml
-from simdiffrec.files import locked, write_atomic
+from simdiffrec.files import LOCK, in_use, locked, write_atomic
 
 from . import grid, search, spaces, verdict
 from .experiment import read, results_frame
@@ -119,6 +119,9 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
     if not (search_dir / RECORD).is_file():
         raise FileNotFoundError(f"{search_dir / RECORD}: missing; --search names the folder of the search "
                                 "(where tune wrote search.yaml and space.yaml)")
+    if in_use(search_dir):  # its leaderboard is half-finished, and a second Ray would share its machines
+        raise ValueError(f"{search_dir}: the search is still running (it holds {search_dir / LOCK}): "
+                         f"finalize it once it has ended (simdiffrec status {search_dir} follows it)")
     _at_least_one(seeds=seeds, top=top)
     record = read_yaml(search_dir / RECORD)
     space = spaces.load(search_dir / SPACE_COPY)
