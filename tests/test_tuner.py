@@ -25,6 +25,7 @@ from ray.tune import ExperimentAnalysis
 from simdiffrec.cli import main
 from tuner import search, spaces, storage
 from tuner.experiment import Trial, export, read, results_frame
+from tuner.jobs import plan_all, space_for
 from tuner.protocol import BEST, GPU_SHARE, METRIC, MODEL_DIR, REPORTED
 from tuner.report import cost
 from tuner.status import load
@@ -622,6 +623,13 @@ def test_tune_all_runs_a_search_per_dataset_and_a_summary(ray_cluster, files, tm
     for name in ("one", "two"):
         assert (tmp_path / "all" / name / "best_checkpoint" / "model.pt").is_file()
         assert (tmp_path / "storage" / name).is_dir()
+
+
+def test_tune_all_picks_each_space_by_the_datasets_name_also_for_a_file(tmp_path):
+    """`beauty=PATH` searched default.yaml: Beauty's own points and grace period went unused."""
+    beauty, other, named = plan_all("beauty=data/Beauty.txt,mine=data/mine.txt,toys", tmp_path, None, None)
+    assert space_for(beauty) == spaces.find("beauty") and space_for(named) == spaces.find("toys")
+    assert space_for(other) == spaces.find("default")
 
 
 def test_packing_benchmark_runs_on_cpu():

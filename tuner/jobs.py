@@ -47,6 +47,7 @@ class Job:
     experiment: str | None  # None: $SIMDIFFREC_STORAGE/NAME, else OUT/experiment
     columns: dict[str, str] = dataclasses.field(  # of a .csv/.parquet file
         default_factory=lambda: {"user_col": "user_id", "item_col": "item_id", "time_col": "timestamp"})
+    name: str | None = None  # the dataset's name (tune-all's NAME=PATH): its shipped space, if any
 
 
 @dataclasses.dataclass
@@ -81,7 +82,7 @@ def plan_all(datasets: str, out: Path, space_dir: Path | None, storage: str | No
     for name, data in parse_datasets(datasets).items():
         space = str(space_dir / f"{name}.yaml") if space_dir else None
         experiment = f"{storage.rstrip('/')}/{name}" if storage else None
-        jobs.append(Job(data, space, out / name, experiment))
+        jobs.append(Job(data, space, out / name, experiment, name=name))
     for job in jobs:
         space_for(job)
     return jobs
@@ -214,10 +215,11 @@ def default_experiment(out: Path, name: str | None = None) -> str:
 
 
 def space_for(job: Job) -> Path:
-    """The space file a job uses: its own, else the dataset's shipped one, else default."""
+    """The space file a job uses: its own, else the dataset's shipped one (by its name, else by
+    --data naming one), else default."""
     from . import spaces
 
     if job.space is not None:
         return spaces.find(job.space)
-    return spaces.find(job.data if job.data in spaces.shipped() else "default")
+    return spaces.find(next((n for n in (job.name, job.data) if n in spaces.shipped()), "default"))
 
