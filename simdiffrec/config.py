@@ -41,6 +41,8 @@ SIMDIFFREC_ONLY = ("steps", "schedule", "mix", "denoiser_layers", "denoiser_head
                    "aug_dropout", "view_dropout", "similarity", "shared_denoiser", "alpha_warmup",
                    "noise_type", "aug_positions", "hard_negative", "exclude_original")
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: every setting reaches torch as one
+
 
 @dataclass
 class Config:
@@ -105,6 +107,9 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name}={value!r}: must be a finite number")
+            if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # the optimiser's step overflows
+                raise ValueError(f"{f.name}={value!r}: must be at most {FLOAT32_MAX:.3g} in size "
+                                 "(training computes in float32)")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")

@@ -204,6 +204,14 @@ def test_a_float_setting_must_be_finite(seq_file, tmp_path, capsys, flag, value)
     one_line_error(capsys, f"{flag[2:]}={value}: must be a finite number")
 
 
+@pytest.mark.parametrize("flag, value", [("--lr", "1e39"), ("--weight-decay", "1e300")])
+def test_a_float_setting_beyond_float32_is_one_line(seq_file, tmp_path, capsys, flag, value):
+    """Finite in Python, infinite in float32: Adam's step ended in an overflow traceback."""
+    assert main(["train", "--data", str(seq_file), "--out", str(tmp_path / "r"), *TINY, "--epochs", "1",
+                 flag, value]) == 2
+    one_line_error(capsys, f"{flag[2:].replace('-', '_')}={float(value)!r}: must be at most 3.4e+38 in size")
+
+
 def test_k_beyond_the_items_is_recorded_as_used(seq_file, tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["train", "--data", str(seq_file), "--out", str(out), *TINY, "--epochs", "1",
