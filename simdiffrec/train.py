@@ -273,8 +273,18 @@ def check_finite(losses: dict[str, float], epoch: int, cfg: Config) -> None:
     bad = {name: value for name, value in losses.items() if name.startswith("loss_") and not math.isfinite(value)}
     if bad:
         name, value = next(iter(bad.items()))
-        raise Diverged(f"{name} became {value} at epoch {epoch}: training diverged; lower --lr "
-                       f"(now {cfg.lr:g})")
+        raise Diverged(f"{name} became {value} at epoch {epoch}: training diverged; {remedy(name, cfg)}")
+
+
+def remedy(loss: str, cfg: Config) -> str:
+    """The settings that scale the diverged `loss`: L_cl grows with alpha and 1/tau, L_d with
+    beta, every loss with the learning rate."""
+    lr = f"--lr (now {cfg.lr:g})"
+    if loss == "loss_cl":
+        return f"lower --alpha (now {cfg.alpha:g}) or {lr}, or raise --tau (now {cfg.tau:g})"
+    if loss == "loss_d":
+        return f"lower --beta (now {cfg.beta:g}) or {lr}"
+    return f"lower {lr}"
 
 
 def _copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
