@@ -124,7 +124,10 @@ def save_torch(obj: Any, path: str | Path) -> None:
     import torch
 
     with atomic_path(path) as tmp, writing(path):
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's writer reports a full disk so, not as an OSError
+            raise FileFault(f"{path}: cannot write: {str(err).splitlines()[0]} (is the disk full?)") from err
 
 
 def read_torch(path: str | Path, keys: Iterable[str], map_location: Any = None) -> dict[str, Any]:
