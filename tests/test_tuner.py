@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import optuna
 import pandas as pd
+import pyarrow.fs
 import pytest
 import ray
 import yaml
@@ -137,6 +138,26 @@ def test_export_command_rewrites_the_exports_from_the_experiment(small_search, t
                                   pd.read_parquet(small_search / "results.parquet"))
     assert (tmp_path / "best_checkpoint" / "model.pt").read_bytes() == \
         (small_search / "best_checkpoint" / "model.pt").read_bytes()
+
+
+def test_a_full_disk_during_export_is_one_line_and_keeps_the_exports_there(small_search, tmp_path, capsys,
+                                                                             monkeypatch):
+    """copy_model's OSError ended `export` in a traceback."""
+    assert main(["export", str(small_search / "experiment"), "--out", str(tmp_path)]) == 0
+    before = (tmp_path / "best_config.yaml").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pyarrow.fs, "copy_files", full_disk)
+    capsys.readouterr()
+    assert main(["export", str(small_search / "experiment"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("simdiffrec export: error: ") and "best_checkpoint" in err[0]
+    assert err[0].endswith("cannot write: No space left on device")
+    assert (tmp_path / "best_config.yaml").read_bytes() == before
+    assert [p.name for p in (tmp_path / ".exports").iterdir() if p.name != "current"] == [
+        os.readlink(tmp_path / ".exports" / "current")]
 
 
 def test_resume_refuses_other_settings_and_a_fresh_start_refuses_a_used_folder(small_search, files, capsys):

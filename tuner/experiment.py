@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow.fs
 
 from simdiffrec.config import read_yaml, write_yaml
-from simdiffrec.files import atomic_symlink, write_atomic
+from simdiffrec.files import atomic_symlink, write_atomic, writing
 
 from .protocol import METRIC, MODEL_DIR
 
@@ -124,8 +124,9 @@ def results_frame(trials: list[Trial]) -> pd.DataFrame:
 def copy_model(run: Experiment, trial: Trial, checkpoint: str, target: Path) -> None:
     """Copy the model folder (MODEL_DIR) of one of `trial`'s checkpoints to the new folder `target`."""
     target.mkdir(parents=True)
-    pyarrow.fs.copy_files(f"{trial.folder}/{checkpoint}/{MODEL_DIR}", str(target), source_filesystem=run.fs,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    with writing(target):  # a full disk: one line
+        pyarrow.fs.copy_files(f"{trial.folder}/{checkpoint}/{MODEL_DIR}", str(target), source_filesystem=run.fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
 
 
 def best(trials: list[Trial]) -> tuple[Trial, str, dict[str, Any]] | None:
