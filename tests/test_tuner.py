@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,6 +159,21 @@ def test_a_full_disk_during_export_is_one_line_and_keeps_the_exports_there(small
     assert (tmp_path / "best_config.yaml").read_bytes() == before
     assert [p.name for p in (tmp_path / ".exports").iterdir() if p.name != "current"] == [
         os.readlink(tmp_path / ".exports" / "current")]
+
+
+def test_export_refuses_a_best_checkpoint_without_its_model(small_search, tmp_path, capsys):
+    """A checkpoint whose model folder lacked model.pt was exported as best_checkpoint/."""
+    experiment = tmp_path / "experiment"
+    shutil.copytree(small_search / "experiment", experiment)
+    best = yaml.safe_load((small_search / "best_config.yaml").read_text())
+    trial = next(t for t in read(str(experiment)).trials if t.trial_id == best["trial"])
+    [model] = [Path(trial.folder) / name / MODEL_DIR for name in trial.checkpoints
+               if trial.checkpoints[name]["epoch"] == best["epoch"]]
+    (model / "model.pt").unlink()
+    assert main(["export", str(experiment), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"simdiffrec export: error: {model}: holds no model.pt, so it is no model folder: nothing to export"]
+    assert not (tmp_path / "out" / "best_config.yaml").exists()
 
 
 def test_resume_refuses_other_settings_and_a_fresh_start_refuses_a_used_folder(small_search, files, capsys):
@@ -510,6 +526,7 @@ def diverges_when_alpha_is_high(config: dict) -> None:
             model.mkdir()
             (model / "metrics.json").write_text(json.dumps({"data": {"source": "test"}}))
             (model / "config.yaml").write_text(yaml.safe_dump(config))
+            (model / "model.pt").write_bytes(b"")  # export copies it, never reads it
             tune.report({"epoch": epoch, METRIC: config["alpha"], BEST: config["alpha"]},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
@@ -543,6 +560,7 @@ def kills_its_worker_when_alpha_is_high(config: dict) -> None:
             model.mkdir()
             (model / "metrics.json").write_text(json.dumps({"data": {"source": "test"}}))
             (model / "config.yaml").write_text(yaml.safe_dump(config))
+            (model / "model.pt").write_bytes(b"")  # export copies it, never reads it
             tune.report({"epoch": epoch, METRIC: config["alpha"], BEST: config["alpha"]},
                         checkpoint=tune.Checkpoint.from_directory(folder))
         if epoch == 3 and config["alpha"] > 0.3:

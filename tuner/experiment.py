@@ -122,11 +122,15 @@ def results_frame(trials: list[Trial]) -> pd.DataFrame:
 
 
 def copy_model(run: Experiment, trial: Trial, checkpoint: str, target: Path) -> None:
-    """Copy the model folder (MODEL_DIR) of one of `trial`'s checkpoints to the new folder `target`."""
+    """Copy the model folder (MODEL_DIR) of one of `trial`'s checkpoints to the new folder `target`;
+    one without its model.pt is refused."""
     target.mkdir(parents=True)
+    source = f"{trial.folder}/{checkpoint}/{MODEL_DIR}"
     with writing(target):  # a full disk: one line
-        pyarrow.fs.copy_files(f"{trial.folder}/{checkpoint}/{MODEL_DIR}", str(target), source_filesystem=run.fs,
+        pyarrow.fs.copy_files(source, str(target), source_filesystem=run.fs,
                               destination_filesystem=pyarrow.fs.LocalFileSystem())
+    if not (target / "model.pt").is_file():
+        raise ValueError(f"{source}: holds no model.pt, so it is no model folder: nothing to export")
 
 
 def best(trials: list[Trial]) -> tuple[Trial, str, dict[str, Any]] | None:
