@@ -647,6 +647,23 @@ def test_a_stop_signal_once_every_trial_runs_ends_unfinished_and_resume_finishes
     assert set(results["status"]) == {"TERMINATED"} and results.groupby("trial_id")["epoch"].max().tolist() == [20, 20]
 
 
+def test_a_second_search_into_a_taken_experiment_records_nothing(ray_cluster, files, tmp_path, monkeypatch, capsys):
+    """Two OUTs of one name under $SIMDIFFREC_STORAGE share one experiment: the second was refused
+    only after writing its search.yaml, which --resume then followed into the first search."""
+    monkeypatch.setenv("SIMDIFFREC_STORAGE", str(tmp_path / "storage"))
+    first = tune_args(files, tmp_path / "a" / "x", "--num-samples", "1", "--max-epochs", "1")
+    assert main(first) == 0
+    capsys.readouterr()
+    second = tmp_path / "b" / "x"
+    assert main(tune_args(files, second, "--num-samples", "1", "--max-epochs", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"simdiffrec tune: error: {tmp_path / 'storage' / 'x'} already holds an experiment: "
+                       "continue it with --resume, or choose another --out or --experiment")
+    assert not (second / "search.yaml").exists()
+    assert main(tune_args(files, second, "--resume")) == 2
+    assert "no search to resume" in capsys.readouterr().err
+
+
 def test_tune_all_runs_a_search_per_dataset_and_a_summary(ray_cluster, files, tmp_path, monkeypatch):
     monkeypatch.setenv("SIMDIFFREC_STORAGE", str(tmp_path / "storage"))  # as cluster.yaml sets it
     spaces_dir = tmp_path / "spaces"

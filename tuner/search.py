@@ -230,6 +230,13 @@ def _same(row: dict[str, Any], old: dict[str, Any]) -> bool:
     return old.get("epoch") == row["epoch"] if "epoch" in row else row.items() <= old.items()
 
 
+def refuse_taken(experiment: str) -> None:
+    """A new search's experiment must not exist yet: it may be another search's."""
+    if tune.Tuner.can_restore(experiment):
+        raise ValueError(f"{experiment} already holds an experiment: "
+                         "continue it with --resume, or choose another --out or --experiment")
+
+
 def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: SearchSettings,
         resume: bool = False) -> tune.ResultGrid:
     """Run (or, with `resume`, continue) the search to its end; Ray must be initialised."""
@@ -237,8 +244,7 @@ def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: Sea
     if resume and not exists:
         raise FileNotFoundError(f"{settings.experiment}: no experiment to resume")
     if not resume and exists:
-        raise ValueError(f"{settings.experiment} already holds an experiment: "
-                         "continue it with --resume, or choose another --out or --experiment")
+        refuse_taken(settings.experiment)
     tuner = make_tuner(
         tune.with_resources(trainable, trial_resources(settings)), settings, resume,
         tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(space, settings) if not resume else None,
