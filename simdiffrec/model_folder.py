@@ -60,6 +60,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no model.pt: not a model folder written by simdiffrec")
     payload = read_torch(path, ("n_items", "max_len", "config", "state_dict"), map_location=device)
+    check_sizes(path, payload)
     cfg = Config.from_dict(payload["config"], source=str(path))
     model = SimDiffRec(cfg, payload["n_items"], payload["max_len"]).to(device)
     try:
@@ -78,6 +79,19 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
         raise FileFault(f"{items}: {len(ids)} item ids for a model of {model.n_items} items")
     return LoadedModel(model=model, config=cfg,
                        item_ids=np.concatenate([np.array([None], dtype=object), ids.astype(object)]))
+
+
+def check_sizes(path: Path, payload: dict[str, Any]) -> None:
+    """Refuse an n_items or max_len that its weights do not have: a crafted value (1e12, -1) would
+    build a model of that size before the weights are read."""
+    shapes = {"n_items": ("encoder.items.weight", 1), "max_len": ("encoder.positions.weight", 0)}
+    for key, (weight, padding) in shapes.items():
+        tensor = payload["state_dict"].get(weight) if isinstance(payload["state_dict"], dict) else None
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+            raise FileFault(f"{path}: no {weight} among its weights: not a model this project wrote")
+        if type(payload[key]) is not int or payload[key] != tensor.shape[0] - padding:
+            raise FileFault(f"{path}: {key}={payload[key]!r} does not fit its weights "
+                            f"({tensor.shape[0] - padding} by {weight})")
 
 
 @torch.no_grad()

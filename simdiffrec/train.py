@@ -338,8 +338,13 @@ def load_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec,
         optimizer.load_state_dict(payload["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise FileFault(f"checkpoint {path}: weights do not fit its settings ({str(err).splitlines()[0]})") from None
-    torch.set_rng_state(payload["rng"]["cpu"].cpu())
-    if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in payload["rng"]["cuda"]])
-    return TrainState(**payload["state"]), payload["best_model"]
+    try:  # plain values a crafted file may have set to anything
+        state = TrainState(**payload["state"])
+        torch.set_rng_state(payload["rng"]["cpu"].cpu())
+        if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in payload["rng"]["cuda"]])
+    except (TypeError, KeyError, AttributeError, RuntimeError) as err:
+        raise FileFault(f"checkpoint {path}: its loop or random state is not what this project wrote "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+    return state, payload["best_model"]
 

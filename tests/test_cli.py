@@ -308,6 +308,31 @@ def test_a_crafted_or_damaged_model_file_is_one_line_and_runs_nothing(trained, t
     one_line_error(capsys, str(folder / "model.pt"))
 
 
+@pytest.mark.parametrize("key, value", [("n_items", 10**12), ("n_items", 1e12), ("max_len", -1)])
+def test_a_model_file_with_crafted_sizes_is_one_line(trained, tmp_path, capsys, key, value):
+    """Plain values that its weights do not have built a model of that size: an allocation or
+    negative-dimension traceback."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "best_checkpoint", folder)
+    payload = torch.load(folder / "model.pt", weights_only=True)
+    torch.save({**payload, key: value}, folder / "model.pt")
+    assert main(["recommend", str(folder), "--history", "i3"]) == 2
+    one_line_error(capsys, str(folder / "model.pt"), f"{key}={value!r} does not fit its weights")
+
+
+def test_a_checkpoint_with_a_crafted_loop_state_is_one_line(seq_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    run = ["train", "--data", str(seq_file), "--out", str(out), "--epochs", "1", *TINY]
+    assert main(run) == 0
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save({**payload, "state": {"epoch": -1, "planted": 1}}, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main([*run[:-len(TINY) - 2], "--epochs", "2", *TINY, "--resume"]) == 2
+    one_line_error(capsys, str(out / "checkpoint.pt"), "loop or random state is not what this project wrote")
+
+
 def test_every_flag_says_what_it_does():
     from simdiffrec.cli import build_parser
 
