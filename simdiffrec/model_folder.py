@@ -61,6 +61,11 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
         raise FileNotFoundError(f"{folder} holds no model.pt: not a model folder written by simdiffrec")
     payload = read_torch(path, ("n_items", "max_len", "config", "state_dict"), map_location=device)
     check_sizes(path, payload)
+    broken = [name for name, weight in payload["state_dict"].items()
+              if isinstance(weight, torch.Tensor) and weight.is_floating_point() and not weight.isfinite().all()]
+    if broken:  # every score would be NaN: recommend's answer would be items 1..k, evaluate's all misses
+        raise FileFault(f"{path}: weights hold NaN or infinite values ({broken[0]}"
+                        f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}): the model is broken")
     cfg = Config.from_dict(payload["config"], source=str(path))
     model = SimDiffRec(cfg, payload["n_items"], payload["max_len"]).to(device)
     try:

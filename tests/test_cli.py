@@ -322,6 +322,18 @@ def test_a_model_file_with_crafted_sizes_is_one_line(trained, tmp_path, capsys, 
     one_line_error(capsys, str(folder / "model.pt"), f"{key}={value!r} does not fit its weights")
 
 
+def test_a_model_with_nan_weights_is_refused_not_answered_with_items_one_to_k(trained, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "best_checkpoint", folder)
+    payload = torch.load(folder / "model.pt", weights_only=True)
+    payload["state_dict"]["encoder.items.weight"][3, 0] = float("nan")
+    torch.save(payload, folder / "model.pt")
+    assert main(["recommend", str(folder), "--history", "i3"]) == 2
+    one_line_error(capsys, str(folder / "model.pt"), "NaN or infinite values (encoder.items.weight)")
+
+
 def test_a_checkpoint_with_a_crafted_loop_state_is_one_line(seq_file, tmp_path, capsys):
     out = tmp_path / "run"
     run = ["train", "--data", str(seq_file), "--out", str(out), "--epochs", "1", *TINY]
