@@ -82,6 +82,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
         raise FileFault(f"{items}: cannot be read ({type(err).__name__})") from None
     if len(ids) != model.n_items:
         raise FileFault(f"{items}: {len(ids)} item ids for a model of {model.n_items} items")
+    twice = pd.Series(ids).astype(str).duplicated()  # recommend matches ids by their text
+    if twice.any():  # one of the two could be recommended though the history holds the other
+        raise FileFault(f"{items}: item id {str(ids[twice.to_numpy().argmax()])!r} appears more than once")
     return LoadedModel(model=model, config=cfg,
                        item_ids=np.concatenate([np.array([None], dtype=object), ids.astype(object)]))
 

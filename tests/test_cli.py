@@ -334,6 +334,21 @@ def test_a_model_with_nan_weights_is_refused_not_answered_with_items_one_to_k(tr
     one_line_error(capsys, str(folder / "model.pt"), "NaN or infinite values (encoder.items.weight)")
 
 
+def test_an_id_map_naming_an_item_twice_is_refused(trained, tmp_path, capsys):
+    """With i3 twice, recommend could return one i3 for a history holding the other."""
+    import shutil
+
+    import pandas as pd
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "best_checkpoint", folder)
+    ids = pd.read_parquet(folder / "items.parquet")
+    ids.loc[ids["item_id"] == "i4", "item_id"] = "i3"
+    ids.to_parquet(folder / "items.parquet", index=False)
+    assert main(["recommend", str(folder), "--history", "i3"]) == 2
+    one_line_error(capsys, str(folder / "items.parquet"), "item id 'i3' appears more than once")
+
+
 def test_a_checkpoint_with_a_crafted_loop_state_is_one_line(seq_file, tmp_path, capsys):
     out = tmp_path / "run"
     run = ["train", "--data", str(seq_file), "--out", str(out), "--epochs", "1", *TINY]
