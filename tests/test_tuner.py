@@ -26,6 +26,7 @@ from ray.tune import ExperimentAnalysis
 
 from simdiffrec.cli import main
 from tuner import search, spaces, storage
+from simdiffrec.files import atomic_symlink
 from tuner.experiment import Trial, export, read, results_frame
 from tuner.jobs import plan_all, space_for
 from tuner.protocol import BEST, GPU_SHARE, METRIC, MODEL_DIR, REPORTED
@@ -174,6 +175,33 @@ def test_export_refuses_a_best_checkpoint_without_its_model(small_search, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"simdiffrec export: error: {model}: holds no model.pt, so it is no model folder: nothing to export"]
     assert not (tmp_path / "out" / "best_config.yaml").exists()
+
+
+def test_an_export_killed_while_switching_an_earlier_layout_leaves_no_mix(small_search, tmp_path, monkeypatch):
+    """An OUT of the layout before `.exports/` held its exports as plain files: each was replaced
+    by its link in turn, so a kill between them left old and new exports side by side."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("best_config.yaml", "results.parquet"):
+        shutil.copyfile(small_search / name, out / name)
+    shutil.copytree(small_search / "best_checkpoint", out / "best_checkpoint")
+    linked = []
+
+    def killed_at_the_second_export(link, target):
+        if len(linked) == 2:  # .exports/current, then one export
+            raise KeyboardInterrupt
+        linked.append(link)
+        atomic_symlink(link, target)
+
+    monkeypatch.setattr("tuner.experiment.atomic_symlink", killed_at_the_second_export)
+    with pytest.raises(KeyboardInterrupt):
+        export(str(small_search / "experiment"), out)
+    kinds = {name: (out / name).is_symlink() for name in ("best_config.yaml", "best_checkpoint", "results.parquet")
+             if (out / name).exists() or (out / name).is_symlink()}
+    assert all(kinds.values()), kinds  # no export of the earlier layout beside a new one
+    monkeypatch.undo()
+    export(str(small_search / "experiment"), out)
+    assert (out / "best_checkpoint" / "model.pt").is_file() and (out / "results.parquet").is_symlink()
 
 
 def test_resume_refuses_other_settings_and_a_fresh_start_refuses_a_used_folder(small_search, files, capsys):

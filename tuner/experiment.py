@@ -197,13 +197,15 @@ def _switch(out: Path, stage: Path) -> None:
     `.exports/current`, and remove every other export (old ones, and any a kill left behind)."""
     stages = out / STAGES
     atomic_symlink(stages / "current", stage.name)
+    earlier = [out / name for name in EXPORTS if (out / name).exists() and not (out / name).is_symlink()]
+    if earlier:  # exports of an earlier layout: all set aside before any link, so a kill leaves no mix
+        aside = Path(tempfile.mkdtemp(dir=stages, prefix="earlier-"))
+        for path in earlier:
+            os.replace(path, aside / path.name)
     for name in EXPORTS:
         link, target = out / name, Path(STAGES) / "current" / name
-        if link.is_symlink() and Path(os.readlink(link)) == target:
-            continue
-        if link.is_dir() and not link.is_symlink():  # an export of an earlier layout: set it aside first
-            os.replace(link, tempfile.mkdtemp(dir=stages, prefix="earlier-") + "/" + name)
-        atomic_symlink(link, target)
+        if not (link.is_symlink() and Path(os.readlink(link)) == target):
+            atomic_symlink(link, target)
     for entry in stages.iterdir():
         if entry.name in ("current", stage.name):
             continue
