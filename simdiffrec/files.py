@@ -101,8 +101,11 @@ def in_use(folder: str | Path) -> bool:
 @contextmanager
 def locked(folder: str | Path) -> Iterator[None]:
     """Hold `folder/.lock` for the block; another process holding it makes this a one-line error
-    (before anything in the folder is written).  The lock ends with the process, even on kill -9."""
+    (before anything in the folder is written).  The lock ends with the process, even on kill -9.
+    A folder made here that holds nothing but the lock at the end is removed: a command that
+    failed before writing leaves no trace."""
     folder = Path(folder)
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -116,6 +119,9 @@ def locked(folder: str | Path) -> Iterator[None]:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        if made and [entry.name for entry in folder.iterdir()] == [LOCK]:  # removed while still held
+            (folder / LOCK).unlink()
+            folder.rmdir()
         os.close(fd)
 
 

@@ -254,8 +254,10 @@ def test_train_refuses_an_out_another_process_is_writing(seq_file, tmp_path, cap
     out = tmp_path / "r"
     with locked(out):  # as a running train holds it
         assert main(["train", "--data", str(seq_file), "--out", str(out), *TINY, "--epochs", "1"]) == 2
+        assert [p.name for p in out.iterdir()] == [".lock"]
     one_line_error(capsys, str(out), "in use by another simdiffrec process")
-    assert [p.name for p in out.iterdir()] == [".lock"]
+    assert main(["train", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "new"), *TINY]) == 2
+    assert not (tmp_path / "new").exists()  # a failed train leaves no OUT holding only its lock
 
 
 def test_without_a_terminal_train_prints_lines_not_bars(seq_file, tmp_path, capsys):

@@ -255,6 +255,7 @@ def test_bad_data_or_space_fail_in_one_line_before_ray_starts(files, tmp_path, c
     assert main(["tune", "--data", str(tmp_path / "missing.txt"), "--space", str(files["space"]),
                  "--out", str(out)]) == 2
     assert "missing.txt: no such file" in capsys.readouterr().err
+    assert not out.exists()  # not even the lock it held (an OUT holding only .lock was left)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**SPACE, "parameters": {"alpah": {"type": "float", "low": 0.1, "high": 0.5}}}, sort_keys=False))
     assert main(["tune", "--data", str(files["data"]), "--space", str(bad), "--out", str(out)]) == 2
