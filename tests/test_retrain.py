@@ -209,6 +209,12 @@ def test_finalize_refuses_a_count_below_one(tiny_search, tmp_path, capsys, flags
     assert message in capsys.readouterr().err and not out.exists()
 
 
+def test_finalize_takes_the_searchs_folder_as_status_and_report_do(tiny_search, capsys):
+    """Given OUT, finalize looked for search.yaml in OUT's parent and named that file missing."""
+    assert main(["finalize", str(tiny_search), "--seeds", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["simdiffrec finalize: error: --seeds 0: must be at least 1"]
+
+
 def test_reproduce_trains_the_papers_grid_beside_its_numbers(ray_cluster, data_file, tmp_path):
     out = tmp_path / "reproduce"
     assert main(["reproduce", "--datasets", f"beauty={data_file}", "--seeds", "1", "--max-epochs", "1",
