@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from . import datasets
-from .readers import COLUMNS, DataError, kcore, read_file
+from .readers import COLUMNS, DataError, kcore, read_file, refuse_unread_columns
 
 MIN_LENGTH = 3  # one training item, one validation target, one test target
 
@@ -196,6 +196,7 @@ def load_data(source: str | Path, max_len: int | None = None, kcore: int = 5,
 
     `max_len=None` is the dataset's default (50; 200 for ml-1m).  Named datasets arrive 5-core
     filtered already, so `kcore` only matters there when it is larger than 5."""
+    refuse_unread_columns(source, user_col=user_col, item_col=item_col, time_col=time_col)
     name = str(source).lower()
     if Path(source).is_file():
         frame = read_file(source, user_col, item_col, time_col)

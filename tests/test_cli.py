@@ -147,6 +147,15 @@ def test_bad_data_names_file_and_line(tmp_path, capsys):
     assert "missing.txt" in capsys.readouterr().err
 
 
+def test_a_column_flag_for_data_without_named_columns_is_refused(tmp_path, capsys):
+    """--user-col on a sequence or .inter file was ignored (and a search recorded it as used)."""
+    data = tmp_path / "seq.txt"
+    data.write_text("".join(f"{u} {' '.join(map(str, s))}\n" for u, s in enumerate(synthetic_sequences(), 1)))
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--user-col", "uid", *TINY]) == 2
+    one_line_error(capsys, f"{data}: --user-col uid: only a .csv or .parquet file has columns to name")
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_config_file_names_file_and_key(tmp_path, capsys, seq_file):
     conf = tmp_path / "c.yaml"
     conf.write_text("alpha: 0.2\nk_nosie: 3\n")
