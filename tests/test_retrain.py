@@ -24,7 +24,7 @@ from simdiffrec.files import locked
 from tuner import grid, search, verdict
 from tuner.experiment import read
 from tuner.protocol import CHECKPOINT_FILE
-from tuner.retrain import REPRODUCE, SASREC, baselines
+from tuner.retrain import REPRODUCE, SASREC, baselines, chosen_trials
 
 from .conftest import synthetic_sequences
 from .test_tuner import SPACE, TINY
@@ -213,6 +213,13 @@ def test_finalize_takes_the_searchs_folder_as_status_and_report_do(tiny_search, 
     """Given OUT, finalize looked for search.yaml in OUT's parent and named that file missing."""
     assert main(["finalize", str(tiny_search), "--seeds", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["simdiffrec finalize: error: --seeds 0: must be at least 1"]
+
+
+def test_a_top_beyond_the_searchs_trials_is_said(tiny_search):
+    """--top 9 of a search with 3 trials retrained 3 without a word."""
+    with pytest.warns(UserWarning, match=r"--top 9: .* has 3 trials without errors that reported .*; retraining those 3"):
+        chosen = chosen_trials(str(tiny_search / "experiment"), 9)
+    assert list(chosen) == ["top-1", "top-2", "top-3"]
 
 
 def test_reproduce_trains_the_papers_grid_beside_its_numbers(ray_cluster, data_file, tmp_path):

@@ -11,6 +11,7 @@ Both plan a grid (`grid.Plan`), run it as one Ray Tune run (`grid.run`), and wri
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -70,6 +71,9 @@ def chosen_trials(experiment: str, top: int, numbers: Sequence[int] = ()) -> dic
     best = frame.groupby("trial_id", sort=False)[METRIC].max().sort_values(ascending=False, kind="stable")
     if best.empty:
         raise ValueError(f"{experiment}: no trial without errors has reported {METRIC}")
+    if top > len(best):
+        warnings.warn(f"--top {top}: {experiment} has {len(best)} trials without errors that reported "
+                      f"{METRIC}; retraining those {len(best)}")
     by_id, by_number = {t.trial_id: t for t in run.trials}, {t.number: t for t in run.trials}
     chosen = {f"top-{i}": dict(by_id[trial_id].config) for i, trial_id in enumerate(best.index[:top], 1)}
     ranked = {by_id[trial_id].number for trial_id in best.index[:top]}
