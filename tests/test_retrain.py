@@ -249,6 +249,35 @@ grid.run(plan, out, search.SearchSettings(experiment=str(out / "experiment"), ma
 """
 
 
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_a_stopped_grid_ends_in_one_line_and_tables_nothing(data_file, tmp_path, signum, code, said):
+    """A grid stopped by Ctrl-C wrote its tables from the runs that had finished and exited 0;
+    SIGTERM exited mid-fit with a crash dump."""
+    out = tmp_path / "out"
+    args = ["reproduce", "--datasets", f"beauty={data_file}", "--seeds", "1", "--max-epochs", "50", "--gpu", "never",
+            "--max-concurrent", "2", "--out", str(out)]
+    driver = subprocess.Popen([*SIMDIFFREC, *args], start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(_reported(out / "experiment").values()):  # a run has reported an evaluation
+            assert time.monotonic() < deadline, "no run ever reported"
+            time.sleep(0.1)
+        driver.send_signal(signum)
+        err = driver.communicate(timeout=120)[1]
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # the local Ray it started, if still there
+        except ProcessLookupError:
+            pass
+        driver.wait()
+    assert driver.returncode == code, err
+    ours = [line for line in err.splitlines() if line.startswith("simdiffrec")]
+    assert ours == [f"simdiffrec reproduce: {said}; continue with: simdiffrec " + " ".join(args) + " --resume"]
+    assert not (out / "table.md").exists() and not (out / "runs.parquet").exists()
+
+
 def _reported(experiment: Path) -> dict[str, list[dict]]:
     """Each trial's complete result.json lines (what it reported so far), by trial id."""
     try:
