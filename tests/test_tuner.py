@@ -250,6 +250,17 @@ def test_a_resource_flag_below_its_minimum_is_refused_before_anything_is_written
     assert err.splitlines() == [f"simdiffrec tune: error: {message}"] and not (tmp_path / "out" / "experiment").exists()
 
 
+def test_a_search_flag_out_of_range_is_refused_before_torch_or_ray_is_imported(tmp_path):
+    """`--num-samples 0` was refused after seconds of imports (torch, Ray, Optuna)."""
+    code = ("import sys; from simdiffrec.cli import main; "
+            f"rc = main(['tune', '--data', 'x.txt', '--out', {str(tmp_path / 'out')!r}, '--num-samples', '0']); "
+            "print(rc, [m for m in ('torch', 'ray', 'optuna') if m in sys.modules])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "2 []"
+    assert run.stderr.strip() == "simdiffrec tune: error: num_samples=0: must be at least 1"
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_data_or_space_fail_in_one_line_before_ray_starts(files, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["tune", "--data", str(tmp_path / "missing.txt"), "--space", str(files["space"]),

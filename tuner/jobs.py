@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from simdiffrec.config import read_yaml, write_yaml
-from simdiffrec.data import fingerprint, load_and_describe
 from simdiffrec.files import locked
 
 from .protocol import RECORD, SPACE_COPY
+from .settings import check as check_settings
 from .signals import stop_on_sigterm
 
 if TYPE_CHECKING:
@@ -100,7 +100,9 @@ def run_all(jobs: list[Job], request: SearchRequest) -> dict[str, dict[str, Any]
 
 def run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
     """Check, prepare the data, run (or resume) the search, export; return best_config's content.
-    OUT is locked for the search's life, before anything in it is read or written."""
+    OUT is locked for the search's life, before anything in it is read or written.  The flags are
+    checked first, before Ray or torch is imported."""
+    check_settings(request.settings)
     with locked(job.out):
         return _run_job(job, request)
 
@@ -110,6 +112,7 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
     import ray
 
     from simdiffrec.config import Config
+    from simdiffrec.data import fingerprint, load_and_describe
 
     from . import search
     from .experiment import export

@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,12 +31,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from .experiment import FAILED, listing, parse_rows, read, read_text, result_rows
 from .protocol import BEST, METRIC, MODE, REPORTED
+from .settings import check as check_settings
 from .signals import Stopped, stopping_fit
 from .spaces import Space
 from .storage import storage_filesystem
-
-GPU_CHOICES = ("auto", "always", "never")
-
 
 @dataclass
 class SearchSettings:
@@ -55,15 +54,7 @@ class SearchSettings:
 
     def __post_init__(self) -> None:
         self.experiment = absolute(self.experiment)
-        if self.gpu not in GPU_CHOICES:
-            raise ValueError(f"gpu={self.gpu!r}: must be one of {', '.join(GPU_CHOICES)}")
-        for name in ("num_samples", "trials_per_gpu", "max_concurrent", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
-        if self.cpus_per_trial <= 0:
-            raise ValueError(f"cpus_per_trial={self.cpus_per_trial}: must be above 0")
-        if self.max_failures < 0:
-            raise ValueError(f"max_failures={self.max_failures}: must be at least 0")
+        check_settings(dataclasses.asdict(self))
 
 
 def absolute(experiment: str) -> str:
