@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 import warnings
 from dataclasses import fields
@@ -290,9 +291,12 @@ def retrain_request(args: argparse.Namespace) -> "RetrainRequest":
 def cmd_finalize(args: argparse.Namespace) -> int:
     request = retrain_request(args)
     from tuner.retrain import final_folder, finalize
+    from tuner.status import locate
 
-    out = final_folder(args.experiment, args.out)
-    table = finalize(args.experiment, out, args.seeds, args.top, request, args.search, args.trials)
+    experiment, search = locate(args.experiment)  # the search's folder, as status and report take it, or its experiment
+    search = args.search or search
+    out = final_folder(experiment, args.out or (search / "final" if search else None))
+    table = finalize(experiment, out, args.seeds, args.top, request, search, args.trials)
     for _, row in table.iterrows():
         diff = "" if row["is_baseline"] else \
             f" ({row['test/NDCG@10_diff']:+.4f} vs {row['baseline']}, p={row['test/NDCG@10_p']:.2g})"
@@ -314,7 +318,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def add_retrain_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finalize", help="retrain a search's best configurations and SASRec at their settings "
                                         "with several seeds; mean ± std, paired tests, the final model")
-    p.add_argument("experiment", help="the search's experiment folder (tune's OUT/experiment) or URI")
+    p.add_argument("experiment", help="the search's folder (tune's OUT), or its experiment folder or URI")
     p.add_argument("--seeds", type=int, default=5, help="runs per configuration (default 5; the paper ran ten)")
     p.add_argument("--top", type=int, default=3,
                    help="configurations to retrain, best valid NDCG@10 first (default 3)")
@@ -322,7 +326,7 @@ def add_retrain_commands(sub: argparse._SubParsersAction) -> None:
                    help="also retrain these trials, by the number `status` shows (#N), e.g. one still "
                         "improving when the search's epoch cap ended it")
     p.add_argument("--out", type=Path, help="folder for final.md, final.parquet, final_runs.parquet, "
-                                            "final_checkpoint/ (default: EXPERIMENT's folder/final)")
+                                            "final_checkpoint/ (default: the search's folder/final)")
     p.add_argument("--search", type=Path, help="the search's folder, holding search.yaml and space.yaml "
                                                "(default: EXPERIMENT's folder)")
     add_run_flags(p)
@@ -407,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if "resume" in args:  # the long commands: SIGTERM ends them as Ctrl-C does
+        from tuner.signals import stop_on_sigterm
+
+        stop_on_sigterm()
     try:
         with warnings.catch_warnings():  # a warning is one line too
             warnings.showwarning = lambda message, *_: print(f"simdiffrec {args.command}: warning: {message}",
@@ -419,12 +427,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"simdiffrec {args.command}: error: needs the Python package {err.name!r}, which is not "
               f"installed (pip install -e . installs every dependency)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or tuner.signals.Stopped (SIGTERM too)
+        signum = getattr(err, "signum", signal.SIGINT)
         hint = ""
         if "resume" in args:  # the commands that take --resume: what was done is kept
             hint = f"; continue with: simdiffrec {shlex.join(argv + ['--resume'] * (not args.resume))}"
-        print(f"simdiffrec {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"simdiffrec {args.command}: {how}{hint}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from .files import write_atomic
 SELECT_BY = "NDCG@10"  # the valid metric that early stopping, checkpoints and the search select by
 
 SASREC = {"alpha": 0.0, "beta": 0.0, "sr_loss": "ce"}  # SASRec with the full softmax (SASRec-CE): no L_cl, no L_d
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: every setting reaches torch as one
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] = (), simdiffrec_only: bool = False,
@@ -118,6 +119,9 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name}={value!r}: must be a finite number")
+            if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # the optimiser's step overflows
+                raise ValueError(f"{f.name}={value!r}: must be at most {FLOAT32_MAX:.3g} in size "
+                                 "(training computes in float32)")
         for name, allowed in choices(type(self)).items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")

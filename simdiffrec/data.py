@@ -14,6 +14,7 @@ the file and line, so a bad file never ends in a pandas traceback.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import warnings
 from dataclasses import dataclass, fields, replace
@@ -25,7 +26,7 @@ import pandas as pd
 import torch
 
 from . import datasets
-from .readers import COLUMNS, DataError, kcore, read_file
+from .readers import COLUMNS, DataError, kcore, read_file, refuse_unread_columns
 
 MIN_LENGTH = 3  # one training item, one validation target, one test target
 
@@ -195,6 +196,7 @@ def load_data(source: str | Path, max_len: int | None = None, kcore: int = 5,
 
     `max_len=None` is the dataset's default (50; 200 for ml-1m).  Named datasets arrive 5-core
     filtered already, so `kcore` only matters there when it is larger than 5."""
+    refuse_unread_columns(source, user_col=user_col, item_col=item_col, time_col=time_col)
     name = str(source).lower()
     if Path(source).is_file():
         frame = read_file(source, user_col, item_col, time_col)
@@ -237,3 +239,20 @@ def describe(data: SequenceData) -> dict[str, float]:
     actions = int(data.test.history_ptr[-1]) + users  # full histories plus the test targets
     return {"users": users, "items": items, "actions": actions,
             "avg_length": actions / users, "sparsity": 1 - actions / (users * items)}
+
+
+def fingerprint(data: SequenceData) -> dict[str, int | str]:
+    """What identifies prepared data: its users, items and actions and a sha256 of every user's
+    items in order and of both id maps.  A search records it, so that `--resume` on a file that
+    changed since (even to the same counts) is caught."""
+    digest = hashlib.sha256()
+    test = data.test
+    for part in (test.history_items.cpu(), test.targets.cpu(), test.history_ptr, test.users):
+        if part is not None:
+            digest.update(np.ascontiguousarray(np.asarray(part), dtype=np.int64).tobytes())
+    for ids in (data.item_ids, data.user_ids):
+        if ids is not None:
+            digest.update("\n".join(map(str, ids.tolist())).encode() + b"\0")
+    stats = describe(data)
+    return {"users": stats["users"], "items": stats["items"], "actions": stats["actions"],
+            "sha256": digest.hexdigest()}

@@ -15,7 +15,7 @@ import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 
 class FileFault(ValueError):
@@ -63,6 +63,26 @@ def atomic_symlink(link: str | Path, target: str | Path) -> None:
         os.symlink(target, tmp)
 
 
+def replace_entries(stage: str | Path, folder: str | Path, names: Sequence[str]) -> None:
+    """Make `folder`'s entries `names` those in `stage` (an entry `stage` lacks is removed), each in
+    one rename, in the order given, after removing the last: a reader that takes the last name's
+    presence for "complete" never sees a mix as complete.  A folder replaced is set aside into
+    `stage` first (a rename cannot replace a folder that holds files); `stage` is the caller's to
+    remove."""
+    stage, folder = Path(stage), Path(folder)
+    with writing(folder / names[-1]):
+        (folder / names[-1]).unlink(missing_ok=True)
+    for name in names:
+        dest, new = folder / name, stage / name
+        with writing(dest):
+            if dest.is_dir() and not dest.is_symlink():
+                os.replace(dest, stage / f".replaced-{name}")
+            elif not new.exists():
+                dest.unlink(missing_ok=True)
+            if new.exists():
+                os.replace(new, dest)
+
+
 def in_use(folder: str | Path) -> bool:
     """Whether a live process holds `folder`'s lock (`locked`): one that was killed holds none."""
     try:
@@ -81,8 +101,11 @@ def in_use(folder: str | Path) -> bool:
 @contextmanager
 def locked(folder: str | Path) -> Iterator[None]:
     """Hold `folder/.lock` for the block; another process holding it makes this a one-line error
-    (before anything in the folder is written).  The lock ends with the process, even on kill -9."""
+    (before anything in the folder is written).  The lock ends with the process, even on kill -9.
+    A folder made here that holds nothing but the lock at the end is removed: a command that
+    failed before writing leaves no trace."""
     folder = Path(folder)
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -96,6 +119,9 @@ def locked(folder: str | Path) -> Iterator[None]:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        if made and [entry.name for entry in folder.iterdir()] == [LOCK]:  # removed while still held
+            (folder / LOCK).unlink()
+            folder.rmdir()
         os.close(fd)
 
 
@@ -104,7 +130,10 @@ def save_torch(obj: Any, path: str | Path) -> None:
     import torch
 
     with atomic_path(path) as tmp, writing(path):
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's writer reports a full disk so, not as an OSError
+            raise FileFault(f"{path}: cannot write: {str(err).splitlines()[0]} (is the disk full?)") from err
 
 
 def read_torch(path: str | Path, keys: Iterable[str], map_location: Any = None) -> dict[str, Any]:

@@ -60,6 +60,12 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no model.pt: not a model folder written by simdiffrec")
     payload = read_torch(path, ("n_items", "max_len", "config", "state_dict"), map_location=device)
+    check_sizes(path, payload)
+    broken = [name for name, weight in payload["state_dict"].items()
+              if isinstance(weight, torch.Tensor) and weight.is_floating_point() and not weight.isfinite().all()]
+    if broken:  # every score would be NaN: recommend's answer would be items 1..k, evaluate's all misses
+        raise FileFault(f"{path}: weights hold NaN or infinite values ({broken[0]}"
+                        f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}): the model is broken")
     cfg = Config.from_dict(payload["config"], source=str(path))
     model = SimDiffRec(cfg, payload["n_items"], payload["max_len"]).to(device)
     try:
@@ -76,8 +82,24 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
         raise FileFault(f"{items}: cannot be read ({type(err).__name__})") from None
     if len(ids) != model.n_items:
         raise FileFault(f"{items}: {len(ids)} item ids for a model of {model.n_items} items")
+    twice = pd.Series(ids).astype(str).duplicated()  # recommend matches ids by their text
+    if twice.any():  # one of the two could be recommended though the history holds the other
+        raise FileFault(f"{items}: item id {str(ids[twice.to_numpy().argmax()])!r} appears more than once")
     return LoadedModel(model=model, config=cfg,
                        item_ids=np.concatenate([np.array([None], dtype=object), ids.astype(object)]))
+
+
+def check_sizes(path: Path, payload: dict[str, Any]) -> None:
+    """Refuse an n_items or max_len that its weights do not have: a crafted value (1e12, -1) would
+    build a model of that size before the weights are read."""
+    shapes = {"n_items": ("encoder.items.weight", 1), "max_len": ("encoder.positions.weight", 0)}
+    for key, (weight, padding) in shapes.items():
+        tensor = payload["state_dict"].get(weight) if isinstance(payload["state_dict"], dict) else None
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+            raise FileFault(f"{path}: no {weight} among its weights: not a model this project wrote")
+        if type(payload[key]) is not int or payload[key] != tensor.shape[0] - padding:
+            raise FileFault(f"{path}: {key}={payload[key]!r} does not fit its weights "
+                            f"({tensor.shape[0] - padding} by {weight})")
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 COLUMNS = ["user", "item", "time"]
+TABLE_COLUMNS = {"user_col": "user_id", "item_col": "item_id", "time_col": "timestamp"}  # a table's, by default
 # An id written as a plain integer that fits in int64.  Leading zeros do not count, so "007"
 # stays text and can never merge with "7".
 _INTEGER = r"-?(?:0|[1-9][0-9]{0,17})"
@@ -170,6 +171,14 @@ def read_file(path: str | Path, user_col: str = "user_id", item_col: str = "item
         return read_table(path, user_col, item_col, time_col)
     raise DataError(f"{path}: unknown file type {suffix!r}; expected .txt (one line per user: "
                     "user_id item item ...), .inter, .csv or .parquet")
+
+
+def refuse_unread_columns(source: str | Path, **columns: str) -> None:
+    """Column names other than the defaults apply to a .csv or .parquet file only: refuse them for
+    any other data rather than record settings that were never read."""
+    given = [f"--{k.replace('_', '-')} {v}" for k, v in columns.items() if v != TABLE_COLUMNS[k]]
+    if given and not (Path(source).suffix.lower() in (".csv", ".parquet") and Path(source).is_file()):
+        raise DataError(f"{source}: {', '.join(given)}: only a .csv or .parquet file has columns to name")
 
 
 def kcore(df: pd.DataFrame, k: int) -> pd.DataFrame:

@@ -6,7 +6,9 @@
     metrics.json       valid and test of that model, timings, the data, the history
 
 An earlier run in OUT is continued (`resume`) or replaced as a whole (`force`), never half
-overwritten; a resume with other settings is refused before any file changes.
+overwritten: a replacement trains in `OUT/.replacing-*/` and takes the earlier run's place only
+once complete, so a failed one leaves the earlier run as it was.  A resume with other settings
+is refused before any file changes.  One run at a time: OUT is locked (`files.locked`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -21,7 +24,7 @@ from tqdm.auto import tqdm
 from .config import Config, write_yaml
 from .data import load_and_describe
 from .device import resolve_device
-from .files import write_atomic
+from .files import locked, replace_entries, write_atomic
 from .model_folder import save_model
 from .train import Evaluation, TrainResult, check_resumable, train
 
@@ -29,31 +32,45 @@ CONFIG = "config.yaml"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 BEST_MODEL = "best_checkpoint"
+STAGE = ".replacing-"  # OUT/.replacing-*/: a --force run until it is complete
 
 
 def train_into(out: Path, cfg: Config, source: str | Path, columns: dict[str, str], resume: bool = False,
                force: bool = False, progress: bool = False) -> TrainResult:
     """Load `source`, train `cfg` on it into OUT (a line per evaluation) and write the folder's
-    files; return train()'s result."""
+    files; return train()'s result.  OUT is locked for the run's life: a second run into it is
+    refused before anything in it is read or written."""
     resolve_device(cfg.device)  # a wrong device is refused before the data loads
-    checkpoint = out / CHECKPOINT
-    earlier = [p.name for p in (checkpoint, out / METRICS) if p.exists()]
-    if earlier and not (resume or force):
-        raise ValueError(f"{out} already holds a run ({', '.join(earlier)}): continue it with --resume, "
-                         "replace it with --force, or choose another --out")
+    with locked(out):
+        earlier = [p.name for p in (out / CHECKPOINT, out / METRICS) if p.exists()]
+        if earlier and not (resume or force):
+            raise ValueError(f"{out} already holds a run ({', '.join(earlier)}): continue it with --resume, "
+                             "replace it with --force, or choose another --out")
+        for stale in out.glob(f"{STAGE}*"):  # a replacement killed before its end
+            shutil.rmtree(stale)
+        if resume or not earlier:
+            return _train(out, out, cfg, source, columns, resume, progress)
+        stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE))  # --force: the earlier run stays until this one is done
+        try:
+            result = _train(stage, out, cfg, source, columns, False, progress)
+            replace_entries(stage, out, (CONFIG, CHECKPOINT, BEST_MODEL, METRICS))
+            return result
+        finally:
+            shutil.rmtree(stage)
+
+
+def _train(folder: Path, out: Path, cfg: Config, source: str | Path, columns: dict[str, str], resume: bool,
+           progress: bool) -> TrainResult:
+    """Train into `folder` (OUT itself, or a stage inside it; errors name OUT's files)."""
+    checkpoint = folder / CHECKPOINT
     data, stats = load_and_describe(source, max_len=cfg.max_len, kcore=cfg.kcore, **columns)
     cfg = cfg.replace(max_len=data.max_len).for_items(data.n_items)
-    if force and not resume:  # the earlier run goes as a whole, never half of it
-        shutil.rmtree(out / BEST_MODEL, ignore_errors=True)
-        for name in earlier:
-            (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
     restart = checkpoint if resume and checkpoint.is_file() else None
     if resume and restart is None:
-        print(f"no checkpoint at {checkpoint}: starting from scratch", file=sys.stderr)
+        print(f"no checkpoint at {out / CHECKPOINT}: starting from scratch", file=sys.stderr)
     if restart is not None:
         check_resumable(restart, cfg, data.n_items)  # before config.yaml is rewritten
-    write_yaml(out / CONFIG, cfg.to_dict())
+    write_yaml(folder / CONFIG, cfg.to_dict())
 
     def report(ev: Evaluation) -> None:
         parts = "  ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in ev.losses.items())
@@ -67,7 +84,7 @@ def train_into(out: Path, cfg: Config, source: str | Path, columns: dict[str, st
                "seconds_per_epoch": result.seconds_per_epoch, "eval_seconds": result.eval_seconds,
                "minutes": result.minutes, "data": {"source": str(source), **stats},
                "history": result.history}
-    save_model(out / BEST_MODEL, result.model, data.item_ids,
+    save_model(folder / BEST_MODEL, result.model, data.item_ids,
                metrics={k: metrics[k] for k in ("valid", "test", "best_epoch")})
-    write_atomic(out / METRICS, json.dumps(metrics, indent=2).encode())
+    write_atomic(folder / METRICS, json.dumps(metrics, indent=2).encode())
     return result

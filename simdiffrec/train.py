@@ -272,8 +272,18 @@ def check_finite(losses: dict[str, float], epoch: int, cfg: Config) -> None:
     bad = {name: value for name, value in losses.items() if name.startswith("loss_") and not math.isfinite(value)}
     if bad:
         name, value = next(iter(bad.items()))
-        raise Diverged(f"{name} became {value} at epoch {epoch}: training diverged; lower --lr "
-                       f"(now {cfg.lr:g})")
+        raise Diverged(f"{name} became {value} at epoch {epoch}: training diverged; {remedy(name, cfg)}")
+
+
+def remedy(loss: str, cfg: Config) -> str:
+    """The settings that scale the diverged `loss`: L_cl grows with alpha and 1/tau, L_d with
+    beta, every loss with the learning rate."""
+    lr = f"--lr (now {cfg.lr:g})"
+    if loss == "loss_cl":
+        return f"lower --alpha (now {cfg.alpha:g}) or {lr}, or raise --tau (now {cfg.tau:g})"
+    if loss == "loss_d":
+        return f"lower --beta (now {cfg.beta:g}) or {lr}"
+    return f"lower {lr}"
 
 
 def _copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -327,8 +337,13 @@ def load_checkpoint(path: str | Path, cfg: Config, model: SimDiffRec,
         optimizer.load_state_dict(payload["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise FileFault(f"checkpoint {path}: weights do not fit its settings ({str(err).splitlines()[0]})") from None
-    torch.set_rng_state(payload["rng"]["cpu"].cpu())
-    if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in payload["rng"]["cuda"]])
-    return TrainState(**payload["state"]), payload["best_model"]
+    try:  # plain values a crafted file may have set to anything
+        state = TrainState(**payload["state"])
+        torch.set_rng_state(payload["rng"]["cpu"].cpu())
+        if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in payload["rng"]["cuda"]])
+    except (TypeError, KeyError, AttributeError, RuntimeError) as err:
+        raise FileFault(f"checkpoint {path}: its loop or random state is not what this project wrote "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+    return state, payload["best_model"]
 

@@ -13,6 +13,7 @@ import yaml
 
 from simdiffrec.cli import add_config_flags, config_from_args, main
 from simdiffrec.config import Config, resumable, setting, simdiffrec_only
+from simdiffrec.files import locked
 from simdiffrec.model_folder import load_model
 from simdiffrec.train import RESUMABLE_CHANGES
 
@@ -148,6 +149,15 @@ def test_bad_data_names_file_and_line(tmp_path, capsys):
     assert "missing.txt" in capsys.readouterr().err
 
 
+def test_a_column_flag_for_data_without_named_columns_is_refused(tmp_path, capsys):
+    """--user-col on a sequence or .inter file was ignored (and a search recorded it as used)."""
+    data = tmp_path / "seq.txt"
+    data.write_text("".join(f"{u} {' '.join(map(str, s))}\n" for u, s in enumerate(synthetic_sequences(), 1)))
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--user-col", "uid", *TINY]) == 2
+    one_line_error(capsys, f"{data}: --user-col uid: only a .csv or .parquet file has columns to name")
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_config_file_names_file_and_key(tmp_path, capsys, seq_file):
     conf = tmp_path / "c.yaml"
     conf.write_text("alpha: 0.2\nk_nosie: 3\n")
@@ -205,6 +215,14 @@ def test_a_float_setting_must_be_finite(seq_file, tmp_path, capsys, flag, value)
     one_line_error(capsys, f"{flag[2:]}={value}: must be a finite number")
 
 
+@pytest.mark.parametrize("flag, value", [("--lr", "1e39"), ("--weight-decay", "1e300")])
+def test_a_float_setting_beyond_float32_is_one_line(seq_file, tmp_path, capsys, flag, value):
+    """Finite in Python, infinite in float32: Adam's step ended in an overflow traceback."""
+    assert main(["train", "--data", str(seq_file), "--out", str(tmp_path / "r"), *TINY, "--epochs", "1",
+                 flag, value]) == 2
+    one_line_error(capsys, f"{flag[2:].replace('-', '_')}={float(value)!r}: must be at most 3.4e+38 in size")
+
+
 def test_k_beyond_the_items_is_recorded_as_used(seq_file, tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["train", "--data", str(seq_file), "--out", str(out), *TINY, "--epochs", "1",
@@ -230,11 +248,27 @@ def test_train_never_silently_replaces_an_earlier_run(seq_file, tmp_path, capsys
     assert main(run) == 2
     one_line_error(capsys, str(out), "--resume", "--force")
     assert (out / "metrics.json").read_bytes() == before
-    # --force replaces the earlier run as a whole: a replacement that fails leaves none of it behind
+    # --force replaces the earlier run as a whole, once the new one is complete: a replacement
+    # that fails leaves the earlier run as it was (it used to be deleted before training)
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert main([*run, "--force", "--seed", "7", "--lr", "1e6"]) == 2
-    assert not {"metrics.json", "checkpoint.pt", "best_checkpoint"} & {p.name for p in out.iterdir()}
-    assert main([*run, "--seed", "7"]) == 0
-    assert (out / "metrics.json").read_bytes() != before
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == files
+    assert main([*run, "--force", "--seed", "7"]) == 0
+    assert (out / "metrics.json").read_bytes() != before and Config.load_yaml(out / "config.yaml").seed == 7
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "best_checkpoint", "checkpoint.pt", "config.yaml",
+                                                     "metrics.json"]
+
+
+def test_train_refuses_an_out_another_process_is_writing(seq_file, tmp_path, capsys):
+    """Two `train --out` at once both ran: config.yaml held one run's settings, the model the
+    other's.  The second is refused in one line and writes nothing."""
+    out = tmp_path / "r"
+    with locked(out):  # as a running train holds it
+        assert main(["train", "--data", str(seq_file), "--out", str(out), *TINY, "--epochs", "1"]) == 2
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    one_line_error(capsys, str(out), "in use by another simdiffrec process")
+    assert main(["train", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "new"), *TINY]) == 2
+    assert not (tmp_path / "new").exists()  # a failed train leaves no OUT holding only its lock
 
 
 def test_without_a_terminal_train_prints_lines_not_bars(seq_file, tmp_path, capsys):
@@ -285,6 +319,58 @@ def test_a_crafted_or_damaged_model_file_is_one_line_and_runs_nothing(trained, t
     (folder / "model.pt").write_bytes(b"")
     assert main(["evaluate", str(folder), "--data", "x.csv"]) == 2
     one_line_error(capsys, str(folder / "model.pt"))
+
+
+@pytest.mark.parametrize("key, value", [("n_items", 10**12), ("n_items", 1e12), ("max_len", -1)])
+def test_a_model_file_with_crafted_sizes_is_one_line(trained, tmp_path, capsys, key, value):
+    """Plain values that its weights do not have built a model of that size: an allocation or
+    negative-dimension traceback."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "best_checkpoint", folder)
+    payload = torch.load(folder / "model.pt", weights_only=True)
+    torch.save({**payload, key: value}, folder / "model.pt")
+    assert main(["recommend", str(folder), "--history", "i3"]) == 2
+    one_line_error(capsys, str(folder / "model.pt"), f"{key}={value!r} does not fit its weights")
+
+
+def test_a_model_with_nan_weights_is_refused_not_answered_with_items_one_to_k(trained, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "best_checkpoint", folder)
+    payload = torch.load(folder / "model.pt", weights_only=True)
+    payload["state_dict"]["encoder.items.weight"][3, 0] = float("nan")
+    torch.save(payload, folder / "model.pt")
+    assert main(["recommend", str(folder), "--history", "i3"]) == 2
+    one_line_error(capsys, str(folder / "model.pt"), "NaN or infinite values (encoder.items.weight)")
+
+
+def test_an_id_map_naming_an_item_twice_is_refused(trained, tmp_path, capsys):
+    """With i3 twice, recommend could return one i3 for a history holding the other."""
+    import shutil
+
+    import pandas as pd
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "best_checkpoint", folder)
+    ids = pd.read_parquet(folder / "items.parquet")
+    ids.loc[ids["item_id"] == "i4", "item_id"] = "i3"
+    ids.to_parquet(folder / "items.parquet", index=False)
+    assert main(["recommend", str(folder), "--history", "i3"]) == 2
+    one_line_error(capsys, str(folder / "items.parquet"), "item id 'i3' appears more than once")
+
+
+def test_a_checkpoint_with_a_crafted_loop_state_is_one_line(seq_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    run = ["train", "--data", str(seq_file), "--out", str(out), "--epochs", "1", *TINY]
+    assert main(run) == 0
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save({**payload, "state": {"epoch": -1, "planted": 1}}, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main([*run[:-len(TINY) - 2], "--epochs", "2", *TINY, "--resume"]) == 2
+    one_line_error(capsys, str(out / "checkpoint.pt"), "loop or random state is not what this project wrote")
 
 
 def test_every_flag_says_what_it_does():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from simdiffrec.config import Config
-from simdiffrec.files import FileFault, write_atomic
+from simdiffrec.files import FileFault, save_torch, write_atomic
 from simdiffrec.model import SimDiffRec
 from simdiffrec.model_folder import load_model, save_model
 from simdiffrec.train import load_checkpoint, save_checkpoint, TrainState
@@ -101,3 +101,16 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
     with pytest.raises(FileFault, match=r"metrics\.json: cannot write: No space left on device"):
         write_atomic(tmp_path / "model" / "metrics.json", b"{}")
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_torchs_own_write_failure_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError (here, what it raises writing to /dev/full),
+    which ended `train` in a traceback."""
+    def full_disk(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a fi")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(FileFault, match=r"checkpoint\.pt: cannot write: .*unexpected pos 704 vs 598 \(is the disk full"):
+        save_torch({"epoch": 1}, tmp_path / "checkpoint.pt")
+    assert not list(tmp_path.iterdir())

@@ -20,10 +20,11 @@ import yaml
 
 from simdiffrec.cli import main
 from simdiffrec.config import SIMDIFFREC_ONLY, Config
+from simdiffrec.files import locked
 from tuner import grid, search, verdict
 from tuner.experiment import read
 from tuner.protocol import CHECKPOINT_FILE
-from tuner.retrain import FINAL_PATIENCE, REPRODUCE, SASREC, RetrainRequest, _settings, baselines
+from tuner.retrain import FINAL_PATIENCE, REPRODUCE, SASREC, RetrainRequest, _settings, baselines, chosen_trials
 
 from .conftest import synthetic_sequences
 from .test_tuner import SPACE, TINY
@@ -186,6 +187,17 @@ def test_finalize_also_retrains_trials_named_by_number(tiny_search, tmp_path, ca
     assert not (tmp_path / "other").exists()
 
 
+def test_finalize_refuses_a_search_that_is_still_running(tiny_search, capsys):
+    """finalize took the top K of a half-finished leaderboard and started a second Ray."""
+    with locked(tiny_search):  # as the running search holds it
+        assert main(["finalize", str(tiny_search / "experiment"), "--out", str(tiny_search / "early"),
+                     "--seeds", "1", "--gpu", "never"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"simdiffrec finalize: error: {tiny_search}: the search is still running (it holds "
+                   f"{tiny_search / '.lock'}): finalize it once it has ended (simdiffrec status {tiny_search} follows it)"]
+    assert not (tiny_search / "early").exists()
+
+
 def test_configurations_share_a_baseline_unless_sasrec_would_train_them_differently():
     top1 = Config(alpha=0.3, tau=0.5, k_noise=5, lr=1e-3).to_dict()
     configs = {"top-1": top1,
@@ -217,6 +229,19 @@ def test_finalize_refuses_a_count_below_one(tiny_search, tmp_path, capsys, flags
     assert message in capsys.readouterr().err and not out.exists()
 
 
+def test_finalize_takes_the_searchs_folder_as_status_and_report_do(tiny_search, capsys):
+    """Given OUT, finalize looked for search.yaml in OUT's parent and named that file missing."""
+    assert main(["finalize", str(tiny_search), "--seeds", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["simdiffrec finalize: error: --seeds 0: must be at least 1"]
+
+
+def test_a_top_beyond_the_searchs_trials_is_said(tiny_search):
+    """--top 9 of a search with 3 trials retrained 3 without a word."""
+    with pytest.warns(UserWarning, match=r"--top 9: .* has 3 trials without errors that reported .*; retraining those 3"):
+        chosen = chosen_trials(str(tiny_search / "experiment"), 9)
+    assert list(chosen) == ["top-1", "top-2", "top-3"]
+
+
 def test_reproduce_trains_the_papers_grid_beside_its_numbers(ray_cluster, data_file, tmp_path):
     out = tmp_path / "reproduce"
     assert main(["reproduce", "--datasets", f"beauty={data_file}", "--seeds", "1", "--max-epochs", "1",
@@ -242,6 +267,35 @@ plan = grid.Plan(**yaml.safe_load(Path(sys.argv[1]).read_text()))
 out = Path(sys.argv[2])
 grid.run(plan, out, search.SearchSettings(experiment=str(out / "experiment"), max_concurrent=2, gpu="never"))
 """
+
+
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_a_stopped_grid_ends_in_one_line_and_tables_nothing(data_file, tmp_path, signum, code, said):
+    """A grid stopped by Ctrl-C wrote its tables from the runs that had finished and exited 0;
+    SIGTERM exited mid-fit with a crash dump."""
+    out = tmp_path / "out"
+    args = ["reproduce", "--datasets", f"beauty={data_file}", "--seeds", "1", "--max-epochs", "50", "--gpu", "never",
+            "--max-concurrent", "2", "--out", str(out)]
+    driver = subprocess.Popen([*SIMDIFFREC, *args], start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(_reported(out / "experiment").values()):  # a run has reported an evaluation
+            assert time.monotonic() < deadline, "no run ever reported"
+            time.sleep(0.1)
+        driver.send_signal(signum)
+        err = driver.communicate(timeout=120)[1]
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # the local Ray it started, if still there
+        except ProcessLookupError:
+            pass
+        driver.wait()
+    assert driver.returncode == code, err
+    ours = [line for line in err.splitlines() if line.startswith("simdiffrec")]
+    assert ours == [f"simdiffrec reproduce: {said}; continue with: simdiffrec " + " ".join(args) + " --resume"]
+    assert not (out / "table.md").exists() and not (out / "runs.parquet").exists()
 
 
 def _reported(experiment: Path) -> dict[str, list[dict]]:

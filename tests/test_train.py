@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import re
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from simdiffrec.config import Config
 from simdiffrec.data import load_data
 from simdiffrec.evaluate import evaluate, popularity_scorer
 from simdiffrec.model import SimDiffRec
-from simdiffrec.train import Diverged, Evaluation, plan_epoch, step_losses, temperature, train
+from simdiffrec.train import Diverged, Evaluation, check_finite, plan_epoch, step_losses, temperature, train
 
 from .conftest import shared_file
 
@@ -100,6 +102,17 @@ def test_a_diverged_run_ends_with_a_reason_not_a_perfect_score(tiny_data):
         train(Config(epochs=3, lr=1e6, **{k: v for k, v in SMALL.items() if k != "lr"}), tiny_data,
               report=reports.append)
     assert reports == []  # nothing was evaluated, saved or crowned
+
+
+@pytest.mark.parametrize("loss, hint", [("loss_sr", "lower --lr (now 0.001)"),
+                                        ("loss_cl", "lower --alpha (now 0.4) or --lr (now 0.001), "
+                                                    "or raise --tau (now 0.01)"),
+                                        ("loss_d", "lower --beta (now 0.2) or --lr (now 0.001)")])
+def test_the_divergence_hint_names_the_settings_that_scale_the_diverged_loss(loss, hint):
+    """It said "lower --lr" when alpha or tau made L_cl diverge."""
+    losses = {"loss_sr": 1.0, "loss_cl": 1.0, "loss_d": 1.0, loss: math.nan}
+    with pytest.raises(Diverged, match=re.escape(f"{loss} became nan at epoch 2: training diverged; {hint}")):
+        check_finite(losses, 2, Config(alpha=0.4, beta=0.2, tau=0.01, lr=1e-3))
 
 
 def test_the_epoch_bar_promises_no_eta_it_cannot_keep(tiny_data, capsys):

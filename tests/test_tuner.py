@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from types import SimpleNamespace
 
 import optuna
 import pandas as pd
+import pyarrow.fs
 import pytest
 import ray
 import yaml
@@ -25,7 +27,9 @@ from ray.tune import ExperimentAnalysis
 
 from simdiffrec.cli import main
 from tuner import search, spaces, storage
+from simdiffrec.files import atomic_symlink
 from tuner.experiment import Trial, export, read, results_frame
+from tuner.jobs import plan_all, space_for
 from tuner.protocol import BEST, GPU_SHARE, METRIC, MODEL_DIR, REPORTED
 from tuner.report import cost
 from tuner.status import load
@@ -139,11 +143,101 @@ def test_export_command_rewrites_the_exports_from_the_experiment(small_search, t
         (small_search / "best_checkpoint" / "model.pt").read_bytes()
 
 
+def test_a_full_disk_during_export_is_one_line_and_keeps_the_exports_there(small_search, tmp_path, capsys,
+                                                                             monkeypatch):
+    """copy_model's OSError ended `export` in a traceback."""
+    assert main(["export", str(small_search / "experiment"), "--out", str(tmp_path)]) == 0
+    before = (tmp_path / "best_config.yaml").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pyarrow.fs, "copy_files", full_disk)
+    capsys.readouterr()
+    assert main(["export", str(small_search / "experiment"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("simdiffrec export: error: ") and "best_checkpoint" in err[0]
+    assert err[0].endswith("cannot write: No space left on device")
+    assert (tmp_path / "best_config.yaml").read_bytes() == before
+    assert [p.name for p in (tmp_path / ".exports").iterdir() if p.name != "current"] == [
+        os.readlink(tmp_path / ".exports" / "current")]
+
+
+def test_export_refuses_a_best_checkpoint_without_its_model(small_search, tmp_path, capsys):
+    """A checkpoint whose model folder lacked model.pt was exported as best_checkpoint/."""
+    experiment = tmp_path / "experiment"
+    shutil.copytree(small_search / "experiment", experiment)
+    best = yaml.safe_load((small_search / "best_config.yaml").read_text())
+    trial = next(t for t in read(str(experiment)).trials if t.trial_id == best["trial"])
+    [model] = [Path(trial.folder) / name / MODEL_DIR for name in trial.checkpoints
+               if trial.checkpoints[name]["epoch"] == best["epoch"]]
+    (model / "model.pt").unlink()
+    assert main(["export", str(experiment), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"simdiffrec export: error: {model}: holds no model.pt, so it is no model folder: nothing to export"]
+    assert not (tmp_path / "out" / "best_config.yaml").exists()
+
+
+def test_an_export_killed_while_switching_an_earlier_layout_leaves_no_mix(small_search, tmp_path, monkeypatch):
+    """An OUT of the layout before `.exports/` held its exports as plain files: each was replaced
+    by its link in turn, so a kill between them left old and new exports side by side."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("best_config.yaml", "results.parquet"):
+        shutil.copyfile(small_search / name, out / name)
+    shutil.copytree(small_search / "best_checkpoint", out / "best_checkpoint")
+    linked = []
+
+    def killed_at_the_second_export(link, target):
+        if len(linked) == 2:  # .exports/current, then one export
+            raise KeyboardInterrupt
+        linked.append(link)
+        atomic_symlink(link, target)
+
+    monkeypatch.setattr("tuner.experiment.atomic_symlink", killed_at_the_second_export)
+    with pytest.raises(KeyboardInterrupt):
+        export(str(small_search / "experiment"), out)
+    kinds = {name: (out / name).is_symlink() for name in ("best_config.yaml", "best_checkpoint", "results.parquet")
+             if (out / name).exists() or (out / name).is_symlink()}
+    assert all(kinds.values()), kinds  # no export of the earlier layout beside a new one
+    monkeypatch.undo()
+    export(str(small_search / "experiment"), out)
+    assert (out / "best_checkpoint" / "model.pt").is_file() and (out / "results.parquet").is_symlink()
+
+
 def test_resume_refuses_other_settings_and_a_fresh_start_refuses_a_used_folder(small_search, files, capsys):
     assert main(tune_args(files, small_search, "--resume", "--num-samples", "9")) == 2
     assert "num-samples 8" in capsys.readouterr().err
     assert main(tune_args(files, small_search)) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_data_that_changed_since_the_search_began(ray_cluster, files, tmp_path, capsys):
+    """Only the path was compared: data changed to the same counts trained the resumed trials on
+    it silently.  The record keeps the data's fingerprint; an older record without one warns."""
+    data = tmp_path / "seq.txt"
+    lines = files["data"].read_text().splitlines(keepends=True)
+    data.write_text("".join(lines))
+    out = tmp_path / "out"
+    args = ["tune", "--data", str(data), "--space", str(files["space"]), "--out", str(out), "--num-samples", "1",
+            "--max-epochs", "1"]
+    assert main(args) == 0
+    record = yaml.safe_load((out / "search.yaml").read_text())
+    assert set(record["fingerprint"]) == {"users", "items", "actions", "sha256"}
+    user, first, second, *rest = lines[0].split()
+    swapped = " ".join([user, second, first, *rest]) + "\n"  # the same users, items and actions
+    for changed, named in ((swapped, "sha256"), (lines[0].rstrip() + " 151\n", "items 150 -> 151")):
+        data.write_text(changed + "".join(lines[1:]))
+        capsys.readouterr()
+        assert main([*args, "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"simdiffrec tune: error: {out / 'search.yaml'}: the search began on other data")
+        assert named in err[-1] and "Traceback" not in "".join(err)
+    data.write_text("".join(lines))
+    del record["fingerprint"]
+    (out / "search.yaml").write_text(yaml.safe_dump(record))
+    assert main([*args, "--resume"]) == 0
+    assert "keeps no fingerprint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, value, message", [("--num-samples", "0", "num_samples=0: must be at least 1"),
@@ -157,11 +251,23 @@ def test_a_resource_flag_below_its_minimum_is_refused_before_anything_is_written
     assert err.splitlines() == [f"simdiffrec tune: error: {message}"] and not (tmp_path / "out" / "experiment").exists()
 
 
+def test_a_search_flag_out_of_range_is_refused_before_torch_or_ray_is_imported(tmp_path):
+    """`--num-samples 0` was refused after seconds of imports (torch, Ray, Optuna)."""
+    code = ("import sys; from simdiffrec.cli import main; "
+            f"rc = main(['tune', '--data', 'x.txt', '--out', {str(tmp_path / 'out')!r}, '--num-samples', '0']); "
+            "print(rc, [m for m in ('torch', 'ray', 'optuna') if m in sys.modules])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "2 []"
+    assert run.stderr.strip() == "simdiffrec tune: error: num_samples=0: must be at least 1"
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_data_or_space_fail_in_one_line_before_ray_starts(files, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["tune", "--data", str(tmp_path / "missing.txt"), "--space", str(files["space"]),
                  "--out", str(out)]) == 2
     assert "missing.txt: no such file" in capsys.readouterr().err
+    assert not out.exists()  # not even the lock it held (an OUT holding only .lock was left)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**SPACE, "parameters": {"alpah": {"type": "float", "low": 0.1, "high": 0.5}}}, sort_keys=False))
     assert main(["tune", "--data", str(files["data"]), "--space", str(bad), "--out", str(out)]) == 2
@@ -501,6 +607,7 @@ def diverges_when_alpha_is_high(config: dict) -> None:
             model.mkdir()
             (model / "metrics.json").write_text(json.dumps({"data": {"source": "test"}}))
             (model / "config.yaml").write_text(yaml.safe_dump(config))
+            (model / "model.pt").write_bytes(b"")  # export copies it, never reads it
             tune.report({"epoch": epoch, METRIC: config["alpha"], BEST: config["alpha"]},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
@@ -525,6 +632,45 @@ def test_a_failed_trial_is_recorded_with_its_reason_and_the_searcher_told_it_fai
     assert states[0.45] == optuna.trial.TrialState.FAIL and states[0.2] == optuna.trial.TrialState.COMPLETE
 
 
+def kills_its_worker_when_alpha_is_high(config: dict) -> None:
+    """Scores alpha for 4 epochs with a model checkpoint each; above alpha 0.3 its worker process
+    dies (kill -9) after epoch 3, as a killed or out-of-memory worker does."""
+    for epoch in range(1, 5):
+        with tempfile.TemporaryDirectory() as folder:
+            model = Path(folder) / MODEL_DIR
+            model.mkdir()
+            (model / "metrics.json").write_text(json.dumps({"data": {"source": "test"}}))
+            (model / "config.yaml").write_text(yaml.safe_dump(config))
+            (model / "model.pt").write_bytes(b"")  # export copies it, never reads it
+            tune.report({"epoch": epoch, METRIC: config["alpha"], BEST: config["alpha"]},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+        if epoch == 3 and config["alpha"] > 0.3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_trial_whose_worker_dies_past_its_retries_is_failed_everywhere_and_never_the_best(ray_cluster, tmp_path,
+                                                                                          capsys):
+    """Ray's saved state kept such a trial RUNNING: it was exported as the best, `status` called
+    it interrupted.  Now results, status, export and the Optuna study all say it failed."""
+    space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
+                          "points_to_evaluate": [{"alpha": 0.45}, {"alpha": 0.2}],
+                          "asha": {"max_epochs": 4, "grace_period": 4, "reduction_factor": 2}}, "killed")
+    database = f"sqlite:///{tmp_path / 'study.db'}"
+    settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=2, max_concurrent=1,
+                                     optuna_storage=database, max_failures=0)
+    search.run(kills_its_worker_when_alpha_is_high, space, settings)
+    killed, kept = read(settings.experiment).trials
+    assert (killed.status, kept.status) == ("ERROR", "TERMINATED")
+    assert killed.error == "The actor is dead because its worker process has died."
+    best = export(settings.experiment, tmp_path / "out")
+    assert best["trial"] == kept.trial_id and best["search"]["error"] == 1
+    results = pd.read_parquet(tmp_path / "out" / "results.parquet").drop_duplicates("trial_id")
+    assert results.set_index("trial_id").loc[killed.trial_id, ["status", "error"]].tolist() == ["ERROR", killed.error]
+    assert load(settings.experiment).trials.set_index("trial_id").loc[killed.trial_id, "outcome"] == "failed"
+    study = optuna.load_study(study_name=settings.experiment, storage=database)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+
+
 def test_ctrl_c_stops_the_search_in_one_line_that_says_how_to_continue_and_export_works(ray_cluster, files, tmp_path):
     slower = tmp_path / "space.yaml"
     slower.write_text(yaml.safe_dump({**SPACE, "fixed": {**TINY, "batch_size": 8}}, sort_keys=False))
@@ -546,6 +692,60 @@ def test_ctrl_c_stops_the_search_in_one_line_that_says_how_to_continue_and_expor
     assert (tmp_path / "export" / "best_checkpoint" / "model.pt").is_file()
 
 
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_a_stop_signal_once_every_trial_runs_ends_unfinished_and_resume_finishes(ray_cluster, files, tmp_path, signum,
+                                                                               code, said):
+    """Ray marks the trials it stops TERMINATED in what fit returns: a Ctrl-C once the last trial
+    had started passed for a finished search (exit 0, exports), and SIGTERM ran sys.exit inside
+    fit (a crash dump, no hint).  Both now end in one line with the --resume command, export
+    nothing, and leave the trials interrupted; --resume finishes them."""
+    slower = tmp_path / "space.yaml"  # no ASHA stop: both trials run their 20 epochs
+    slower.write_text(yaml.safe_dump({**SPACE, "fixed": {**TINY, "batch_size": 8},
+                                      "asha": {"max_epochs": 20, "grace_period": 20, "reduction_factor": 2}},
+                                     sort_keys=False))
+    out = tmp_path / "out"
+    args = ["tune", "--data", str(files["data"]), "--space", str(slower), "--out", str(out), "--num-samples", "2",
+            "--max-concurrent", "2"]
+    driver = subprocess.Popen([*SIMDIFFREC, *args], start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(out / "experiment", lambda trials: len(trials) == 2 and all(
+            rows and not rows[-1]["done"] for rows in trials.values()))  # the last trial has reported
+        driver.send_signal(signum)
+        err = driver.communicate(timeout=120)[1]
+    finally:
+        _kill(driver)
+    assert driver.returncode == code, err
+    own = "\n".join(line for line in err.splitlines() if " pid=" not in line)  # not the workers' forwarded lines
+    assert "Traceback" not in own and "Tuner.restore" not in own
+    ours = [line for line in err.splitlines() if line.startswith("simdiffrec")]
+    assert ours == [f"simdiffrec tune: {said}; continue with: simdiffrec " + " ".join(args) + " --resume"]
+    assert not (out / "best_config.yaml").exists() and not (out / "results.parquet").exists()
+    assert set(load(str(out)).trials["outcome"]) == {"interrupted"}
+
+    assert main([*args, "--resume"]) == 0
+    results = pd.read_parquet(out / "results.parquet")
+    assert set(results["status"]) == {"TERMINATED"} and results.groupby("trial_id")["epoch"].max().tolist() == [20, 20]
+
+
+def test_a_second_search_into_a_taken_experiment_records_nothing(ray_cluster, files, tmp_path, monkeypatch, capsys):
+    """Two OUTs of one name under $SIMDIFFREC_STORAGE share one experiment: the second was refused
+    only after writing its search.yaml, which --resume then followed into the first search."""
+    monkeypatch.setenv("SIMDIFFREC_STORAGE", str(tmp_path / "storage"))
+    first = tune_args(files, tmp_path / "a" / "x", "--num-samples", "1", "--max-epochs", "1")
+    assert main(first) == 0
+    capsys.readouterr()
+    second = tmp_path / "b" / "x"
+    assert main(tune_args(files, second, "--num-samples", "1", "--max-epochs", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"simdiffrec tune: error: {tmp_path / 'storage' / 'x'} already holds an experiment: "
+                       "continue it with --resume, or choose another --out or --experiment")
+    assert not (second / "search.yaml").exists()
+    assert main(tune_args(files, second, "--resume")) == 2
+    assert "no search to resume" in capsys.readouterr().err
+
+
 def test_tune_all_runs_a_search_per_dataset_and_a_summary(ray_cluster, files, tmp_path, monkeypatch):
     monkeypatch.setenv("SIMDIFFREC_STORAGE", str(tmp_path / "storage"))  # as cluster.yaml sets it
     spaces_dir = tmp_path / "spaces"
@@ -561,6 +761,13 @@ def test_tune_all_runs_a_search_per_dataset_and_a_summary(ray_cluster, files, tm
     for name in ("one", "two"):
         assert (tmp_path / "all" / name / "best_checkpoint" / "model.pt").is_file()
         assert (tmp_path / "storage" / name).is_dir()
+
+
+def test_tune_all_picks_each_space_by_the_datasets_name_also_for_a_file(tmp_path):
+    """`beauty=PATH` searched default.yaml: Beauty's own points and grace period went unused."""
+    beauty, other, named = plan_all("beauty=data/Beauty.txt,mine=data/mine.txt,toys", tmp_path, None, None)
+    assert space_for(beauty) == spaces.find("beauty") and space_for(named) == spaces.find("toys")
+    assert space_for(other) == spaces.find("default")
 
 
 def test_packing_benchmark_runs_on_cpu():

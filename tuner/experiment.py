@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow.fs
 
 from simdiffrec.config import read_yaml, write_yaml
-from simdiffrec.files import atomic_symlink, write_atomic
+from simdiffrec.files import atomic_symlink, write_atomic, writing
 
 from .protocol import METRIC, MODEL_DIR
 
@@ -66,6 +66,7 @@ class Experiment:
     fs: pyarrow.fs.FileSystem
     path: str
     trials: list[Trial]
+    state: str  # the experiment state file read, Ray's newest
 
 
 def read(experiment: str) -> Experiment:
@@ -95,7 +96,7 @@ def read(experiment: str) -> Experiment:
         if trial.status == FAILED and "error.txt" in present:
             trial.error = _last_line(read_text(fs, f"{folder}/error.txt"))
         trials.append(trial)
-    return Experiment(experiment, fs, path, sorted(trials, key=lambda t: t.number))
+    return Experiment(experiment, fs, path, sorted(trials, key=lambda t: t.number), f"{path}/{states[-1]}")
 
 
 def results_frame(trials: list[Trial]) -> pd.DataFrame:
@@ -121,10 +122,15 @@ def results_frame(trials: list[Trial]) -> pd.DataFrame:
 
 
 def copy_model(run: Experiment, trial: Trial, checkpoint: str, target: Path) -> None:
-    """Copy the model folder (MODEL_DIR) of one of `trial`'s checkpoints to the new folder `target`."""
+    """Copy the model folder (MODEL_DIR) of one of `trial`'s checkpoints to the new folder `target`;
+    one without its model.pt is refused."""
     target.mkdir(parents=True)
-    pyarrow.fs.copy_files(f"{trial.folder}/{checkpoint}/{MODEL_DIR}", str(target), source_filesystem=run.fs,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    source = f"{trial.folder}/{checkpoint}/{MODEL_DIR}"
+    with writing(target):  # a full disk: one line
+        pyarrow.fs.copy_files(source, str(target), source_filesystem=run.fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+    if not (target / "model.pt").is_file():
+        raise ValueError(f"{source}: holds no model.pt, so it is no model folder: nothing to export")
 
 
 def best(trials: list[Trial]) -> tuple[Trial, str, dict[str, Any]] | None:
@@ -191,13 +197,15 @@ def _switch(out: Path, stage: Path) -> None:
     `.exports/current`, and remove every other export (old ones, and any a kill left behind)."""
     stages = out / STAGES
     atomic_symlink(stages / "current", stage.name)
+    earlier = [out / name for name in EXPORTS if (out / name).exists() and not (out / name).is_symlink()]
+    if earlier:  # exports of an earlier layout: all set aside before any link, so a kill leaves no mix
+        aside = Path(tempfile.mkdtemp(dir=stages, prefix="earlier-"))
+        for path in earlier:
+            os.replace(path, aside / path.name)
     for name in EXPORTS:
         link, target = out / name, Path(STAGES) / "current" / name
-        if link.is_symlink() and Path(os.readlink(link)) == target:
-            continue
-        if link.is_dir() and not link.is_symlink():  # an export of an earlier layout: set it aside first
-            os.replace(link, tempfile.mkdtemp(dir=stages, prefix="earlier-") + "/" + name)
-        atomic_symlink(link, target)
+        if not (link.is_symlink() and Path(os.readlink(link)) == target):
+            atomic_symlink(link, target)
     for entry in stages.iterdir():
         if entry.name in ("current", stage.name):
             continue
@@ -244,9 +252,12 @@ def parse_rows(text: str) -> list[dict[str, Any]]:
 
 def _last_line(text: str) -> str:
     """An exception's one-line message from Ray's error.txt (its traceback ends with it), without
-    the module path of its class: `Diverged: loss became nan at epoch 2: lower --lr`."""
+    the module path of its class: `Diverged: loss became nan at epoch 2: lower --lr`; a long one
+    cut to its first sentence."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     last = lines[-1] if lines else "failed (error.txt is empty)"
+    if len(last) > 200:  # Ray's word on a dead worker runs to 600 characters: its first sentence
+        last = last.split(". ", 1)[0].rstrip(".") + "."
     kind, sep, message = last.partition(": ")
     return f"{kind.rsplit('.', 1)[-1]}{sep}{message}" if sep and " " not in kind else last
 

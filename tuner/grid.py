@@ -138,7 +138,7 @@ def run(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool = F
         tune.TuneConfig(max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
         tune.CheckpointConfig(num_to_keep=1),
         param_space={"run": tune.grid_search(list(plan.runs)), "seed": tune.grid_search(list(plan.seeds))})
-    tuner.fit()
+    search.fit(tuner, settings.experiment, len(plan.runs) * len(plan.seeds))
     runs = finished(settings.experiment)
     missing = len(plan.runs) * len(plan.seeds) - len(runs)
     if missing:

@@ -13,14 +13,16 @@ import dataclasses
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from simdiffrec.config import read_yaml, write_yaml
-from simdiffrec.data import load_and_describe
 from simdiffrec.files import locked
 
 from .protocol import RECORD, SPACE_COPY
+from .settings import check as check_settings
+from .signals import stop_on_sigterm
 
 if TYPE_CHECKING:
     from .search import SearchSettings
@@ -44,6 +46,7 @@ class Job:
     experiment: str | None  # None: $SIMDIFFREC_STORAGE/NAME, else OUT/experiment
     columns: dict[str, str] = dataclasses.field(  # of a .csv/.parquet file
         default_factory=lambda: {"user_col": "user_id", "item_col": "item_id", "time_col": "timestamp"})
+    name: str | None = None  # the dataset's name (tune-all's NAME=PATH): its shipped space, if any
 
 
 @dataclasses.dataclass
@@ -78,7 +81,7 @@ def plan_all(datasets: str, out: Path, space_dir: Path | None, storage: str | No
     for name, data in parse_datasets(datasets).items():
         space = str(space_dir / f"{name}.yaml") if space_dir else None
         experiment = f"{storage.rstrip('/')}/{name}" if storage else None
-        jobs.append(Job(data, space, out / name, experiment))
+        jobs.append(Job(data, space, out / name, experiment, name=name))
     for job in jobs:
         space_for(job)
     return jobs
@@ -96,7 +99,9 @@ def run_all(jobs: list[Job], request: SearchRequest) -> dict[str, dict[str, Any]
 
 def run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
     """Check, prepare the data, run (or resume) the search, export; return best_config's content.
-    OUT is locked for the search's life, before anything in it is read or written."""
+    OUT is locked for the search's life, before anything in it is read or written.  The flags are
+    checked first, before Ray or torch is imported."""
+    check_settings(request.settings)
     with locked(job.out):
         return _run_job(job, request)
 
@@ -106,6 +111,7 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
     import ray
 
     from simdiffrec.config import Config
+    from simdiffrec.data import fingerprint, load_and_describe
 
     from . import search
     from .experiment import export
@@ -116,10 +122,12 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
                        else _new(job, request.max_epochs, given))
     fixed = Config.from_dict(space.fixed, source=space.source)
     data, stats = load_and_describe(job.data, max_len=fixed.max_len, kcore=fixed.kcore, **job.columns)
-    if not resume:
+    if resume:
+        check_same_data(job.out / RECORD, fingerprint(data))
+    else:
         job.out.mkdir(parents=True, exist_ok=True)
         write_yaml(job.out / SPACE_COPY, space.raw)  # its base merged in: a resume never reads a changed base
-        record = {"data": job.data, "columns": job.columns, "space": space.source,
+        record = {"data": job.data, "columns": job.columns, "fingerprint": fingerprint(data), "space": space.source,
                   "max_epochs": space.asha.max_epochs, "settings": dataclasses.asdict(settings)}
         write_yaml(job.out / RECORD, record)
     init_ray(address)
@@ -127,6 +135,22 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
                        max_epochs=space.asha.max_epochs)
     search.run(make_trainable(setup), space, settings, resume=resume)
     return export(settings.experiment, job.out)
+
+
+def check_same_data(record: Path, now: dict[str, Any]) -> None:
+    """Refuse to resume a search on data other than it began with (its trials would go on
+    training on the new data, or fail for its other number of items).  A record from before
+    fingerprints were kept is trusted, with a warning."""
+    started = read_yaml(record).get("fingerprint")
+    if started is None:
+        warnings.warn(f"{record} keeps no fingerprint of the search's data (an older search): "
+                      "--resume cannot tell whether the data changed since it began")
+        return
+    changed = [f"{key} {str(started.get(key))[:12]} -> {str(value)[:12]}"
+               for key, value in now.items() if started.get(key) != value]
+    if changed:
+        raise ValueError(f"{record}: the search began on other data ({', '.join(changed)}): "
+                         "--resume continues a search on the data it began with")
 
 
 def prefer_loopback(address: str | None) -> str | None:
@@ -147,6 +171,7 @@ def init_ray(address: str | None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address or "local")
+        stop_on_sigterm()  # ray.init's own handler exits mid-search with a crash dump
 
 
 def _new(job: Job, max_epochs: int | None, given: dict[str, Any]) -> tuple["Space", "SearchSettings"]:
@@ -162,6 +187,7 @@ def _new(job: Job, max_epochs: int | None, given: dict[str, Any]) -> tuple["Spac
     space = spaces.load(space_for(job)).with_max_epochs(max_epochs)
     settings = search.SearchSettings(experiment=job.experiment or default_experiment(job.out),
                                      **{k: v for k, v in given.items() if v is not None})
+    search.refuse_taken(settings.experiment)  # before OUT records it: --resume would follow it there
     return space, settings
 
 
@@ -192,10 +218,11 @@ def default_experiment(out: Path, name: str | None = None) -> str:
 
 
 def space_for(job: Job) -> Path:
-    """The space file a job uses: its own, else the dataset's shipped one, else default."""
+    """The space file a job uses: its own, else the dataset's shipped one (by its name, else by
+    --data naming one), else default."""
     from . import spaces
 
     if job.space is not None:
         return spaces.find(job.space)
-    return spaces.find(job.data if job.data in spaces.shipped() else "default")
+    return spaces.find(next((n for n in (job.name, job.data) if n in spaces.shipped()), "default"))
 

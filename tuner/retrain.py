@@ -11,13 +11,14 @@ Both plan a grid (`grid.Plan`), run it as one Ray Tune run (`grid.run`), and wri
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
 from simdiffrec.config import SASREC, SIMDIFFREC_ONLY, Config, read_yaml
-from simdiffrec.files import locked, write_atomic
+from simdiffrec.files import LOCK, in_use, locked, write_atomic
 
 from . import grid, search, spaces, verdict
 from .experiment import read, results_frame
@@ -73,6 +74,9 @@ def chosen_trials(experiment: str, top: int, numbers: Sequence[int] = ()) -> dic
     best = frame.groupby("trial_id", sort=False)[METRIC].max().sort_values(ascending=False, kind="stable")
     if best.empty:
         raise ValueError(f"{experiment}: no trial without errors has reported {METRIC}")
+    if top > len(best):
+        warnings.warn(f"--top {top}: {experiment} has {len(best)} trials without errors that reported "
+                      f"{METRIC}; retraining those {len(best)}")
     by_id, by_number = {t.trial_id: t for t in run.trials}, {t.number: t for t in run.trials}
     chosen = {f"top-{i}": dict(by_id[trial_id].config) for i, trial_id in enumerate(best.index[:top], 1)}
     ranked = {by_id[trial_id].number for trial_id in best.index[:top]}
@@ -150,6 +154,9 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
     if not (search_dir / RECORD).is_file():
         raise FileNotFoundError(f"{search_dir / RECORD}: missing; --search names the folder of the search "
                                 "(where tune wrote search.yaml and space.yaml)")
+    if in_use(search_dir):  # its leaderboard is half-finished, and a second Ray would share its machines
+        raise ValueError(f"{search_dir}: the search is still running (it holds {search_dir / LOCK}): "
+                         f"finalize it once it has ended (simdiffrec status {search_dir} follows it)")
     _at_least_one(seeds=seeds, top=top)
     record = read_yaml(search_dir / RECORD)
     space = spaces.load(search_dir / SPACE_COPY)

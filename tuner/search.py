@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,17 +24,17 @@ import optuna
 import pyarrow.fs
 import ray
 from ray import tune
+from ray.air.constants import EXPR_ERROR_FILE, EXPR_ERROR_PICKLE_FILE
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from .experiment import listing, parse_rows, read, read_text, result_rows
+from .experiment import FAILED, listing, parse_rows, read, read_text, result_rows
 from .protocol import BEST, METRIC, MODE, REPORTED
+from .settings import check as check_settings
+from .signals import Stopped, stopping_fit
 from .spaces import Space
 from .storage import storage_filesystem
-
-GPU_CHOICES = ("auto", "always", "never")
-
 
 @dataclass
 class SearchSettings:
@@ -52,15 +54,7 @@ class SearchSettings:
 
     def __post_init__(self) -> None:
         self.experiment = absolute(self.experiment)
-        if self.gpu not in GPU_CHOICES:
-            raise ValueError(f"gpu={self.gpu!r}: must be one of {', '.join(GPU_CHOICES)}")
-        for name in ("num_samples", "trials_per_gpu", "max_concurrent", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
-        if self.cpus_per_trial <= 0:
-            raise ValueError(f"cpus_per_trial={self.cpus_per_trial}: must be above 0")
-        if self.max_failures < 0:
-            raise ValueError(f"max_failures={self.max_failures}: must be at least 0")
+        check_settings(dataclasses.asdict(self))
 
 
 def absolute(experiment: str) -> str:
@@ -229,6 +223,13 @@ def _same(row: dict[str, Any], old: dict[str, Any]) -> bool:
     return old.get("epoch") == row["epoch"] if "epoch" in row else row.items() <= old.items()
 
 
+def refuse_taken(experiment: str) -> None:
+    """A new search's experiment must not exist yet: it may be another search's."""
+    if tune.Tuner.can_restore(experiment):
+        raise ValueError(f"{experiment} already holds an experiment: "
+                         "continue it with --resume, or choose another --out or --experiment")
+
+
 def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: SearchSettings,
         resume: bool = False) -> tune.ResultGrid:
     """Run (or, with `resume`, continue) the search to its end; Ray must be initialised."""
@@ -236,8 +237,7 @@ def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: Sea
     if resume and not exists:
         raise FileNotFoundError(f"{settings.experiment}: no experiment to resume")
     if not resume and exists:
-        raise ValueError(f"{settings.experiment} already holds an experiment: "
-                         "continue it with --resume, or choose another --out or --experiment")
+        refuse_taken(settings.experiment)
     tuner = make_tuner(
         tune.with_resources(trainable, trial_resources(settings)), settings, resume,
         tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(space, settings) if not resume else None,
@@ -245,10 +245,50 @@ def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: Sea
                         max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
         tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints, checkpoint_score_attribute=METRIC,
                               checkpoint_score_order=MODE))
-    grid = tuner.fit()
-    if grid.num_terminated + grid.num_errors < settings.num_samples:
-        raise KeyboardInterrupt  # Ray stopped on Ctrl-C, saved the experiment and returned: tell the caller
+    return fit(tuner, settings.experiment, settings.num_samples)
+
+
+def fit(tuner: tune.Tuner, experiment: str, trials: int) -> tune.ResultGrid:
+    """Run `tuner` (of `trials` trials in all) to its end and record its failures
+    (`record_failures`); raise `Stopped` if a stop signal or anything else ended it before.
+
+    Ray marks the trials it stops on Ctrl-C TERMINATED in the ResultGrid it returns, as if they
+    had finished: whether the experiment is finished is read from the state Ray saved."""
+    with stopping_fit() as received:
+        grid = tuner.fit()
+    record_failures(experiment, grid)
+    if received:
+        raise Stopped(received[0])
+    run = read(experiment)
+    if len(run.trials) < trials or any(t.status not in (Trial.TERMINATED, FAILED) for t in run.trials):
+        raise Stopped(signal.SIGINT)  # Ray stopped on a signal of its own (SIGUSR1): as on Ctrl-C
     return grid
+
+
+def record_failures(experiment: str, grid: tune.ResultGrid) -> list[str]:
+    """Mark failed, in Ray's saved state, each trial that `fit` ended as failed but the state
+    keeps unfinished; return their folders' names.
+
+    Ray saves a trial's end when it stops the trial's worker.  A trial whose worker died (killed,
+    out of memory) on its last allowed try has no worker left to stop, so the state keeps it
+    RUNNING: `export` would rank it, `status` would call it interrupted, and `--resume` would
+    continue it as if nothing had happened.  The ResultGrid `fit` returns knows that it failed
+    (and Ray wrote its error.txt)."""
+    failed = {result.path.rstrip("/").rsplit("/", 1)[-1] for result in grid if result.error is not None}
+    run = read(experiment)
+    saved = json.loads(read_text(run.fs, run.state))
+    marked = []
+    for entry in saved["trial_data"]:
+        trial, metadata = (json.loads(part) for part in entry)
+        if trial["relative_logdir"] in failed and trial["status"] != FAILED:
+            trial["status"] = FAILED
+            metadata.update(error_filename=EXPR_ERROR_FILE, pickled_error_filename=EXPR_ERROR_PICKLE_FILE)
+            entry[:] = [json.dumps(trial), json.dumps(metadata)]
+            marked.append(trial["relative_logdir"])
+    if marked:
+        with (storage_filesystem(experiment) or run.fs).open_output_stream(run.state) as stream:
+            stream.write(json.dumps(saved).encode())
+    return marked
 
 
 def _no_restore_hint(record: logging.LogRecord) -> bool:
