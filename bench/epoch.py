@@ -57,7 +57,7 @@ def measure(cfg: Config, data: SequenceData, batches: int | None, repeats: int) 
     torch.manual_seed(cfg.seed)
     model = SimDiffRec(cfg, data.n_items, data.max_len).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-    losses = step_losses(cfg, model, device)
+    step = step_losses(cfg, model, device)
     graphs = counters["stats"]["unique_graphs"]
     full = len(plan_epoch(data.train_lengths, cfg.batch_size, device, cfg.batching))
     times = []
@@ -65,7 +65,7 @@ def measure(cfg: Config, data: SequenceData, batches: int | None, repeats: int) 
         plan = plan_epoch(data.train_lengths, cfg.batch_size, device, cfg.batching)[:batches]
         sync(device)
         start = time.perf_counter()
-        run_epoch(cfg, model, losses, optimizer, data, plan, tau=cfg.tau)  # ends with a device sync
+        run_epoch(cfg, model, step, optimizer, data, plan, tau=cfg.tau)  # ends with a device sync
         times.append((time.perf_counter() - start, len(plan)))
     per_batch = statistics.median(t / n for t, n in times[1:])
     model.eval()

@@ -120,7 +120,7 @@ def natural_end(valid: np.ndarray, cap: int, patience: int) -> int:
 
 class Asha:
     """Ray's ASHA bracket bookkeeping (async_hyperband._Bracket, Ray 2.60) and the search's
-    `min_rung_results` rule (tuner.search.ResumableASHA)."""
+    `min_rung_results` rule (tuner.recovery.ResumableASHA)."""
 
     def __init__(self, policy: Policy, rng: np.random.Generator) -> None:
         self.policy, self.rng = policy, rng

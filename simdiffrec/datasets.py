@@ -35,7 +35,7 @@ from typing import Callable
 import pandas as pd
 from tqdm import tqdm
 
-from .files import atomic_path
+from .files import atomic_stream, write_atomic
 from .readers import COLUMNS, DataError, kcore, read_sequence_file
 
 KCORE = 5
@@ -186,8 +186,8 @@ def _download(url: str, dest: Path, sha256: str | None) -> str:
     has the recorded `sha256` (when there is one): a refused or cut-off download leaves nothing.
     Returns the file's sha256."""
     digest = hashlib.sha256()
-    with atomic_path(dest) as tmp:
-        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+    with atomic_stream(dest) as out:
+        with urllib.request.urlopen(url, timeout=60) as response:
             size = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
                       desc=dest.name, disable=None) as bar:  # a bar on a terminal only
@@ -241,8 +241,7 @@ def prepare(name: str, cache_dir: str | Path | None = None, download: bool = Tru
     raw = spec.read(raw_file(name, cache_dir, download))
     frame = kcore(raw.sort_values("time", kind="stable"), KCORE).reset_index(drop=True)
     if spec.fetch != "shipped":
-        with atomic_path(cached) as tmp:
-            frame.to_parquet(tmp, index=False)
+        write_atomic(cached, frame.to_parquet(index=False))
     return frame
 
 

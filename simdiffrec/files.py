@@ -3,7 +3,10 @@ the one way it reads a torch file back.
 
 A reader therefore sees the old file or the new one, never half of either; a failed write (a
 crash, a full disk) leaves the old file and no temporary behind.  A symbolic link is switched the
-same way (`atomic_symlink`), and `locked` keeps two processes from writing one folder at once.
+same way (`atomic_symlink`), and a folder is replaced by switching a link to its new copy
+(`switch_folder`); `locked` keeps two processes from writing one folder at once.  No other
+module writes, moves or deletes a file (tests/test_layout.py), but the two that write Ray's own
+experiment layout through its file systems (tuner/storage.py, tuner/recovery.py).
 A torch file is read with `weights_only`: tensors and plain values only, so a crafted file cannot
 run code when loaded.
 """
@@ -12,10 +15,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, Sequence
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 
 class FileFault(ValueError):
@@ -53,6 +60,60 @@ def writing(dest: str | Path) -> Iterator[None]:
 def write_atomic(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp, writing(path):
         tmp.write_bytes(data)
+
+
+@contextmanager
+def atomic_stream(dest: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write `dest` through piece by piece (a download): `dest` only once the
+    block succeeds, nothing if it fails."""
+    with atomic_path(dest) as tmp:
+        with writing(dest):
+            out = open(tmp, "wb")
+        with out:  # not inside `writing`: a failed download keeps its own error
+            yield out
+
+
+def copy_folder(fs: "pyarrow.fs.FileSystem", source: str, target: str | Path) -> None:
+    """Copy the folder `source` on `fs` (local, or an experiment's object store) into the local
+    folder `target` (made if missing); a full disk is one line naming it."""
+    import pyarrow.fs
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    with writing(target):
+        pyarrow.fs.copy_files(source, str(target), source_filesystem=fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+
+
+def remove(path: str | Path) -> None:
+    """Remove a file, link or folder (with all it holds) that this project staged or set aside;
+    nothing there: nothing to do."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def move(source: str | Path, dest: str | Path) -> None:
+    """Rename `source` to `dest` (the same file system) in one step."""
+    with writing(dest):
+        os.replace(source, dest)
+
+
+def switch_folder(link: str | Path, stage: str | Path) -> None:
+    """Make `link` a symbolic link to `stage`, a folder beside it, in one rename: a reader finds the
+    folder it pointed at or `stage`, never none.  Then remove the folders beside `stage` named
+    like it (`.NAME-...`: earlier ones, and any a kill left).  A real folder at `link` (written
+    before links) is set aside first, so only then is `link` briefly absent."""
+    link, stage = Path(link), Path(stage)
+    prefix = stage.name.rsplit("-", 1)[0] + "-"
+    if link.is_dir() and not link.is_symlink():
+        move(link, link.with_name(f"{prefix}earlier"))
+    atomic_symlink(link, stage.name)
+    for entry in link.parent.iterdir():
+        if entry.name.startswith(prefix) and entry.name != stage.name:
+            remove(entry)
 
 
 def atomic_symlink(link: str | Path, target: str | Path) -> None:

@@ -14,7 +14,6 @@ is refused before any file changes.  One run at a time: OUT is locked (`files.lo
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from .config import Config, write_yaml
 from .data import load_and_describe
 from .device import resolve_device
-from .files import locked, replace_entries, write_atomic
+from .files import locked, remove, replace_entries, write_atomic
 from .model_folder import save_model
 from .train import Evaluation, TrainResult, check_resumable, train
 
@@ -47,7 +46,7 @@ def train_into(out: Path, cfg: Config, source: str | Path, columns: dict[str, st
             raise ValueError(f"{out} already holds a run ({', '.join(earlier)}): continue it with --resume, "
                              "replace it with --force, or choose another --out")
         for stale in out.glob(f"{STAGE}*"):  # a replacement killed before its end
-            shutil.rmtree(stale)
+            remove(stale)
         if resume or not earlier:
             return _train(out, out, cfg, source, columns, resume, progress)
         stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE))  # --force: the earlier run stays until this one is done
@@ -56,7 +55,7 @@ def train_into(out: Path, cfg: Config, source: str | Path, columns: dict[str, st
             replace_entries(stage, out, (CONFIG, CHECKPOINT, BEST_MODEL, METRICS))
             return result
         finally:
-            shutil.rmtree(stage)
+            remove(stage)
 
 
 def _train(folder: Path, out: Path, cfg: Config, source: str | Path, columns: dict[str, str], resume: bool,

@@ -170,7 +170,7 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
         state, best_weights = load_checkpoint(resume, cfg, model, optimizer)
 
     score = scorer(cfg, model, device)
-    losses_fn = step_losses(cfg, model, device)
+    step = step_losses(cfg, model, device)
     # No total and so no ETA: early stopping ends most runs long before cfg.epochs; the postfix
     # says how many evaluations without progress remain before it does.
     bar = tqdm(initial=state.epoch, desc="epochs", unit="ep", disable=not progress)
@@ -180,8 +180,8 @@ def train(cfg: Config, data: SequenceData, report: Callable[[Evaluation], None] 
             break
         started = time.perf_counter()
         batches = plan_epoch(data.train_lengths, cfg.batch_size, device, cfg.batching)
-        losses = run_epoch(cfg, model, losses_fn, optimizer, data, batches, temperature(cfg, epoch), progress,
-                           alpha_factor(cfg, epoch))
+        losses = run_epoch(cfg, model, step, optimizer, data, batches, tau=temperature(cfg, epoch),
+                           alpha_share=alpha_factor(cfg, epoch), progress=progress)
         check_finite(losses, epoch, cfg)
         state.train_seconds += time.perf_counter() - started
         state.epoch = epoch
@@ -240,12 +240,12 @@ def step_losses(cfg: Config, model: SimDiffRec, device: torch.device) -> Callabl
     return torch.compile(model.losses, dynamic=True)
 
 
-def run_epoch(cfg: Config, model: SimDiffRec, losses: Callable[..., dict[str, torch.Tensor]],
-              optimizer: torch.optim.Optimizer, data: SequenceData, batches: list[Batch], tau: float,
-              progress: bool = False, alpha_factor: float = 1.0) -> dict[str, float]:
-    """One pass over `batches` with `losses` (`step_losses`); returns the mean of each loss
-    (`loss_sr`, ...) and of L_cl's health numbers (`cl_margin`, ...), read in the epoch's one
-    device sync."""
+def run_epoch(cfg: Config, model: SimDiffRec, step: Callable[..., dict[str, torch.Tensor]],
+              optimizer: torch.optim.Optimizer, data: SequenceData, batches: list[Batch], *, tau: float,
+              alpha_share: float = 1.0, progress: bool = False) -> dict[str, float]:
+    """One pass over `batches`, each batch's losses from `step` (`step_losses`) at temperature
+    `tau`, with `alpha_share` of α (`alpha_factor`); returns the mean of each loss (`loss_sr`, ...)
+    and of L_cl's health numbers (`cl_margin`, ...), read in the epoch's one device sync."""
     model.train()
     device = data.train_input.device
     totals: dict[str, torch.Tensor] = {}
@@ -254,8 +254,8 @@ def run_epoch(cfg: Config, model: SimDiffRec, losses: Callable[..., dict[str, to
         seq = data.train_input[batch.rows, cut:]
         target = data.train_target[batch.rows, cut:]
         with autocast(cfg, device):
-            parts = losses(seq, target, batch.item_pos, tau)
-        loss = model.objective(parts, alpha_factor)
+            parts = step(seq, target, batch.item_pos, tau)
+        loss = model.objective(parts, alpha_share)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

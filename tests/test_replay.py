@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from simdiffrec.config import write_yaml
-from tuner import search, spaces
+from tuner import recovery, spaces
 from tuner.protocol import METRIC
 
 BENCH = Path(__file__).parents[1] / "bench"
@@ -51,12 +51,12 @@ def write_set(folder: Path, worths: list[float], speeds: list[float], epochs: in
 
 def test_the_replayed_asha_decides_as_the_searchs_scheduler():
     """On a random stream of results, the replay's ASHA stops exactly the trials that
-    tuner.search.ResumableASHA (Ray's ASHA with min_rung_results) stops."""
+    tuner.recovery.ResumableASHA (Ray's ASHA with min_rung_results) stops."""
     rng = np.random.default_rng(3)
     for brackets_min_rung in ((1, 1), (1, 3), (3, 1)):
         brackets, m = brackets_min_rung
         policy = replay.Policy("asha", cap=27, grace=1, rf=3.0, brackets=brackets, min_rung=m)
-        ray_asha = search.ResumableASHA(metric=METRIC, mode="max", time_attr="epoch", max_t=27, grace_period=1,
+        ray_asha = recovery.ResumableASHA(metric=METRIC, mode="max", time_attr="epoch", max_t=27, grace_period=1,
                                         reduction_factor=3, brackets=brackets, min_rung_results=m)
         ours = replay.Asha(policy, np.random.default_rng(0))
         stopped_ray, stopped_ours = set(), set()

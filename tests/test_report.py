@@ -72,7 +72,7 @@ def finished(tmp_path_factory) -> Path:
     (out / RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a "ray start" one
     try:
-        search.run(objective, space, settings)
+        search.run_search(objective, space, settings)
     finally:
         ray.shutdown()
     return out
@@ -304,7 +304,7 @@ def test_status_and_report_compare_the_families_of_a_search_that_samples_both(tm
                                               "settings": dataclasses.asdict(settings)}, sort_keys=False))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        search.run(family_objective, spaces.load(out / SPACE_COPY), settings)
+        search.run_search(family_objective, spaces.load(out / SPACE_COPY), settings)
     finally:
         ray.shutdown()
     trials = {t.number: t.config for t in read(settings.experiment).trials}

@@ -153,17 +153,14 @@ def test_finalize_resumes_its_finished_runs_and_refuses_other_flags(final, tiny_
 
 def test_a_restored_grid_trial_reports_again_only_from_a_final_checkpoint(final, tmp_path):
     """A finished run's last checkpoint holds its final metrics and no train state: restored, the
-    trial reports them again; a checkpoint with train state trains on.  Grids begun before
-    reported.json kept the final metrics as final.json."""
+    trial reports them again; a checkpoint with train state trains on."""
     for trial in read(str(final / "experiment")).trials:
         reported = grid.final_report(Path(trial.folder) / trial.latest)
         assert grid.DONE in reported and all(trial.rows[-1][k] == v for k, v in reported.items())
-    older = tmp_path / "older"
-    older.mkdir()
-    (older / "final.json").write_text(json.dumps({grid.DONE: 0.25}))
-    assert grid.final_report(older) == {grid.DONE: 0.25}
-    (older / CHECKPOINT_FILE).write_bytes(b"")
-    assert grid.final_report(older) is None
+    training = tmp_path / "training"
+    training.mkdir()
+    (training / CHECKPOINT_FILE).write_bytes(b"")
+    assert grid.final_report(training) is None
 
 
 def test_finalize_also_retrains_trials_named_by_number(tiny_search, tmp_path, capsys):
@@ -265,7 +262,7 @@ from pathlib import Path
 from tuner import grid, search
 plan = grid.Plan(**yaml.safe_load(Path(sys.argv[1]).read_text()))
 out = Path(sys.argv[2])
-grid.run(plan, out, search.SearchSettings(experiment=str(out / "experiment"), max_concurrent=2, gpu="never"))
+grid.train_plan(plan, out, search.SearchSettings(experiment=str(out / "experiment"), max_concurrent=2, gpu="never"))
 """
 
 
@@ -331,7 +328,7 @@ def test_an_interrupted_grid_continues_each_run_from_its_checkpoint(ray_cluster,
         driver.wait()
     interrupted = [trial_id for trial_id, rows in trials.items() if rows and grid.DONE not in rows[-1]]
 
-    runs = grid.run(plan, out, search.SearchSettings(experiment=str(out / "experiment"), gpu="never"), resume=True)
+    runs = grid.train_plan(plan, out, search.SearchSettings(experiment=str(out / "experiment"), gpu="never"), resume=True)
     assert sorted(zip(runs["run"], runs["seed"])) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
     assert (runs["epochs"] == 12).all()
     rows = {t.trial_id: t.rows for t in read(str(out / "experiment")).trials}

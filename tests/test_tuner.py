@@ -26,7 +26,7 @@ from ray import tune
 from ray.tune import ExperimentAnalysis
 
 from simdiffrec.cli import main
-from tuner import search, spaces, storage
+from tuner import recovery, search, spaces, storage
 from simdiffrec.files import atomic_symlink
 from tuner.experiment import Trial, export, read, results_frame
 from tuner.jobs import plan_all, space_for
@@ -338,7 +338,7 @@ def test_ray_saves_the_experiment_state_after_every_checkpoint(ray_cluster, tmp_
     space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
                           "asha": {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2}}, "saved")
     settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=1)
-    search.run(tune.with_parameters(waits_for_its_checkpoint_in_the_saved_state, experiment=tmp_path / "exp"),
+    search.run_search(tune.with_parameters(waits_for_its_checkpoint_in_the_saved_state, experiment=tmp_path / "exp"),
                space, settings)
     assert read(settings.experiment).trials[0].rows[-1]["saved"] == 1.0
 
@@ -366,7 +366,7 @@ def test_a_trial_whose_saved_checkpoint_ray_deleted_before_the_driver_died_resum
     space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
                           "asha": {"max_epochs": 6, "grace_period": 6, "reduction_factor": 2}}, "lost")
     settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=1, max_failures=0)
-    search.run(counts_epochs_from_its_checkpoint, space, settings)
+    search.run_search(counts_epochs_from_its_checkpoint, space, settings)
     [trial] = read(settings.experiment).trials
     assert trial.status == "ERROR" and trial.latest == "checkpoint_000002" and "checkpoint_000000" in trial.checkpoints
     folder = Path(trial.folder)  # the race: epoch 4 registered as checkpoint_000003, its predecessor deleted
@@ -375,11 +375,11 @@ def test_a_trial_whose_saved_checkpoint_ray_deleted_before_the_driver_died_resum
     kept = [*(json.loads((folder / "checkpoint_000003" / REPORTED).read_text())), {"epoch": 4, METRIC: 0.25}]
     (folder / "checkpoint_000003" / REPORTED).write_text(json.dumps(kept))
 
-    assert search.restore_lost_checkpoints(settings.experiment) == [f"{trial.folder}/checkpoint_000002"]
-    assert search.restore_rows(settings.experiment) == [trial.folder]
+    assert recovery.restore_lost_checkpoints(settings.experiment) == [f"{trial.folder}/checkpoint_000002"]
+    assert recovery.restore_rows(settings.experiment) == [trial.folder]
     [trial] = read(settings.experiment).trials
     assert [row["epoch"] for row in trial.rows] == [1, 2, 3, 4] and trial.rows[-1][METRIC] == 0.25
-    search.run(counts_epochs_from_its_checkpoint, space, settings, resume=True)
+    search.run_search(counts_epochs_from_its_checkpoint, space, settings, resume=True)
     [trial] = read(settings.experiment).trials
     # (in this same Ray session Ray uploads its own copy of result.json, which never saw epoch 4;
     # a new driver, the case of a killed one, downloads the one above)
@@ -395,15 +395,15 @@ def test_a_result_file_cut_off_by_a_killed_driver_gets_its_rows_back(ray_cluster
     space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
                           "asha": {"max_epochs": 6, "grace_period": 6, "reduction_factor": 2}}, "cut")
     settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=1, max_failures=0)
-    search.run(counts_epochs_from_its_checkpoint, space, settings)
+    search.run_search(counts_epochs_from_its_checkpoint, space, settings)
     [trial] = read(settings.experiment).trials
     results = Path(trial.folder) / "result.json"
     whole = results.read_text()
     lines = whole.splitlines(keepends=True)
-    assert len(lines) == 3 and search.restore_rows(settings.experiment) == []
+    assert len(lines) == 3 and recovery.restore_rows(settings.experiment) == []
     for cut in ("", lines[0] + lines[1][:20], lines[0] + lines[2]):
         results.write_text(cut)
-        assert search.restore_rows(settings.experiment) == [trial.folder]
+        assert recovery.restore_rows(settings.experiment) == [trial.folder]
         rows = read(settings.experiment).trials[0].rows
         assert [row["epoch"] for row in rows] == [1, 2, 3]
         assert [row for row in rows if "training_iteration" in row] == [json.loads(line) for line in cut.splitlines()
@@ -432,17 +432,17 @@ def test_a_resumed_search_judges_its_next_trials_against_the_rungs_it_had(ray_cl
     crash = tmp_path / "crash"
     crash.touch()
     trainable = tune.with_parameters(scores_alpha_unless_told_to_crash, crash=crash)
-    search.run(trainable, space, settings)
+    search.run_search(trainable, space, settings)
     assert [(t.status, len(t.rows)) for t in read(settings.experiment).trials] == [
         ("TERMINATED", 4), ("TERMINATED", 4), ("ERROR", 0)]
     crash.unlink()
-    search.run(trainable, space, settings, resume=True)
+    search.run_search(trainable, space, settings, resume=True)
     assert [len(t.rows) for t in read(settings.experiment).trials] == [4, 4, 1]
 
 
 def _judged(min_rung_results: int, scores: list[float], epoch: int = 1) -> list[str]:
     """ASHA's verdict (rungs at epochs 1, 3; at most 9) on trials reporting `scores` at `epoch`, in turn."""
-    scheduler = search.ResumableASHA(metric=METRIC, mode="max", time_attr="epoch", max_t=9, grace_period=1,
+    scheduler = recovery.ResumableASHA(metric=METRIC, mode="max", time_attr="epoch", max_t=9, grace_period=1,
                                      reduction_factor=3, min_rung_results=min_rung_results)
     verdicts = []
     for number, score in enumerate(scores):
@@ -471,7 +471,7 @@ def test_a_local_experiment_is_written_through_renaming_storage(ray_cluster, tmp
     space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
                           "asha": {"max_epochs": 4, "grace_period": 4, "reduction_factor": 2}}, "renamed")
     settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=1)
-    search.run(tune.with_parameters(scores_alpha_unless_told_to_crash, crash=tmp_path / "none"), space, settings)
+    search.run_search(tune.with_parameters(scores_alpha_unless_told_to_crash, crash=tmp_path / "none"), space, settings)
     assert "result.json" in written and any(name.startswith("experiment_state-") for name in written)
     assert not list((tmp_path / "exp").rglob("*.partial"))
 
@@ -547,7 +547,7 @@ def test_the_plumbing_finds_the_optimum_of_a_known_objective(ray_cluster, tmp_pa
     database = f"sqlite:///{tmp_path / 'study.db'}"  # what optuna-dashboard would watch
     settings = search.SearchSettings(experiment=str(tmp_path / "quadratic"), num_samples=40, max_concurrent=2,
                                      seed=3, optuna_storage=database)
-    grid = search.run(quadratic, space, settings)
+    grid = search.run_search(quadratic, space, settings)
     best = grid.get_best_result(BEST, "max").config
     assert abs(best["alpha"] - 0.3) < 0.08 and 0.3e-3 < best["lr"] < 3e-3
     study = optuna.load_study(study_name=settings.experiment, storage=database)
@@ -586,14 +586,14 @@ def test_a_resumed_search_samples_on_from_its_restored_study(ray_cluster, tmp_pa
         return [(t.config["alpha"], t.config["lr"]) for t in trials]
 
     whole = search.SearchSettings(experiment=str(tmp_path / "whole"), num_samples=8, max_concurrent=1)
-    search.run(tune.with_parameters(interrupts_once, driver=os.getpid(), log=tmp_path / "whole.log", at=0),
+    search.run_search(tune.with_parameters(interrupts_once, driver=os.getpid(), log=tmp_path / "whole.log", at=0),
                space, whole)
     cut = search.SearchSettings(experiment=str(tmp_path / "cut"), num_samples=8, max_concurrent=1)
     trainable = tune.with_parameters(interrupts_once, driver=os.getpid(), log=tmp_path / "cut.log", at=5)
     with pytest.raises(KeyboardInterrupt):
-        search.run(trainable, space, cut)
+        search.run_search(trainable, space, cut)
     assert len(read(cut.experiment).trials) < 8
-    search.run(trainable, space, cut, resume=True)
+    search.run_search(trainable, space, cut, resume=True)
     assert len(set(proposed(cut))) == 8 and proposed(cut) == proposed(whole)
 
 
@@ -619,7 +619,7 @@ def test_a_failed_trial_is_recorded_with_its_reason_and_the_searcher_told_it_fai
     database = f"sqlite:///{tmp_path / 'study.db'}"
     settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=4, max_concurrent=2,
                                      optuna_storage=database, max_failures=1)
-    search.run(diverges_when_alpha_is_high, space, settings)
+    search.run_search(diverges_when_alpha_is_high, space, settings)
     best = export(settings.experiment, tmp_path / "out")
     assert best["parameters"]["alpha"] <= 0.3  # the failed trials scored higher
     results = pd.read_parquet(tmp_path / "out" / "results.parquet").drop_duplicates("trial_id")
@@ -658,7 +658,7 @@ def test_a_trial_whose_worker_dies_past_its_retries_is_failed_everywhere_and_nev
     database = f"sqlite:///{tmp_path / 'study.db'}"
     settings = search.SearchSettings(experiment=str(tmp_path / "exp"), num_samples=2, max_concurrent=1,
                                      optuna_storage=database, max_failures=0)
-    search.run(kills_its_worker_when_alpha_is_high, space, settings)
+    search.run_search(kills_its_worker_when_alpha_is_high, space, settings)
     killed, kept = read(settings.experiment).trials
     assert (killed.status, kept.status) == ("ERROR", "TERMINATED")
     assert killed.error == "The actor is dead because its worker process has died."

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ import pandas as pd
 import pyarrow.fs
 
 from simdiffrec.config import read_yaml, write_yaml
-from simdiffrec.files import atomic_symlink, write_atomic, writing
+from simdiffrec.files import atomic_symlink, copy_folder, move, remove, switch_folder, write_atomic
 
 from .protocol import METRIC, MODEL_DIR
 
@@ -122,13 +121,10 @@ def results_frame(trials: list[Trial]) -> pd.DataFrame:
 
 
 def copy_model(run: Experiment, trial: Trial, checkpoint: str, target: Path) -> None:
-    """Copy the model folder (MODEL_DIR) of one of `trial`'s checkpoints to the new folder `target`;
+    """Copy the model folder (MODEL_DIR) of one of `trial`'s checkpoints into the folder `target`;
     one without its model.pt is refused."""
-    target.mkdir(parents=True)
     source = f"{trial.folder}/{checkpoint}/{MODEL_DIR}"
-    with writing(target):  # a full disk: one line
-        pyarrow.fs.copy_files(source, str(target), source_filesystem=run.fs,
-                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+    copy_folder(run.fs, source, target)
     if not (target / "model.pt").is_file():
         raise ValueError(f"{source}: holds no model.pt, so it is no model folder: nothing to export")
 
@@ -162,7 +158,7 @@ def export(experiment: str, out: str | Path) -> dict[str, Any]:
     try:
         config = _stage(run, found, stage)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        remove(stage)
         raise
     _switch(Path(out), stage)
     return config
@@ -193,26 +189,22 @@ def _stage(run: Experiment, found: tuple[Trial, str, dict[str, Any]], stage: Pat
 
 
 def _switch(out: Path, stage: Path) -> None:
-    """Make `stage` the live export with one rename, link the user-facing names through
-    `.exports/current`, and remove every other export (old ones, and any a kill left behind)."""
+    """Make `stage` the live export with one link switch (`.exports/current`; the earlier exports
+    go), link the user-facing names through it, and remove anything else a kill left behind."""
     stages = out / STAGES
-    atomic_symlink(stages / "current", stage.name)
+    switch_folder(stages / "current", stage)
     earlier = [out / name for name in EXPORTS if (out / name).exists() and not (out / name).is_symlink()]
     if earlier:  # exports of an earlier layout: all set aside before any link, so a kill leaves no mix
         aside = Path(tempfile.mkdtemp(dir=stages, prefix="earlier-"))
         for path in earlier:
-            os.replace(path, aside / path.name)
+            move(path, aside / path.name)
     for name in EXPORTS:
         link, target = out / name, Path(STAGES) / "current" / name
         if not (link.is_symlink() and Path(os.readlink(link)) == target):
             atomic_symlink(link, target)
     for entry in stages.iterdir():
-        if entry.name in ("current", stage.name):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+        if entry.name not in ("current", stage.name):
+            remove(entry)
 
 
 def listing(fs: pyarrow.fs.FileSystem, folder: str) -> list[str]:

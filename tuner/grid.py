@@ -17,9 +17,6 @@ continues only the same plan.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +31,7 @@ from simdiffrec.config import Config, read_yaml, write_yaml
 from simdiffrec.data import load_and_describe
 from simdiffrec.device import resolve_device
 from simdiffrec.evaluate import evaluate, scorer
+from simdiffrec.files import remove, switch_folder
 from simdiffrec.model_folder import save_model
 from simdiffrec.train import Evaluation, train
 
@@ -111,14 +109,13 @@ def run_seed(params: dict[str, Any], setup: GridSetup) -> None:
 
 def final_report(restored: Path) -> dict[str, Any] | None:
     """The final metrics a finished run's last checkpoint holds (it has no train state to resume),
-    else None.  Grids begun before `protocol.REPORTED` kept them as final.json."""
+    else None."""
     if (restored / CHECKPOINT_FILE).is_file():
         return None
-    rows = reported_rows(restored)
-    return rows[-1] if rows else json.loads((restored / "final.json").read_text())
+    return reported_rows(restored)[-1]
 
 
-def run(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool = False,
+def train_plan(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool = False,
         ray_address: str | None = None) -> pd.DataFrame:
     """Train the plan (or, with `resume`, continue the one in OUT) as one Ray Tune run; return
     `finished(...)`.  Settings other than the resources must match OUT's record on resume."""
@@ -183,14 +180,16 @@ def finished(experiment: str) -> pd.DataFrame:
 
 
 def save_final_model(experiment: str, trial_id: str, target: Path) -> None:
-    """The model a finished trial trained (its best epoch's), as a model folder at `target`."""
+    """The model a finished trial trained (its best epoch's), as a model folder at `target` (a link
+    to it, switched in one rename: never absent, never half-copied)."""
     run = read(experiment)
     trial = next(t for t in run.trials if t.trial_id == trial_id)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    stage.chmod(0o755)  # mkdtemp's 0o700 would hide the model from other users
     try:
-        copy_model(run, trial, max(trial.checkpoints), staged / MODEL_DIR)  # the last: the finished run's
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staged / MODEL_DIR, target)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        copy_model(run, trial, max(trial.checkpoints), stage)  # the last: the finished run's
+    except BaseException:
+        remove(stage)
+        raise
+    switch_folder(target, stage)  # the earlier model stays until the link points at this one

@@ -133,7 +133,7 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
     init_ray(address)
     setup = TrialSetup(data=ray.put(data), data_info={"source": job.data, **stats}, space=space,
                        max_epochs=space.asha.max_epochs)
-    search.run(make_trainable(setup), space, settings, resume=resume)
+    search.run_search(make_trainable(setup), space, settings, resume=resume)
     return export(settings.experiment, job.out)
 
 

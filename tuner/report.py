@@ -19,6 +19,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -161,18 +162,7 @@ def learning_curves(search: Search) -> Section:
                     mec="black", zorder=11)
     for rung in _rungs(search):
         ax.axvline(rung, color="grey", ls=":", lw=1, zorder=1)
-    handles, labels = ax.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda i: int(labels[i].split(".")[0]))
-    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
-    if len(trials) > len(top):
-        handles.append(ax.plot([], [], color="tab:gray", lw=1, alpha=0.45)[0])
-        labels.append(f"the other {len(trials) - len(top)} trials")
-    for name, (marker, face) in MARKERS.items():
-        if (trials["outcome"] == name).any():
-            handles.append(ax.plot([], [], marker=marker, ls="", ms=7, mfc=face, mec="black")[0])
-            labels.append(f"last epoch: {name}")
-    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0,
-              title="rank. #number trial (its best)", title_fontsize=8)
+    _curves_legend(ax, trials, len(top))
     ax.set(xlabel="epoch", ylabel=METRIC, xlim=(0.5, max(search.max_epochs, results["epoch"].max()) + 0.5))
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
@@ -181,6 +171,22 @@ def learning_curves(search: Search) -> Section:
             "patience did, ▶ it is still running, ◇ it was interrupted (the search is stopped), ■ it failed. "
             "Dotted lines: ASHA's rungs, the epochs at which it compares trials.")
     return Section("Learning curves", text, _png(fig), "learning_curves.png")
+
+
+def _curves_legend(ax: Any, trials: pd.DataFrame, shown: int) -> None:
+    """The coloured trials by rank, one grey entry for the others, one per end marker drawn."""
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: int(labels[i].split(".")[0]))
+    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
+    if len(trials) > shown:
+        handles.append(ax.plot([], [], color="tab:gray", lw=1, alpha=0.45)[0])
+        labels.append(f"the other {len(trials) - shown} trials")
+    for name, (marker, face) in MARKERS.items():
+        if (trials["outcome"] == name).any():
+            handles.append(ax.plot([], [], marker=marker, ls="", ms=7, mfc=face, mec="black")[0])
+            labels.append(f"last epoch: {name}")
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0,
+              title="rank. #number trial (its best)", title_fontsize=8)
 
 
 def best_so_far(search: Search) -> Section:

@@ -1,6 +1,6 @@
 """From a search to a verdict: `finalize` retrains a search's best configurations and a SASRec
 baseline with several seeds; `reproduce` trains the paper's configurations on its datasets.
-Both plan a grid (`grid.Plan`), run it as one Ray Tune run (`grid.run`), and write their tables
+Both plan a grid (`grid.Plan`), train it as one Ray Tune run (`grid.train_plan`), and write their tables
 (`verdict`).
 
     finalize   DIR/final.md, final.parquet (per configuration), final_runs.parquet (per run),
@@ -54,11 +54,11 @@ class RetrainRequest:
         given = {"max-epochs": self.max_epochs, "patience": self.patience}
         _at_least_one(**{flag: v for flag, v in given.items() if v is not None})
 
-    def run(self, plan: grid.Plan, out: Path) -> pd.DataFrame:
+    def train(self, plan: grid.Plan, out: Path) -> pd.DataFrame:
         experiment = default_experiment(out, f"{out.resolve().parent.name}-{out.resolve().name}")
         settings = search.SearchSettings(experiment=experiment, **self.settings)
         with locked(out):  # one grid per OUT at a time; `status` tells a running grid from a stopped one
-            return grid.run(plan, out, settings, self.resume, self.ray_address)
+            return grid.train_plan(plan, out, settings, self.resume, self.ray_address)
 
 
 def chosen_trials(experiment: str, top: int, numbers: Sequence[int] = ()) -> dict[str, dict[str, Any]]:
@@ -144,10 +144,57 @@ def final_folder(experiment: str, out: Path | None) -> Path:
 
 def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainRequest,
              search_dir: Path | None = None, trials: Sequence[int] = ()) -> pd.DataFrame:
-    """Retrain the search's top configurations, the `trials` named by number, and their baselines;
-    write the final files into OUT; return final.parquet's table.  The data and the fixed
-    settings are the search's (SEARCH_DIR's search.yaml and space.yaml; SEARCH_DIR defaults to
-    the folder holding EXPERIMENT)."""
+    """Retrain the search's top configurations, the `trials` named by number, its starting points
+    and their baselines; write the final files into OUT; return final.parquet's table.  The data
+    and the fixed settings are the search's (SEARCH_DIR's search.yaml and space.yaml; SEARCH_DIR
+    defaults to the folder holding EXPERIMENT)."""
+    search_dir = _search_folder(experiment, search_dir)
+    _at_least_one(seeds=seeds, top=top)
+    space = spaces.load(search_dir / SPACE_COPY)
+    plan, params, compared, starts = final_plan(space, read_yaml(search_dir / RECORD),
+                                                chosen_trials(experiment, top, trials), request, seeds)
+    runs = request.train(plan, out).rename(columns={"run": "configuration"})
+    if runs.empty:
+        raise ValueError(f"{out}: no run finished; nothing to write (--resume retries them)")
+    table = verdict.final_table(runs, params, compared, starts)
+    chosen_run = verdict.median_seed(runs, table.loc[table["valid/NDCG@10_mean"].idxmax(), "configuration"])
+    grid.save_final_model(read_yaml(out / GRID_RECORD)["experiment"], chosen_run["trial_id"],
+                          out / "final_checkpoint")
+    write_atomic(out / "final_runs.parquet", runs[verdict.RUN_COLUMNS].to_parquet(index=False))
+    write_atomic(out / "final.parquet", table.to_parquet(index=False))
+    top_1 = plan.runs["top-1"]["config"]
+    about = {"experiment": experiment, "top": sum(name.startswith("top-") for name in params),
+             "trials": [name.removeprefix("trial-") for name in params if name.startswith("trial-")], "seeds": seeds,
+             "patience": top_1["patience"], "max_epochs": top_1["epochs"]}
+    write_atomic(out / "final.md", verdict.final_markdown(table, runs, chosen_run, about).encode())
+    return table
+
+
+def final_plan(space: spaces.Space, record: dict[str, Any], chosen: dict[str, dict[str, Any]],
+               request: RetrainRequest, seeds: int
+               ) -> tuple[grid.Plan, dict[str, dict[str, Any]], dict[str, str], list[str]]:
+    """What finalize trains: the chosen trials, the space's points not among them, SASRec-CE at
+    the defaults and the baselines, on the search's data (its `record`); with each one's searched
+    parameters, the baseline each configuration is compared with, and the starting points' names."""
+    params = dict(chosen)
+    starts, chosen_starts = starting_points(space.points, params)
+    params.update(starts)
+    configs = {name: _settings(space.config(p).to_dict(), request, FINAL_PATIENCE) for name, p in params.items()}
+    baseline_configs, compared, defaults = baselines(
+        configs, _settings(space.config({}).to_dict(), request, FINAL_PATIENCE))
+    for baseline, settings in baseline_configs.items():  # a baseline's searched parameters as it runs them
+        params[baseline] = {k: "sasrec" if k == spaces.FAMILY else settings[k] for k in params["top-1"]}
+    fixed = Config.from_dict(space.fixed, source=space.source)
+    plan = grid.Plan(datasets={"data": {"source": record["data"], "columns": record["columns"],
+                                        "max_len": fixed.max_len, "kcore": fixed.kcore}},
+                     runs={name: {"dataset": "data", "config": c} for name, c in {**configs, **baseline_configs}.items()},
+                     seeds=list(range(seeds)))
+    return plan, params, compared, [*starts, *chosen_starts, defaults]
+
+
+def _search_folder(experiment: str, search_dir: Path | None) -> Path:
+    """The search's folder (search.yaml, space.yaml): given, or the one holding EXPERIMENT; one
+    whose search still runs is refused."""
     if "://" in experiment and search_dir is None:
         raise ValueError(f"{experiment}: for an experiment at a URI, give the search's folder (--search)")
     search_dir = Path(search_dir or Path(experiment).parent)
@@ -157,38 +204,7 @@ def finalize(experiment: str, out: Path, seeds: int, top: int, request: RetrainR
     if in_use(search_dir):  # its leaderboard is half-finished, and a second Ray would share its machines
         raise ValueError(f"{search_dir}: the search is still running (it holds {search_dir / LOCK}): "
                          f"finalize it once it has ended (simdiffrec status {search_dir} follows it)")
-    _at_least_one(seeds=seeds, top=top)
-    record = read_yaml(search_dir / RECORD)
-    space = spaces.load(search_dir / SPACE_COPY)
-    params = chosen_trials(experiment, top, trials)
-    starts, chosen_starts = starting_points(space.points, params)
-    params.update(starts)
-    configs = {name: _settings(space.config(p, 1).to_dict(), request, FINAL_PATIENCE) for name, p in params.items()}
-    baseline_configs, compared, defaults = baselines(
-        configs, _settings(space.config({}, 1).to_dict(), request, FINAL_PATIENCE))
-    for baseline, settings in baseline_configs.items():  # a baseline's searched parameters as it runs them
-        params[baseline] = {k: "sasrec" if k == spaces.FAMILY else settings[k] for k in params["top-1"]}
-    configs.update(baseline_configs)
-    fixed = Config.from_dict(space.fixed, source=space.source)
-    plan = grid.Plan(datasets={"data": {"source": record["data"], "columns": record["columns"],
-                                        "max_len": fixed.max_len, "kcore": fixed.kcore}},
-                     runs={name: {"dataset": "data", "config": c} for name, c in configs.items()},
-                     seeds=list(range(seeds)))
-    runs = request.run(plan, out).rename(columns={"run": "configuration"})
-    if runs.empty:
-        raise ValueError(f"{out}: no run finished; nothing to write (--resume retries them)")
-    table = verdict.final_table(runs, params, compared, [*starts, *chosen_starts, defaults])
-    top_config = table.loc[table["valid/NDCG@10_mean"].idxmax(), "configuration"]
-    chosen_run = verdict.median_seed(runs, top_config)
-    grid.save_final_model(read_yaml(out / GRID_RECORD)["experiment"], chosen_run["trial_id"],
-                          out / "final_checkpoint")
-    write_atomic(out / "final_runs.parquet", runs[verdict.RUN_COLUMNS].to_parquet(index=False))
-    write_atomic(out / "final.parquet", table.to_parquet(index=False))
-    about = {"experiment": experiment, "top": sum(name.startswith("top-") for name in params),
-             "trials": [name.removeprefix("trial-") for name in params if name.startswith("trial-")], "seeds": seeds,
-             "patience": configs["top-1"]["patience"], "max_epochs": configs["top-1"]["epochs"]}
-    write_atomic(out / "final.md", verdict.final_markdown(table, runs, chosen_run, about).encode())
-    return table
+    return search_dir
 
 
 def reproduce(datasets: str, out: Path, seeds: int, request: RetrainRequest) -> pd.DataFrame:
@@ -208,7 +224,7 @@ def reproduce(datasets: str, out: Path, seeds: int, request: RetrainRequest) -> 
             runs_plan[run] = {"dataset": name, "config": _settings(config, request)}
             labels[run] = (name, configuration)
     plan = grid.Plan(datasets=plan_data, runs=runs_plan, seeds=list(range(seeds)))
-    runs = request.run(plan, out)
+    runs = request.train(plan, out)
     if runs.empty:
         raise ValueError(f"{out}: no run finished; nothing to write (--resume retries them)")
     runs.insert(0, "dataset", runs["run"].map(lambda r: labels[r][0]))

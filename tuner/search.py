@@ -9,28 +9,24 @@ trial's results and checkpoints and the searcher's state, which is what `resume`
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import math
 import os
 import signal
-import sys
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
-import pyarrow.fs
 import ray
 from ray import tune
-from ray.air.constants import EXPR_ERROR_FILE, EXPR_ERROR_PICKLE_FILE
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from .experiment import FAILED, listing, parse_rows, read, read_text, result_rows
-from .protocol import BEST, METRIC, MODE, REPORTED
+from . import recovery
+from .experiment import FAILED, read
+from .protocol import BEST, METRIC, MODE
 from .settings import check as check_settings
 from .signals import Stopped, stopping_fit
 from .spaces import Space
@@ -88,42 +84,9 @@ def make_searcher(space: Space, settings: SearchSettings) -> OptunaSearch:
                         sampler=sampler, study_name=study, storage=storage)
 
 
-class ResumableASHA(ASHAScheduler):
-    """ASHA that recalls its rungs on resume and judges a trial only against a rung of
-    `min_rung_results` results.
-
-    Ray saves no scheduler state: a restored search would judge the trials still to come, and a
-    restored trial at its next rung, against empty rungs (a trial resumed just past its first rung
-    would pass it unjudged).  So each trial's reported results are replayed into its bracket when
-    Ray adds it.  Ray's rule stops the second trial at a rung if it falls below the first alone;
-    with `min_rung_results` = m a trial goes on unjudged (its result still recorded) while the
-    rung holds fewer than m earlier results.  1 is Ray's rule."""
-
-    def __init__(self, *, min_rung_results: int = 1, **asha: Any) -> None:
-        super().__init__(**asha)
-        self.min_rung_results = min_rung_results
-
-    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
-        super().on_trial_add(tune_controller, trial)
-        if trial.has_reported_at_least_once:  # before the search was interrupted
-            for row in result_rows(trial.storage.storage_filesystem, trial.path):
-                self.on_trial_result(tune_controller, trial, row)
-
-    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
-        # Ray's private bracket state (as of Ray 2.60; the rung test fails should it change)
-        rungs = self._trial_info[trial.trial_id]._rungs  # [(epoch, {trial id: result})]
-        before = [len(recorded) for _, recorded in rungs]
-        action = super().on_trial_result(tune_controller, trial, result)
-        judged_by = [size for size, (_, recorded) in zip(before, rungs) if len(recorded) > size]
-        if action == TrialScheduler.STOP and judged_by and judged_by[0] < self.min_rung_results:
-            self._num_stopped -= 1
-            return TrialScheduler.CONTINUE
-        return action
-
-
 def make_scheduler(space: Space) -> ASHAScheduler:
     """ASHA on this epoch's valid NDCG@10 (TuneConfig's metric), rungs counted in epochs."""
-    return ResumableASHA(time_attr="epoch", max_t=space.asha.max_epochs, grace_period=space.asha.grace_period,
+    return recovery.ResumableASHA(time_attr="epoch", max_t=space.asha.max_epochs, grace_period=space.asha.grace_period,
                          reduction_factor=space.asha.reduction_factor, min_rung_results=space.asha.min_rung_results)
 
 
@@ -135,12 +98,7 @@ def make_tuner(trainable: Callable[[dict[str, Any]], None], settings: SearchSett
     # A state save after each trial checkpoint is deliberate (keep one checkpoint), not a warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if resume:
-        for folder in restore_lost_checkpoints(settings.experiment):
-            print(f"{folder}: lost when the search was stopped; put back from the checkpoint that followed it",
-                  file=sys.stderr)
-        for folder in restore_rows(settings.experiment):
-            print(f"{folder}/result.json: behind its checkpoints when the search was stopped; rows put back",
-                  file=sys.stderr)
+        recovery.before_restore(settings.experiment)
         return tune.Tuner.restore(absolute(settings.experiment), trainable, resume_errored=True,
                                   storage_filesystem=storage_filesystem(settings.experiment))
     storage, name = experiment_location(settings.experiment)
@@ -150,79 +108,6 @@ def make_tuner(trainable: Callable[[dict[str, Any]], None], settings: SearchSett
                                                 failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
 
 
-def restore_lost_checkpoints(experiment: str) -> list[str]:
-    """Give back each trial the checkpoint folder that Ray's saved state restores it from, where a
-    killed driver lost it; return the folders put back.
-
-    Ray deletes a trial's superseded checkpoint as it registers the next one and saves its state
-    just after: a driver killed in between leaves a state naming a deleted folder, and Ray would
-    refuse to restore that trial.  The checkpoint that followed it is copied under that name, so
-    the trial continues from it (its checkpoint.pt holds its own epoch) and Ray deletes
-    the copy at the trial's next checkpoint, as it had deleted the original."""
-    run = read(experiment)
-    restored = []
-    for trial in run.trials:
-        lost = f"{trial.folder}/{trial.latest}"
-        if trial.latest is None or run.fs.get_file_info(lost).type != pyarrow.fs.FileType.NotFound:
-            continue
-        # the next checkpoint, whose registration deleted it: complete, as Ray registers only those
-        # (a later one may be cut off)
-        successor = min((name for name in listing(run.fs, trial.folder)
-                         if name.startswith("checkpoint_") and "." not in name and name > trial.latest), default=None)
-        if successor is None:
-            continue  # not the race above: Ray's to judge
-        # Locally through a folder renamed into place, so that a copy cut off by another kill is
-        # never taken for a checkpoint; object stores rename no folders: there, copied in place.
-        local = isinstance(run.fs, pyarrow.fs.LocalFileSystem)
-        target = f"{lost}.restoring" if local else lost
-        run.fs.delete_dir_contents(target, missing_dir_ok=True)
-        run.fs.create_dir(target)
-        pyarrow.fs.copy_files(f"{trial.folder}/{successor}", target, source_filesystem=run.fs, destination_filesystem=run.fs)
-        if local:
-            run.fs.move(target, lost)
-        restored.append(lost)
-    return restored
-
-
-def restore_rows(experiment: str) -> list[str]:
-    """Put back into each trial's result.json the rows its latest checkpoint kept (REPORTED) that
-    it lacks, and drop a line cut off at its end (Ray's own reader stops at it); return the trial
-    folders mended.
-
-    Ray copies the driver's result.json to the experiment's folder now and then, file by file: a
-    driver killed meanwhile leaves it behind the checkpoints (a row the saved state counts,
-    missing) or, where it was written in place (not through `storage`), cut off, even empty.  A
-    row put back has the trial's metrics, not Ray's bookkeeping (time_total_s, timestamp, ...).
-    A row with an epoch is there if a row of its epoch is; one without (a grid run's final
-    report), if a row holds all of it."""
-    run = read(experiment)
-    fs = storage_filesystem(experiment) or run.fs  # each file whole: a kill now cuts off nothing
-    mended = []
-    for trial in run.trials:
-        try:
-            kept = json.loads(read_text(run.fs, f"{trial.folder}/{trial.latest}/{REPORTED}")) if trial.latest else []
-        except FileNotFoundError:
-            kept = []  # a trainable that keeps no rows
-        try:
-            text = read_text(run.fs, f"{trial.folder}/result.json")
-        except FileNotFoundError:
-            text = ""
-        complete = text[:text.rfind("\n") + 1]
-        rows = parse_rows(complete)
-        missing = [row for row in kept if not any(_same(row, old) for old in rows)]
-        if not missing and complete == text:
-            continue
-        rows = sorted(rows + missing, key=lambda row: row.get("epoch", math.inf))  # a grid's final report last
-        with fs.open_output_stream(f"{trial.folder}/result.json") as stream:
-            stream.write("".join(json.dumps(row) + "\n" for row in rows).encode())
-        mended.append(trial.folder)
-    return mended
-
-
-def _same(row: dict[str, Any], old: dict[str, Any]) -> bool:
-    return old.get("epoch") == row["epoch"] if "epoch" in row else row.items() <= old.items()
-
-
 def refuse_taken(experiment: str) -> None:
     """A new search's experiment must not exist yet: it may be another search's."""
     if tune.Tuner.can_restore(experiment):
@@ -230,7 +115,7 @@ def refuse_taken(experiment: str) -> None:
                          "continue it with --resume, or choose another --out or --experiment")
 
 
-def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: SearchSettings,
+def run_search(trainable: Callable[[dict[str, Any]], None], space: Space, settings: SearchSettings,
         resume: bool = False) -> tune.ResultGrid:
     """Run (or, with `resume`, continue) the search to its end; Ray must be initialised."""
     exists = tune.Tuner.can_restore(settings.experiment)
@@ -250,45 +135,19 @@ def run(trainable: Callable[[dict[str, Any]], None], space: Space, settings: Sea
 
 def fit(tuner: tune.Tuner, experiment: str, trials: int) -> tune.ResultGrid:
     """Run `tuner` (of `trials` trials in all) to its end and record its failures
-    (`record_failures`); raise `Stopped` if a stop signal or anything else ended it before.
+    (`recovery.after_fit`); raise `Stopped` if a stop signal or anything else ended it before.
 
     Ray marks the trials it stops on Ctrl-C TERMINATED in the ResultGrid it returns, as if they
     had finished: whether the experiment is finished is read from the state Ray saved."""
     with stopping_fit() as received:
         grid = tuner.fit()
-    record_failures(experiment, grid)
+    recovery.after_fit(experiment, grid)
     if received:
         raise Stopped(received[0])
     run = read(experiment)
     if len(run.trials) < trials or any(t.status not in (Trial.TERMINATED, FAILED) for t in run.trials):
         raise Stopped(signal.SIGINT)  # Ray stopped on a signal of its own (SIGUSR1): as on Ctrl-C
     return grid
-
-
-def record_failures(experiment: str, grid: tune.ResultGrid) -> list[str]:
-    """Mark failed, in Ray's saved state, each trial that `fit` ended as failed but the state
-    keeps unfinished; return their folders' names.
-
-    Ray saves a trial's end when it stops the trial's worker.  A trial whose worker died (killed,
-    out of memory) on its last allowed try has no worker left to stop, so the state keeps it
-    RUNNING: `export` would rank it, `status` would call it interrupted, and `--resume` would
-    continue it as if nothing had happened.  The ResultGrid `fit` returns knows that it failed
-    (and Ray wrote its error.txt)."""
-    failed = {result.path.rstrip("/").rsplit("/", 1)[-1] for result in grid if result.error is not None}
-    run = read(experiment)
-    saved = json.loads(read_text(run.fs, run.state))
-    marked = []
-    for entry in saved["trial_data"]:
-        trial, metadata = (json.loads(part) for part in entry)
-        if trial["relative_logdir"] in failed and trial["status"] != FAILED:
-            trial["status"] = FAILED
-            metadata.update(error_filename=EXPR_ERROR_FILE, pickled_error_filename=EXPR_ERROR_PICKLE_FILE)
-            entry[:] = [json.dumps(trial), json.dumps(metadata)]
-            marked.append(trial["relative_logdir"])
-    if marked:
-        with (storage_filesystem(experiment) or run.fs).open_output_stream(run.state) as stream:
-            stream.write(json.dumps(saved).encode())
-    return marked
 
 
 def _no_restore_hint(record: logging.LogRecord) -> bool:

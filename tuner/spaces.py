@@ -111,13 +111,14 @@ class Space:
             if param.active(values):
                 values[param.name] = param.suggest(trial)
 
-    def config(self, params: dict[str, Any], epochs: int) -> Config:
+    def config(self, params: dict[str, Any], epochs: int | None = None) -> Config:
         """The trial's settings: fixed ones, then the sampled ones (a sasrec `family`: SASRec-CE),
-        for at most `epochs` epochs."""
+        for at most `epochs` epochs (None: Config's)."""
         params = dict(params)
         family = params.pop(FAMILY, "simdiffrec")
         return Config.from_dict({**self.fixed, **params, **(SASREC if family == "sasrec" else {}),
-                                 "epochs": epochs, "device": "auto"}, source=self.source)
+                                 **({} if epochs is None else {"epochs": epochs}), "device": "auto"},
+                                source=self.source)
 
     def with_max_epochs(self, epochs: int | None) -> "Space":
         """Override asha.max_epochs (from --max-epochs); the grace period is capped at it."""
@@ -224,14 +225,22 @@ def _param(name: str, spec: Any, earlier: list[Param], source: str) -> Param:
         raise ValueError(f"{where}.type: {kind} for {name}, a setting of type {setting}; use type: {fits}")
     when = _when(spec["when"], earlier, where) if "when" in spec else None
     if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise ValueError(f"{where}.choices: expected a non-empty list")
-        if any(c is not None and not isinstance(c, (bool, int, float, str)) for c in choices):
-            raise ValueError(f"{where}.choices: only numbers, strings, booleans and null can be choices")
-        if len(set(map(repr, choices))) != len(choices):
-            raise ValueError(f"{where}.choices: {choices} repeats a value")
-        return Param(name, kind, choices=tuple(choices), when=when)
+        return Param(name, kind, choices=_choices(spec.get("choices"), where), when=when)
+    return _range(name, kind, spec, when, where)
+
+
+def _choices(choices: Any, where: str) -> tuple:
+    if not isinstance(choices, list) or not choices:
+        raise ValueError(f"{where}.choices: expected a non-empty list")
+    if any(c is not None and not isinstance(c, (bool, int, float, str)) for c in choices):
+        raise ValueError(f"{where}.choices: only numbers, strings, booleans and null can be choices")
+    if len(set(map(repr, choices))) != len(choices):
+        raise ValueError(f"{where}.choices: {choices} repeats a value")
+    return tuple(choices)
+
+
+def _range(name: str, kind: str, spec: dict, when: tuple[str, tuple] | None, where: str) -> Param:
+    """An int or float parameter: low < high, a log scale above 0, a positive step, not both."""
     number = int if kind == "int" else (int, float)
     for key in ("low", "high"):
         value = spec.get(key)
@@ -340,9 +349,9 @@ def _check_against_config(space: Space) -> None:
         for value in param.extremes():
             values = {**base, param.name: value}
             active = {p.name: values[p.name] for p in space.params if p.active(values)}
-            dataclasses.replace(space, source=f"{space.source}: parameters.{param.name}").config(active, 1)
+            dataclasses.replace(space, source=f"{space.source}: parameters.{param.name}").config(active)
     for i, point in enumerate(space.points):
-        dataclasses.replace(space, source=f"{space.source}: points_to_evaluate[{i}]").config({**base, **point}, 1)
+        dataclasses.replace(space, source=f"{space.source}: points_to_evaluate[{i}]").config({**base, **point})
 
 
 def _mapping(value: Any, source: str, key: str) -> dict:

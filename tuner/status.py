@@ -202,7 +202,8 @@ def clock(seconds: float) -> str:
 
 def format_status(search: Search, top: int = 10, now: float | None = None) -> str:
     """The terminal status: progress, time, the best trial and the leaderboard's `top` rows, in
-    WIDTH columns; running and interrupted trials below them follow at their ranks."""
+    WIDTH columns; running and interrupted trials below them follow at their ranks; then each
+    family's best and cost, and the trials still rising at the cap."""
     now = time.time() if now is None else now
     n, found = len(search.trials), counts(search)
     lines = [search.experiment if len(search.experiment) <= WIDTH else "..." + search.experiment[-WIDTH + 3:]]
@@ -218,17 +219,29 @@ def format_status(search: Search, top: int = 10, now: float | None = None) -> st
                      f"{search.trials['hours'].sum():.2f} trial-hours")
     board = search.leaderboard()
     if board.empty:
-        lines.append("no trial has reported yet")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + ["no trial has reported yet"]) + "\n"
+    lines += board_lines(search, board, top)
+    by_family = families(search)
+    if by_family is not None:
+        lines += ["", "families: " + "; ".join(
+            f"{r['family']} {r['trials']} trials, best {number(r['best'])} (#{number(r['trial'])}), "
+            f"{r['hours']:.2f} h, {3600 * r['hours_per_epoch']:.0f} s/epoch" for _, r in by_family.iterrows())]
+    note = rising(search)
+    return "\n".join(lines + ([] if note is None else ["", *textwrap.wrap(note, WIDTH)])) + "\n"
+
+
+def board_lines(search: Search, board: pd.DataFrame, top: int) -> list[str]:
+    """The best trial with its parameters, then the leaderboard's `top` rows and every running or
+    interrupted trial below them at its rank (`...` marks the ranks left out)."""
     best = board.iloc[0]
     id_width = max(8, *board["trial_id"].str.len())  # a search's ids have 8 characters, a grid's 11
-    lines += [f"best: trial {best['trial_id']} (#{best['number']}, {best['outcome']}) {METRIC} "
-              f"{best['best']:.4f} at epoch {best['best_epoch']} of {best['epochs']}",
-              *textwrap.wrap(parameters(best, search.params), WIDTH, initial_indent="      ",
-                             subsequent_indent="      "),
-              "",
-              f"{'rank':>4}  {'trial':<{id_width}} {'#':>4}  {'outcome':<13} {'epochs':>7} {'best ep':>7} "
-              f"{'NDCG@10':>8} {'HR@10':>7}"]
+    lines = [f"best: trial {best['trial_id']} (#{best['number']}, {best['outcome']}) {METRIC} "
+             f"{best['best']:.4f} at epoch {best['best_epoch']} of {best['epochs']}",
+             *textwrap.wrap(parameters(best, search.params), WIDTH, initial_indent="      ",
+                            subsequent_indent="      "),
+             "",
+             f"{'rank':>4}  {'trial':<{id_width}} {'#':>4}  {'outcome':<13} {'epochs':>7} {'best ep':>7} "
+             f"{'NDCG@10':>8} {'HR@10':>7}"]
     skipped = False
     for rank, (_, row) in enumerate(board.iterrows(), 1):
         if rank > top and row["outcome"] not in LIVE:  # a running trial is shown wherever it ranks
@@ -242,13 +255,7 @@ def format_status(search: Search, top: int = 10, now: float | None = None) -> st
                      f"{row['best']:>8.4f} {'' if missing(row['HR@10']) else format(row['HR@10'], '.4f'):>7}")
         lines += textwrap.wrap(parameters(row, search.params), WIDTH, initial_indent=" " * 6,
                                subsequent_indent=" " * 6)
-    by_family = families(search)
-    if by_family is not None:
-        lines += ["", "families: " + "; ".join(
-            f"{r['family']} {r['trials']} trials, best {number(r['best'])} (#{number(r['trial'])}), "
-            f"{r['hours']:.2f} h, {3600 * r['hours_per_epoch']:.0f} s/epoch" for _, r in by_family.iterrows())]
-    note = rising(search)
-    return "\n".join(lines + ([] if note is None else ["", *textwrap.wrap(note, WIDTH)])) + "\n"
+    return lines
 
 
 def missing(value: Any) -> bool:

@@ -27,6 +27,7 @@ from ray import tune
 
 from simdiffrec.config import SELECT_BY
 from simdiffrec.data import SequenceData
+from simdiffrec.files import write_atomic
 from simdiffrec.model_folder import save_model
 from simdiffrec.train import Evaluation, train
 
@@ -73,9 +74,9 @@ def report_checkpoint(rows: list[dict[str, Any]], metrics: dict[str, Any], folde
     """Report `metrics` with the checkpoint in `folder`, which keeps every row the trial has
     reported, this one last (REPORTED; `rows` grows by it).  Ray copies result.json to the
     experiment's folder only now and then, file by file: a driver killed meanwhile can leave it
-    behind the checkpoints, or cut off (`search.restore_rows` puts the rows back)."""
+    behind the checkpoints, or cut off (`recovery.restore_rows` puts the rows back)."""
     rows.append(metrics)
-    (folder / REPORTED).write_text(json.dumps(rows))
+    write_atomic(folder / REPORTED, json.dumps(rows).encode())
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 

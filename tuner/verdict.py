@@ -131,24 +131,7 @@ def _against(runs: pd.DataFrame, name: str, other: str) -> str:
 def final_markdown(table: pd.DataFrame, runs: pd.DataFrame, chosen: pd.Series, about: dict[str, Any]) -> str:
     """final.md: the winner in one line, then test and valid metrics with the differences to each
     configuration's baseline, cost, parameters."""
-    def cells(split: str, row: pd.Series, with_diff: bool) -> list[str]:
-        out = []
-        for m in METRICS:
-            cell = _mean_std(row[f"{split}/{m}_mean"], row[f"{split}/{m}_std"])
-            if with_diff and not row["is_baseline"]:
-                cell += f" ({row[f'test/{m}_diff']:+.4f}, p={_p(row[f'test/{m}_p'])})"
-            out.append(cell)
-        return out
-
-    test = pd.DataFrame([[r["configuration"] + (" (start)" if r["start"] else ""), int(r["seeds"]), r["baseline"],
-                          *cells("test", r, True)]
-                         for _, r in table.iterrows()], columns=["configuration", "seeds", "against", *METRICS])
-    valid = pd.DataFrame([[r["configuration"], *cells("valid", r, False)] for _, r in table.iterrows()],
-                         columns=["configuration", *METRICS])
-    params = [c for c in table.columns if c.startswith("param/")]
-    cost = table[["configuration", "epochs_mean", "minutes_total", "device", *params]].rename(
-        columns={"epochs_mean": "epochs (mean)", "minutes_total": "minutes (all seeds)",
-                 **{c: c[len("param/"):] for c in params}})
+    test, valid, cost = _final_tables(table)
     return "\n".join([
         headline(table, runs), "", f"# Final runs of {about['experiment']}", "",
         f"The top {about['top']} configuration{'s' if about['top'] != 1 else ''} of the search by best valid NDCG@10{_named(about)}, "
@@ -170,6 +153,30 @@ def final_markdown(table: pd.DataFrame, runs: pd.DataFrame, chosen: pd.Series, a
         f"`final_checkpoint/`: {chosen['configuration']} (the best mean valid NDCG@10), seed "
         f"{int(chosen['seed'])} (the median valid NDCG@10 of its seeds: {chosen['valid/NDCG@10']:.4f}; "
         f"test NDCG@10 {chosen['test/NDCG@10']:.4f}).", ""])
+
+
+def _final_tables(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """final.md's test table (with each paired difference to its baseline), valid table, and cost
+    and parameters table."""
+    def cells(split: str, row: pd.Series, with_diff: bool) -> list[str]:
+        out = []
+        for m in METRICS:
+            cell = _mean_std(row[f"{split}/{m}_mean"], row[f"{split}/{m}_std"])
+            if with_diff and not row["is_baseline"]:
+                cell += f" ({row[f'test/{m}_diff']:+.4f}, p={_p(row[f'test/{m}_p'])})"
+            out.append(cell)
+        return out
+
+    test = pd.DataFrame([[r["configuration"] + (" (start)" if r["start"] else ""), int(r["seeds"]), r["baseline"],
+                          *cells("test", r, True)]
+                         for _, r in table.iterrows()], columns=["configuration", "seeds", "against", *METRICS])
+    valid = pd.DataFrame([[r["configuration"], *cells("valid", r, False)] for _, r in table.iterrows()],
+                         columns=["configuration", *METRICS])
+    params = [c for c in table.columns if c.startswith("param/")]
+    cost = table[["configuration", "epochs_mean", "minutes_total", "device", *params]].rename(
+        columns={"epochs_mean": "epochs (mean)", "minutes_total": "minutes (all seeds)",
+                 **{c: c[len("param/"):] for c in params}})
+    return test, valid, cost
 
 
 # --- reproduce ------------------------------------------------------------------------------
