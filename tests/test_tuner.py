@@ -597,19 +597,24 @@ def test_a_resumed_search_samples_on_from_its_restored_study(ray_cluster, tmp_pa
     assert len(set(proposed(cut))) == 8 and proposed(cut) == proposed(whole)
 
 
+def report_alpha_with_a_model(config: dict, epoch: int) -> None:
+    """Report alpha at `epoch` with a checkpoint holding a model folder (what export copies)."""
+    with tempfile.TemporaryDirectory() as folder:
+        model = Path(folder) / MODEL_DIR
+        model.mkdir()
+        (model / "metrics.json").write_text(json.dumps({"data": {"source": "test"}}))
+        (model / "config.yaml").write_text(yaml.safe_dump(config))
+        (model / "model.pt").write_bytes(b"")  # export copies it, never reads it
+        tune.report({"epoch": epoch, METRIC: config["alpha"], BEST: config["alpha"]},
+                    checkpoint=tune.Checkpoint.from_directory(folder))
+
+
 def diverges_when_alpha_is_high(config: dict) -> None:
     """Scores alpha, with a model checkpoint per epoch; above alpha 0.3 the second epoch raises."""
     for epoch in (1, 2):
         if epoch == 2 and config["alpha"] > 0.3:
             raise ValueError("loss became nan at epoch 2: lower --lr")
-        with tempfile.TemporaryDirectory() as folder:
-            model = Path(folder) / MODEL_DIR
-            model.mkdir()
-            (model / "metrics.json").write_text(json.dumps({"data": {"source": "test"}}))
-            (model / "config.yaml").write_text(yaml.safe_dump(config))
-            (model / "model.pt").write_bytes(b"")  # export copies it, never reads it
-            tune.report({"epoch": epoch, METRIC: config["alpha"], BEST: config["alpha"]},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+        report_alpha_with_a_model(config, epoch)
 
 
 def test_a_failed_trial_is_recorded_with_its_reason_and_the_searcher_told_it_failed(ray_cluster, tmp_path):
@@ -636,14 +641,7 @@ def kills_its_worker_when_alpha_is_high(config: dict) -> None:
     """Scores alpha for 4 epochs with a model checkpoint each; above alpha 0.3 its worker process
     dies (kill -9) after epoch 3, as a killed or out-of-memory worker does."""
     for epoch in range(1, 5):
-        with tempfile.TemporaryDirectory() as folder:
-            model = Path(folder) / MODEL_DIR
-            model.mkdir()
-            (model / "metrics.json").write_text(json.dumps({"data": {"source": "test"}}))
-            (model / "config.yaml").write_text(yaml.safe_dump(config))
-            (model / "model.pt").write_bytes(b"")  # export copies it, never reads it
-            tune.report({"epoch": epoch, METRIC: config["alpha"], BEST: config["alpha"]},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+        report_alpha_with_a_model(config, epoch)
         if epoch == 3 and config["alpha"] > 0.3:
             os.kill(os.getpid(), signal.SIGKILL)
 
