@@ -201,9 +201,12 @@ def print_best(best: dict[str, Any], out: Path) -> None:
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["parameters"].items())
     print(f"best trial {best['trial']} at epoch {best['epoch']}: valid NDCG@10 {metrics['valid/NDCG@10']:.4f} "
           f"HR@10 {metrics['valid/HR@10']:.4f} ({params}) -> {out}")
-    note = rising(load(best["search"]["experiment"]))  # the search, wherever the exports went
+    experiment = best["search"]["experiment"]
+    note = rising(load(experiment))  # the search, wherever the exports went
     if note is not None:
         print(note)
+    print(f"exports in {out}: best_config.yaml, best_checkpoint/, results.parquet; TensorBoard logs: "
+          f"tensorboard --logdir {experiment}; a report: simdiffrec report {experiment} --out {out}/report")
 
 
 def add_search_commands(sub: argparse._SubParsersAction) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -788,3 +789,17 @@ def test_results_list_each_epoch_of_a_restarted_trial_once():
     table = results_frame([trial])
     assert table["epoch"].tolist() == [1, 2, 3] and table[METRIC].tolist() == [0.1, 0.25, 0.3]
     assert table.columns[:5].tolist() == ["trial_id", "number", "status", "error", "alpha"]
+
+
+def test_a_search_prints_one_plain_line_per_evaluation_and_says_where_its_outputs_are(ray_cluster, files, tmp_path,
+                                                                                        capfd):
+    out = tmp_path / "out"
+    assert main(tune_args(files, out, "--num-samples", "2", "--max-epochs", "3")) == 0
+    printed = capfd.readouterr().out
+    evaluations = [line for line in printed.splitlines() if re.match(r"trial #\d+ \w+ epoch \d+: valid/NDCG@10 ", line)]
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(evaluations) == len(results.dropna(subset=["epoch"]))  # one line per evaluation
+    assert "\x1b[" not in printed and "╭" not in printed and "Current best trial" not in printed  # no Ray boxes
+    assert sum("best trial" in line for line in printed.splitlines()) == 1
+    experiment = str((out / "experiment").resolve())
+    assert f"tensorboard --logdir {experiment}" in printed and f"simdiffrec report {experiment}" in printed

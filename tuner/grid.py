@@ -133,7 +133,7 @@ def train_plan(plan: Plan, out: Path, settings: search.SearchSettings, resume: b
     tuner = search.make_tuner(
         trainable, settings, resume,
         tune.TuneConfig(max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
-        tune.CheckpointConfig(num_to_keep=1),
+        tune.CheckpointConfig(num_to_keep=1), max(run["config"]["epochs"] for run in plan.runs.values()),
         param_space={"run": tune.grid_search(list(plan.runs)), "seed": tune.grid_search(list(plan.seeds))})
     search.fit(tuner, settings.experiment, len(plan.runs) * len(plan.seeds))
     runs = finished(settings.experiment)

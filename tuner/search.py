@@ -25,6 +25,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from . import recovery
+from .console import EvaluationLines
 from .experiment import FAILED, read
 from .protocol import BEST, METRIC, MODE
 from .settings import check as check_settings
@@ -91,12 +92,14 @@ def make_scheduler(space: Space) -> ASHAScheduler:
 
 
 def make_tuner(trainable: Callable[[dict[str, Any]], None], settings: SearchSettings, resume: bool,
-               tune_config: tune.TuneConfig, checkpoint_config: tune.CheckpointConfig,
+               tune_config: tune.TuneConfig, checkpoint_config: tune.CheckpointConfig, max_epochs: int,
                param_space: dict[str, Any] | None = None) -> tune.Tuner:
     """The experiment at `settings.experiment` restored (`resume`) or started: how a search and a
-    grid of retrainings (tuner/grid.py) both make their Tuner."""
+    grid of retrainings (tuner/grid.py) both make their Tuner.  Ray prints nothing of its own;
+    `console.EvaluationLines` prints a line per evaluation (trials of at most `max_epochs`)."""
     # A state save after each trial checkpoint is deliberate (keep one checkpoint), not a warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its experiment box prints even at verbose=0
     if resume:
         recovery.before_restore(settings.experiment)
         return tune.Tuner.restore(absolute(settings.experiment), trainable, resume_errored=True,
@@ -105,7 +108,8 @@ def make_tuner(trainable: Callable[[dict[str, Any]], None], settings: SearchSett
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                       run_config=tune.RunConfig(name=name, storage_path=storage, checkpoint_config=checkpoint_config,
                                                 storage_filesystem=storage_filesystem(settings.experiment),
-                                                failure_config=tune.FailureConfig(max_failures=settings.max_failures)))
+                                                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                                                verbose=0, callbacks=[EvaluationLines(max_epochs)]))
 
 
 def refuse_taken(experiment: str) -> None:
@@ -129,7 +133,7 @@ def run_search(trainable: Callable[[dict[str, Any]], None], space: Space, settin
                         scheduler=make_scheduler(space), num_samples=settings.num_samples,
                         max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
         tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints, checkpoint_score_attribute=METRIC,
-                              checkpoint_score_order=MODE))
+                              checkpoint_score_order=MODE), space.asha.max_epochs)
     return fit(tuner, settings.experiment, settings.num_samples)
 
 
