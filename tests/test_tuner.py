@@ -618,7 +618,7 @@ def diverges_when_alpha_is_high(config: dict) -> None:
         report_alpha_with_a_model(config, epoch)
 
 
-def test_a_failed_trial_is_recorded_with_its_reason_and_the_searcher_told_it_failed(ray_cluster, tmp_path):
+def test_a_failed_trial_is_recorded_with_its_reason_and_the_searcher_told_it_failed(ray_cluster, tmp_path, capfd):
     space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
                           "points_to_evaluate": [{"alpha": 0.45}, {"alpha": 0.2}],
                           "asha": {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2}}, "diverging")
@@ -636,6 +636,8 @@ def test_a_failed_trial_is_recorded_with_its_reason_and_the_searcher_told_it_fai
     study = optuna.load_study(study_name=settings.experiment, storage=database)
     states = {t.params["alpha"]: t.state for t in study.trials}
     assert states[0.45] == optuna.trial.TrialState.FAIL and states[0.2] == optuna.trial.TrialState.COMPLETE
+    assert re.search(r"^trial #1 \w+ failed: ValueError: loss became nan at epoch 2: lower --lr$",
+                     capfd.readouterr().out, re.M)  # one line, its reason
 
 
 def kills_its_worker_when_alpha_is_high(config: dict) -> None:

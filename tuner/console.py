@@ -31,8 +31,8 @@ class EvaluationLines(tune.Callback):
         print(line(trial, result, self.max_epochs), flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = (trial.error_msg or "").strip().splitlines()
-        print(f"{name(trial)} failed: {error[-1] if error else 'see its error.txt'}", flush=True)
+        error = [line for line in str(trial.get_error() or "").splitlines() if line.strip()]
+        print(f"{name(trial)} failed: {error[-1].strip() if error else 'see its error.txt'}", flush=True)
 
 
 def name(trial: Any) -> str:
