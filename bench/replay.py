@@ -189,8 +189,9 @@ class Searcher:
     """The order of configurations: the set's starting points, then random or TPE by lookup."""
 
     def __init__(self, kind: str, curves: Curves, space: spaces.Space, rng: np.random.Generator, seed: int) -> None:
-        self.kind, self.curves, self.space, self.rng = kind, curves, space, rng
+        self.kind, self.space = kind, space
         configs = curves.configs
+        self.rows = configs.set_index("config")  # each configuration's parameters, looked up per proposal
         self.left = list(configs["config"])
         self.starts = list(configs.loc[configs["start"], "config"])
         self.pending: dict[int, Any] = {}
@@ -203,12 +204,11 @@ class Searcher:
         sampler = (optuna.samplers.TPESampler(seed=seed) if kind == "tpe" else
                    optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True))
         self.study = optuna.create_study(direction="maximize", sampler=sampler)
-        self.params = [p for p in space.params]
         for start in self.starts:
             self.study.enqueue_trial(self._values(start))
 
     def _values(self, config: int) -> dict[str, Any]:
-        row = self.curves.configs.set_index("config").loc[config]
+        row = self.rows.loc[config]
         return {p.name: _plain(row[p.name]) for p in self.space.params if not _missing(row[p.name])}
 
     def next(self, trial: int) -> int | None:
@@ -230,7 +230,7 @@ class Searcher:
     def _nearest(self, params: dict[str, Any]) -> int:
         """The configuration not yet tried closest to `params` (each parameter scaled to [0, 1],
         log ones on a log scale; a categorical or an inactive one counts 1 where it differs)."""
-        rows = self.curves.configs.set_index("config").loc[self.left]
+        rows = self.rows.loc[self.left]
         distance = np.zeros(len(rows))
         for p in self.space.params:
             theirs = rows[p.name].to_numpy() if p.name in rows else np.full(len(rows), None)
@@ -279,7 +279,7 @@ def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind:
             return
         run = (config, int(rng.choice(curves.seeds[config])))
         state[started] = {"run": run, "end": curves.end(run, policy.cap, patience), "best": -math.inf,
-                          "stopped": False, "start": now}
+                          "stopped": False}
         end = state[started]["end"]
         if isinstance(scheduler, Asha):
             reports = {epoch for epoch in scheduler.add(started) if epoch < end} | {end}
@@ -304,7 +304,7 @@ def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind:
         if scheduler is not None and scheduler.result(trial, epoch, values[epoch - 1]) and not stop:
             stop = info["stopped"] = True
         if stop:
-            info["done"], info["epochs"] = True, epoch
+            info["done"] = True
             info["best"] = float(values[:epoch].max())
             epochs += epoch
             searcher.told(trial, info["best"])
