@@ -36,6 +36,7 @@ import json
 import math
 import statistics
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,7 @@ class Searcher:
             return
         import optuna
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # group: once per search
         sampler = (optuna.samplers.TPESampler(seed=seed) if kind == "tpe" else
                    optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True))
         self.study = optuna.create_study(direction="maximize", sampler=sampler)
