@@ -21,8 +21,8 @@ SMALLER = {"--num-samples": "3", "--max-epochs": "2"}  # the budget this test ch
 def main_job() -> list[list[str]]:
     """The `simdiffrec` commands of the README's first command, as argument lists."""
     block = README.read_text().split("```bash\n", 1)[1].split("```", 1)[0]
-    first = block.split("\n\n", 1)[0].replace("\\\n", " ")  # up to the first blank line, continued lines joined
-    command = "\n".join(line for line in first.splitlines() if not line.startswith("#"))
+    lines = block.replace("\\\n", " ").splitlines()  # continued lines joined
+    command = next(line for line in lines if line.strip() and not line.startswith("#"))
     commands = [shlex.split(part) for part in command.split("&&")]
     return [args[1:] for args in commands if args[0] == ".venv/bin/simdiffrec"]
 
