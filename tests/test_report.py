@@ -19,14 +19,15 @@ import pandas as pd
 import pytest
 import ray
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from ray import tune
 
 from simdiffrec.cli import main
 from simdiffrec.files import locked
-from tuner import search, spaces
+from tuner import report, search, spaces, verdict
 from tuner.experiment import read
-from tuner.protocol import BEST, GPU_SHARE, METRIC, RECORD, SPACE_COPY
-from tuner.status import outcome
+from tuner.protocol import BEST, GPU_SHARE, GRID_RECORD, METRIC, RECORD, SPACE_COPY
+from tuner.status import Search, outcome
 
 SPACE = {
     "parameters": {
@@ -210,7 +211,8 @@ def test_status_lists_a_running_trial_wherever_it_ranks(finished, tmp_path, caps
     assert lines[at - 1].strip() == "..."  # the ranks between them left out, and said so
 
 
-def test_report_of_a_finished_search_has_every_figure_and_the_leaderboard(finished, tmp_path):
+def test_report_of_a_finished_search_has_every_figure_and_the_leaderboard(finished, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "MIN_IMPORTANCE", 2)  # the importance drawn from the few trials of this search
     assert main(["report", str(finished), "--out", str(tmp_path)]) == 0
     page = check_page(tmp_path, {"learning_curves.png", "best_so_far.png", "importance.png", "slices.png"})
     reported = results(finished)
@@ -226,15 +228,31 @@ def test_report_of_a_finished_search_has_every_figure_and_the_leaderboard(finish
 def test_report_mid_search_reads_what_is_there(running, tmp_path):
     with locked(running):
         assert main(["report", str(running / "experiment"), "--out", str(tmp_path)]) == 0
-    page = check_page(tmp_path, {"learning_curves.png", "best_so_far.png", "importance.png", "slices.png"})
+    page = check_page(tmp_path, {"learning_curves.png", "best_so_far.png", "slices.png"})
     assert re.search(r"<td>running</td><td>1</td>", page) and re.search(r"<td>pending</td><td>1</td>", page)
+    top = page[page.index("<h2>What the search found</h2>"):page.index("<h2>Progress and cost</h2>")]
+    assert "When the search has ended, retrain the best" in top
+
+
+def test_report_before_finalize_opens_with_the_best_trial_and_the_command_that_decides(finished, tmp_path):
+    assert main(["report", str(finished), "--out", str(tmp_path)]) == 0
+    page = check_page(tmp_path, {"learning_curves.png", "best_so_far.png", "slices.png"})
+    reported = results(finished)
+    best = reported.loc[reported[METRIC].idxmax()]
+    number = {t.trial_id: t.number for t in read(str(finished / "experiment")).trials}[best["trial_id"]]
+    top = page[page.index("<h2>What the search found</h2>"):page.index("<h2>Progress and cost</h2>")]
+    assert page.index("<h2>") == page.index("<h2>What the search found</h2>")  # the page's first lines
+    assert f"<b>trial #{number}</b> ({best['trial_id']}" in top and f"{best[METRIC]:.4f}" in top
+    assert f"<code>simdiffrec finalize {finished / 'experiment'} --seeds 5 --top 3</code>" in top
+    assert "Needs at least 20 ended trials" in page and "this search has" in page  # no importance from 6 trials
 
 
 def test_report_of_a_single_trial_says_what_it_cannot_draw_yet(finished, tmp_path):
     out = copy_search(finished, tmp_path / "one", keep=lambda i: i == 0)
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     page = check_page(tmp_path / "report", {"learning_curves.png"})
-    assert page.count("Needs at least 2 trials") == 3  # best so far, importance, slices
+    assert page.count("Needs at least 2 trials") == 2  # best so far, slices
+    assert "Needs at least 20 ended trials" in page
 
 
 def final_table() -> pd.DataFrame:
@@ -259,8 +277,7 @@ def test_report_shows_finalize_table_from_its_default_folder_or_final(finished, 
     (out / "final").mkdir()
     final_table().to_parquet(out / "final" / "final.parquet")
     assert main(["report", str(out / "experiment"), "--out", str(tmp_path / "report")]) == 0
-    page = check_page(tmp_path / "report", {"learning_curves.png", "best_so_far.png", "importance.png",
-                                            "slices.png", "final.png"})
+    page = check_page(tmp_path / "report", {"learning_curves.png", "best_so_far.png", "slices.png", "final.png"})
     section = page[page.index("Final comparison"):]
     assert "<td>baseline</td>" in section and "+0.0200 (p 0.0123)" in section and "0.1000 ± 0.0040" in section
     assert "+0.0000" not in section  # the baseline is not compared with itself
@@ -271,10 +288,79 @@ def test_report_shows_finalize_table_from_its_default_folder_or_final(finished, 
     assert main(["report", str(out), "--out", str(tmp_path / "again"), "--final", str(elsewhere)]) == 0
     section = (tmp_path / "again" / "report.html").read_text()
     section = section[section.index("Final comparison"):]
+    section = section[:section.index("</table>")]  # the scores; the cost and parameters follow
     assert section.count("<td>baseline</td>") == 3 and "+0.0200 (p 0.0123)" in section  # it, and top-1, top-2 against it
     assert main(["report", str(out), "--out", str(tmp_path / "bad"), "--final", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--final {tmp_path}: no final.parquet" in err
+
+
+def finalized(search: Path) -> Path:
+    """`search` with finalize's files in search/final as finalize writes them: top-1 is the search's
+    best trial, top-2 a linear schedule; the baseline's row lists top-1's parameters, so it leaves
+    tau_end blank, which grid.yaml's plan says its runs were trained at (0.5)."""
+    best = results(search).groupby("trial_id")[METRIC].max().idxmax()
+    config = next(t.config for t in read(str(search / "experiment")).trials if t.trial_id == best)
+    table = final_table().drop(columns="param/alpha").assign(start=False)
+    for name in ("alpha", "k_noise", "tau_schedule", "tau_end"):
+        table[f"param/{name}"] = [config.get(name), 0.25 if name == "alpha" else
+                                  {"k_noise": 5, "tau_schedule": "linear", "tau_end": 0.2}[name], None]
+    runs = pd.DataFrame([{"configuration": name, "seed": seed, "test/HR@10": 0.2 - 0.01 * i + 0.001 * seed,
+                          "test/NDCG@10": 0.1 - 0.01 * i + 0.002 * seed, "valid/NDCG@10": 0.1 - 0.01 * i + 0.001 * seed}
+                         for i, name in enumerate(table["configuration"]) for seed in range(3)])
+    final = search / "final"
+    final.mkdir()
+    table.to_parquet(final / "final.parquet")
+    runs.to_parquet(final / "final_runs.parquet")
+    about = {"experiment": str(search / "experiment"), "top": 2, "trials": [], "seeds": 3, "patience": 1, "max_epochs": 3}
+    chosen = verdict.median_seed(runs, "top-1")
+    (final / "final.md").write_text(verdict.final_markdown(table, runs, chosen, about))
+    plan = {name: {"config": {"alpha": 0.0 if name == "baseline" else 0.3, "tau_end": 0.5 if name == "baseline" else None}}
+            for name in table["configuration"]}
+    (final / GRID_RECORD).write_text(yaml.safe_dump({"plan": {"runs": plan}, "experiment": str(final / "experiment")}))
+    return search
+
+
+def test_report_after_finalize_opens_with_its_verdict_and_what_its_model_is(finished, tmp_path):
+    out = finalized(copy_search(finished, tmp_path / "search"))
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.index("<h2>") == page.index("<h2>Verdict</h2>")
+    top = page[page.index("<h2>Verdict</h2>"):page.index("<h2>Progress and cost</h2>")]
+    headline = (out / "final" / "final.md").read_text().splitlines()[0]
+    assert headline.startswith("**Winner: top-1**") and "Against SASRec-CE at its settings (baseline): HR@10 +" in headline
+    assert top.startswith(f"<h2>Verdict</h2><p><b>Winner: top-1</b>{headline.removeprefix('**Winner: top-1**')}")
+    seed = verdict.median_seed(pd.read_parquet(out / "final" / "final_runs.parquet"), "top-1")["seed"]
+    assert f"<code>{out / 'final' / 'final_checkpoint'}/</code> holds top-1 (the best mean valid NDCG@10), seed {seed}" in top
+    best = results(out).groupby("trial_id")[METRIC].max().idxmax()
+    number = {t.trial_id: t.number for t in read(str(out / "experiment")).trials}[best]
+    assert f"<b>top-1</b> is search trial #{number} ({best})" in top
+    assert "<b>baseline</b> is SASRec-CE at the settings of top-1, top-2" in top
+
+
+def test_report_shows_the_parameters_a_baseline_was_trained_with(finished, tmp_path):
+    out = finalized(copy_search(finished, tmp_path / "search"))
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    baseline = re.findall(r"<tr><td>baseline</td>(.*?)</tr>", page[page.index("Final comparison"):])[-1]
+    assert baseline.endswith("<td>0.5</td>")  # tau_end, the last parameter: its runs' value, not a blank
+
+
+def columns(table: str) -> int:
+    return len(re.findall(r"<t[hd]>", table.split("</tr>")[0]))
+
+
+def test_the_page_fits_a_window_tables_at_most_ten_columns_and_nothing_unbreakable(finished, tmp_path):
+    out = finalized(copy_search(finished, tmp_path / "search"))
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    tables = re.findall(r"<table>.*?</table>", page)
+    assert len(tables) >= 5 and max(map(columns, tables)) <= report.MAX_COLUMNS == 10
+    style = page[page.index("<style>"):page.index("</style>")]
+    assert "nowrap" not in style and "overflow" not in style.replace("overflow-wrap: anywhere", "")
+    assert "tau_<wbr>schedule" in page  # a long column name may break
+    wide = report._table(pd.DataFrame({f"c{i}": [i] for i in range(25)}), keys=2)
+    assert [columns(t) for t in re.findall(r"<table>.*?</table>", wide)] == [10, 10, 9]  # even parts, keys in each
 
 
 def test_report_and_status_of_a_folder_without_an_experiment_fail_in_one_line(tmp_path, capsys):
@@ -328,3 +414,82 @@ def test_keep_curves_writes_every_reported_epoch_with_its_trial_and_parameters(f
     assert len(kept) == len(reported) and set(kept["trial_id"]) == set(reported["trial_id"])
     assert {"number", "epoch", "param/alpha", "param/k_noise", METRIC} <= set(kept.columns)
     assert yaml.safe_load((tmp_path / "kept" / "about.yaml").read_text())["command"] == "simdiffrec tune ..."
+
+
+# --- the page's defects, on figures drawn from a synthetic search (no Ray) -----------------------
+
+def synthetic(trials: int, best_value: str = "cosine") -> Search:
+    """A search over the default space's family and SimDiffRec parameters (log ranges over
+    several decades, a conditional categorical): trial 2 is the best, with tau_schedule
+    `best_value`, and no trial sampled "constant"."""
+    space = spaces.load("default")
+    rows, evaluations = [], []
+    for number in range(1, trials + 1):
+        score = 0.09 if number == 2 else 0.02 + 0.002 * number
+        params = {"family": "simdiffrec", "alpha": 10 ** (-3 + 2.6 * number / trials), "beta": 0.2,
+                  "tau": 0.05 + 0.9 * number / trials, "lr": 3e-4 * 10 ** (number / trials),
+                  "tau_schedule": best_value if number == 2 else "linear", "tau_end": 0.1, "k_noise": 25}
+        rows.append({"trial_id": f"t{number}", "number": number, "outcome": "finished", "epochs": 3,
+                     "best": score, "best_epoch": 3, "HR@10": 2 * score, "hours": 0.01, GPU_SHARE: 0.0,
+                     "start": 100.0 * number, **{f"param/{k}": v for k, v in params.items()}})
+        evaluations += [{"trial_id": f"t{number}", "epoch": e, METRIC: score * e / 3,
+                         "timestamp": 100.0 * number + 30 * e} for e in (1, 2, 3)]
+    return Search("exp", None, pd.DataFrame(rows), pd.DataFrame(evaluations), space, 3, trials)
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> list:
+    """The figures the report draws, as matplotlib objects, in the order drawn."""
+    figures = []
+    monkeypatch.setattr(report, "_png", lambda figure: figures.append(figure) or b"png")
+    return figures
+
+
+def visible_labels(ax) -> list:
+    """The x tick labels drawn inside the axis' limits, drawn."""
+    FigureCanvasAgg(ax.figure).draw()
+    low, high = sorted(ax.get_xlim())
+    return [t for t in ax.get_xticklabels() if t.get_text() and low <= t.get_position()[0] <= high]
+
+
+def panels(figure) -> dict:
+    return {ax.get_title().split(" (")[0]: ax for ax in figure.axes if ax.get_title()}
+
+
+def test_log_axes_of_the_slices_have_labels_that_do_not_touch(drawn):
+    report.slices(synthetic(12))
+    figure, = drawn
+    for name in ("alpha", "tau", "lr"):
+        boxes = sorted((t.get_window_extent() for t in visible_labels(panels(figure)[name])), key=lambda b: b.x0)
+        assert len(boxes) >= 2, name
+        assert all(left.x1 + 2 < right.x0 for left, right in zip(boxes, boxes[1:])), name
+
+
+def test_the_trial_colour_bar_has_whole_trial_numbers(drawn):
+    report.slices(synthetic(3))
+    bar, = (ax for ax in drawn[0].axes if ax.get_label() == "<colorbar>")
+    low, high = sorted(bar.get_ylim())
+    ticks = [t for t in bar.get_yticks() if low <= t <= high]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_a_categorical_slice_labels_every_choice_and_rings_the_best_trial(drawn):
+    report.slices(synthetic(6))
+    ax = panels(drawn[0])["tau_schedule"]
+    assert [t.get_text() for t in visible_labels(ax)] == ["constant", "linear", "cosine"]
+    ring, = (c for c in ax.collections if c.get_label() == "the best trial")
+    (x, y), = ring.get_offsets()
+    assert abs(x - 2) < 0.5 and y == 0.09  # at "cosine", the best trial's value
+
+
+def test_evaluation_dots_are_drawn_above_the_best_so_far_line(drawn):
+    report.best_so_far(synthetic(6))
+    for ax in drawn[0].axes:
+        assert min(c.get_zorder() for c in ax.collections) > max(line.get_zorder() for line in ax.get_lines())
+
+
+def test_importance_needs_enough_ended_trials_and_says_so(drawn):
+    section = report.importance(synthetic(report.MIN_IMPORTANCE - 1))
+    assert not drawn and not section.png
+    assert f"at least {report.MIN_IMPORTANCE} ended trials" in section.text and f"has {report.MIN_IMPORTANCE - 1}" in section.text
+    assert report.importance(synthetic(report.MIN_IMPORTANCE)).png

@@ -17,6 +17,7 @@ import datetime
 import html
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,19 +27,22 @@ import optuna
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from simdiffrec.config import SELECT_BY
+from simdiffrec.config import SELECT_BY, read_yaml
 from simdiffrec.files import write_atomic
 
 from . import spaces
 from .protocol import GPU_SHARE, GRID_RECORD, METRIC
-from .status import Search, clock, counts, families, load, missing, rising
+from .status import Search, clock, counts, families, load, missing, parameters, rising
 
 FINAL_DIR = "final"  # where finalize writes, in the folder holding the experiment
+CHECKPOINT = "final_checkpoint"  # finalize's model, in FINAL_DIR
 FINAL_METRICS = ("HR@10", "NDCG@10")  # the bar chart's
 TOP_CURVES = 5  # learning curves drawn in colour and named
+MAX_COLUMNS = 10  # of a table: ten fit a 1400-pixel window
+MIN_IMPORTANCE = 20  # ended trials: PED-ANOVA's top 10% then holds 2, the least Optuna's evaluator takes
 # a trial's last point, by outcome ("finished" gets none)
 MARKERS = {"ASHA-stopped": ("X", "black"), "early-stopped": ("o", "white"), "running": (">", "gold"),
            "interrupted": ("d", "white"), "failed": ("s", "tab:red")}
@@ -65,8 +69,8 @@ def write_report(path: str, out: str | Path, final: str | Path | None = None, to
     final_dir = Path(final) if final else _default_final(search)
     if final is not None and not (final_dir / "final.parquet").is_file():
         raise FileNotFoundError(f"--final {final}: no final.parquet there")
-    sections = [cost(search), leaderboard(search, top), family_comparison(search), learning_curves(search),
-                best_so_far(search), importance(search), slices(search)]
+    sections = [decision(search, final_dir), cost(search), leaderboard(search, top), family_comparison(search),
+                learning_curves(search), best_so_far(search), importance(search), slices(search)]
     sections = [section for section in sections if section is not None]
     if (final_dir / "final.parquet").is_file():
         sections.append(finalized(final_dir))
@@ -83,6 +87,42 @@ def _default_final(search: Search) -> Path:
 
 
 # --- sections -------------------------------------------------------------------------------
+
+def decision(search: Search, final_dir: Path) -> Section:
+    """The page's first lines: finalize's verdict (final.md's headline) and what its model is; before
+    finalize, what the search found and the command that decides."""
+    if not (final_dir / "final.md").is_file():
+        return found(search, final_dir)
+    lines = (final_dir / "final.md").read_text().splitlines()
+    model = next(line for line in lines if line.startswith(f"`{CHECKPOINT}/`:"))
+    final = read_final(final_dir)
+    named = "; ".join(f"<b>{html.escape(name)}</b> {what}" for name, what in identities(final, search).items())
+    text = (f"{_inline(lines[0])}<br><code>{html.escape(str(final_dir / CHECKPOINT))}/</code> holds "
+            f"{_inline(model.split(':', 1)[1].strip())}<br>The configurations retrained: {named}.")
+    return Section("Verdict", text)
+
+
+def found(search: Search, final_dir: Path) -> Section:
+    """Before finalize: the search's best trial (one seed, on validation) and the command that retrains
+    it with seeds against its starting points and SASRec-CE."""
+    title = "What the search found"
+    board = search.leaderboard(1)
+    if board.empty:
+        return Section(title, "No trial has reported yet.")
+    best = board.iloc[0]
+    text = (f"Best so far: <b>trial #{best['number']}</b> ({html.escape(best['trial_id'])}, {best['outcome']}), "
+            f"{METRIC} {best['best']:.4f} at epoch {best['best_epoch']} of {best['epochs']}; "
+            f"{html.escape(parameters(best, search.params))}.")
+    export = search.out / "best_checkpoint" if search.out else None
+    if export is not None and export.exists():
+        text += f" The search's export: <code>{html.escape(str(export))}/</code>."
+    when = "When the search has ended, r" if counts(search)["running"] else "R"
+    text += (f" One seed, scored on validation: whether it beats the starting points and SASRec-CE is for "
+             f"finalize to say (no verdict in {html.escape(str(final_dir))} yet). {when}etrain the best with "
+             f"several seeds and test them: <code>simdiffrec finalize {html.escape(search.experiment)} "
+             "--seeds 5 --top 3</code>; its verdict then opens this page.")
+    return Section(title, text)
+
 
 def cost(search: Search) -> Section:
     trials, found = search.trials, counts(search)
@@ -109,15 +149,15 @@ def leaderboard(search: Search, top: int) -> Section:
     board = search.leaderboard(top)
     if board.empty:
         return Section("Leaderboard", "No trial has reported yet.")
-    table = pd.DataFrame({"rank": range(1, len(board) + 1), "trial": board["trial_id"], "#": board["number"],
-                          "outcome": board["outcome"],
-                          "epochs": [f"{e}/{search.max_epochs}" for e in board["epochs"]],
-                          "best epoch": board["best_epoch"], SELECT_BY: board["best"], "HR@10": board["HR@10"],
-                          **{name: board[f"param/{name}"] for name in search.params if f"param/{name}" in board}})
+    rank = {"rank": range(1, len(board) + 1), "#": board["number"]}
+    scores = pd.DataFrame({**rank, "trial": board["trial_id"], "outcome": board["outcome"],
+                           "epochs": [f"{e}/{search.max_epochs}" for e in board["epochs"]],
+                           "best epoch": board["best_epoch"], SELECT_BY: board["best"], "HR@10": board["HR@10"]})
+    params = pd.DataFrame({**rank, **{n: board[f"param/{n}"] for n in search.params if f"param/{n}" in board}})
     note = rising(search)
-    return Section("Leaderboard", f"Trials by their best {METRIC}, with that epoch's HR@10 (top {top}; # is the "
-                   "order the searcher proposed them in)." + ("" if note is None else f" {note[0].upper()}{note[1:]}."),
-                   table=_table(table))
+    return Section("Leaderboard", f"Trials by their best {METRIC}, with that epoch's HR@10, then their parameters "
+                   f"(top {top}; # is the order the searcher proposed them in)."
+                   + ("" if note is None else f" {note[0].upper()}{note[1:]}."), table=_table(scores) + _table(params, keys=2))
 
 
 def family_comparison(search: Search) -> Section | None:
@@ -196,14 +236,16 @@ def best_so_far(search: Search) -> Section:
         return Section(title, f"Needs at least 2 trials that reported; this search has {len(trials)}.")
     fig = Figure(figsize=(11, 4), layout="constrained")
     left, right = fig.subplots(1, 2, sharey=True)
-    left.scatter(trials["number"], trials["best"], s=14, color="tab:blue", alpha=0.5, label="trial's best")
+    left.scatter(trials["number"], trials["best"], s=14, color="tab:blue", alpha=0.5, label="trial's best",
+                 zorder=3)
     left.step(trials["number"], trials["best"].cummax(), where="post", color="tab:red", label="best so far")
     left.set(xlabel="trial (in the order the searcher proposed it)", ylabel=METRIC)
     left.xaxis.get_major_locator().set_params(integer=True)
     results = search.results.dropna(subset=[METRIC, "timestamp"]).sort_values("timestamp")
     seconds = results["timestamp"] - trials["start"].min()
     unit, size = ("hours", 3600) if seconds.max() > 2 * 3600 else ("minutes", 60)
-    right.scatter(seconds / size, results[METRIC], s=6, color="grey", alpha=0.3, label="an evaluation")
+    right.scatter(seconds / size, results[METRIC], s=6, color="grey", alpha=0.3, label="an evaluation",
+                  zorder=3)  # above the line: an evaluation on it is still seen
     right.step(seconds / size, results[METRIC].cummax(), where="post", color="tab:red", label="best so far")
     right.set(xlabel=f"{unit} since the first trial started")
     for ax in (left, right):
@@ -242,7 +284,8 @@ def importance(search: Search) -> Section:
 
 
 def slices(search: Search) -> Section:
-    """The objective against each parameter (Optuna's slice plot), coloured by trial order."""
+    """The objective against each parameter (Optuna's slice plot), coloured by trial order, the
+    best trial ringed so that its value stands out in every panel."""
     title = "The objective against each parameter"
     trials = search.trials.dropna(subset=["best"])
     if len(trials) < 2:
@@ -253,39 +296,60 @@ def slices(search: Search) -> Section:
     fig = Figure(figsize=(4 * ncols, 3 * nrows + 0.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
     by_name = {p.name: p for p in search.space.params} if search.space else {}
+    best = search.leaderboard(1).index[0]
     for ax, name in zip(axes, names):
-        values = trials[f"param/{name}"]
-        kept = values.notna()
-        param = by_name.get(name)
-        x = values[kept]
-        if (param and param.type == "categorical") or x.dtype == object:
-            choices = list(param.choices) if param else sorted(x.unique(), key=str)
-            x = x.map({c: i for i, c in enumerate(choices)}) + _jitter(len(x))
-            ax.set_xticks(range(len(choices)), [str(c) for c in choices])
-        elif param and param.log:
-            ax.set_xscale("log")
-            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        points = ax.scatter(x, trials["best"][kept], c=trials["number"][kept], cmap="viridis", s=22,
-                            vmin=trials["number"].min(), vmax=trials["number"].max(), edgecolors="none")
-        ax.set_title(name if kept.all() else f"{name} ({kept.sum()} trials)", fontsize=10)
-        ax.grid(alpha=0.3)
+        points = _slice(ax, trials, name, by_name.get(name), best)
     for ax in axes[len(names):]:
         ax.set_visible(False)
     for ax in axes[::ncols]:
         ax.set_ylabel(f"trial's best {METRIC}")
-    fig.colorbar(points, ax=axes.tolist(), label="trial #", shrink=0.8)
-    text = ("One dot per trial: its best score against the value it was given, darker for earlier trials. "
-            "A conditional parameter (such as tau_end) shows only the trials that sampled it.")
+    fig.colorbar(points, ax=axes.tolist(), label="trial #", shrink=0.8, ticks=MaxNLocator(integer=True))
+    text = ("One dot per trial: its best score against the value it was given, darker for earlier trials; "
+            "the best trial ringed in red. A conditional parameter (such as tau_end) shows only the trials "
+            "that sampled it.")
     return Section(title, text, _png(fig), "slices.png")
+
+
+def _slice(ax: Any, trials: pd.DataFrame, name: str, param: spaces.Param | None, best: int) -> Any:
+    """One panel: each trial's best against its value of `name`, the `best` trial (an index of
+    `trials`) ringed; returns the dots, for the colour bar."""
+    values = trials[f"param/{name}"]
+    kept = values.notna()
+    x = _positions(ax, values[kept], param)
+    y = trials["best"][kept]
+    points = ax.scatter(x, y, c=trials["number"][kept], cmap="viridis", s=22, vmin=trials["number"].min(),
+                        vmax=trials["number"].max(), edgecolors="none")
+    if best in x.index:
+        ax.scatter([x[best]], [y[best]], s=90, facecolors="none", edgecolors="tab:red", linewidths=1.5,
+                   label="the best trial")
+    ax.set_title(name if kept.all() else f"{name} ({kept.sum()} trials)", fontsize=10)
+    ax.grid(alpha=0.3)
+    return points
+
+
+def _positions(ax: Any, values: pd.Series, param: spaces.Param | None) -> pd.Series:
+    """Where each value goes on the x axis, the axis set to match: every choice of a categorical
+    labelled (so a value only a few trials had is not cut off by the autoscaled limits); a log
+    range over the space's whole range, ticked so that labels never touch."""
+    if (param and param.type == "categorical") or values.dtype == object:
+        choices = list(param.choices) if param else sorted(values.unique(), key=str)
+        ax.set_xticks(range(len(choices)), [str(c) for c in choices])
+        ax.set_xlim(-0.5, len(choices) - 0.5)
+        return values.map({c: i for i, c in enumerate(choices)}) + _jitter(len(values))
+    if param and param.log:
+        low, high = min(param.low, values.min()), max(param.high, values.max())
+        ax.set_xscale("log")
+        ax.set_xlim(low / 1.25, high * 1.25)
+        # 1, 2, 5 per decade fit a range of a decade or so; over wider ones they collide ("0.0010.002")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5) if high / low <= 30 else (1,)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    return values
 
 
 def finalized(folder: Path) -> Section:
     """finalize's table: each configuration retrained over seeds, tested, against its baseline."""
-    final = pd.read_parquet(folder / "final.parquet")
-    if "baseline" not in final:  # written before each configuration had its own: all against `baseline`
-        final.insert(2, "baseline", np.where(final["is_baseline"], "", "baseline"))
+    final = read_final(folder)
     fig = Figure(figsize=(max(6, 1.3 * len(final) + 2), 4), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / len(FINAL_METRICS)
@@ -299,6 +363,23 @@ def finalized(folder: Path) -> Section:
     ax.set(ylabel="mean ± std over seeds")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    text = (f"The top configurations and their baselines retrained with several seeds and evaluated on the test "
+            f"split ({html.escape(str(folder))}): mean ± standard deviation over seeds; Δ: the mean paired "
+            "difference to the baseline named under against (SASRec at the configuration's settings), with its "
+            "p-value. Then each one's cost and parameters, as its runs were trained.")
+    return Section("Final comparison on test", text, _png(fig), "final.png", _final_tables(ran_with(final, folder)))
+
+
+def read_final(folder: Path) -> pd.DataFrame:
+    """final.parquet as finalize writes it now, whenever it was written."""
+    final = pd.read_parquet(folder / "final.parquet")
+    if "baseline" not in final:  # written before each configuration had its own: all against `baseline`
+        final.insert(2, "baseline", np.where(final["is_baseline"], "", "baseline"))
+    return final
+
+
+def _final_tables(final: pd.DataFrame) -> str:
+    """The scores with their paired differences, then the cost and parameters (as final.md splits them)."""
     shown = {"configuration": final["configuration"], "seeds": final["seeds"], "against": final["baseline"]}
     for metric in FINAL_METRICS:
         shown[f"test {metric}"] = _spread(final, f"test/{metric}")
@@ -306,13 +387,55 @@ def finalized(folder: Path) -> Section:
             "" if baseline else f"{d:+.4f} (p {p:.3g})" for baseline, d, p in
             zip(final["is_baseline"], final[f"test/{metric}_diff"], final[f"test/{metric}_p"])]
     shown[f"valid {SELECT_BY}"] = _spread(final, f"valid/{SELECT_BY}")
-    shown.update({"epochs": final["epochs_mean"], "minutes": final["minutes_total"], "device": final["device"]})
-    shown.update({c.removeprefix("param/"): final[c] for c in final.columns if c.startswith("param/")})
-    text = (f"The top configurations and their baselines retrained with several seeds and evaluated on the test "
-            f"split ({html.escape(str(folder))}): mean ± standard deviation over seeds; Δ: the mean paired "
-            "difference to the baseline named under against (SASRec at the configuration's settings), with its "
-            "p-value.")
-    return Section("Final comparison on test", text, _png(fig), "final.png", _table(pd.DataFrame(shown)))
+    cost = {"configuration": final["configuration"], "epochs": final["epochs_mean"],
+            "minutes": final["minutes_total"], "device": final["device"],
+            **{c.removeprefix("param/"): final[c] for c in final.columns if c.startswith("param/")}}
+    return _table(pd.DataFrame(shown)) + _table(pd.DataFrame(cost))
+
+
+def ran_with(final: pd.DataFrame, folder: Path) -> pd.DataFrame:
+    """`final` with each parameter it leaves blank for a configuration (a baseline lists top-1's
+    parameters only) filled in from the settings its runs were trained with (grid.yaml's plan)."""
+    if not (folder / GRID_RECORD).is_file():
+        return final
+    planned = read_yaml(folder / GRID_RECORD)["plan"]["runs"]
+    configs = [planned.get(name, {}).get("config", {}) for name in final["configuration"]]
+    filled = final.copy()
+    for column in [c for c in final.columns if c.startswith("param/")]:
+        trained = pd.Series([config.get(column.removeprefix("param/")) for config in configs], index=final.index)
+        filled[column] = final[column].where(final[column].notna(), trained)
+    return filled
+
+
+def identities(final: pd.DataFrame, search: Search) -> dict[str, str]:
+    """What each configuration finalize retrained is: a search trial (top-K holds one's parameters),
+    one of the space's starting points, or SASRec-CE at the settings of the configurations it is the
+    baseline of (at the defaults when it is itself a starting point)."""
+    out = {}
+    for _, row in final.iterrows():
+        name = row["configuration"]
+        of = [c for c, baseline in zip(final["configuration"], final["baseline"]) if baseline == name]
+        if name.startswith("start-"):
+            what = f"is the space's starting point {name.removeprefix('start-')}"
+        elif row["is_baseline"]:
+            what = ("is SASRec-CE at the default settings" if row.get("start", False) else "is SASRec-CE") + (
+                f", the baseline of {', '.join(of)}" if of else "")
+        else:
+            trial = _trial(row, search)
+            what = ("is a trial of the search" if trial is None
+                    else f"is search trial #{trial['number']} ({trial['trial_id']})")
+        out[name] = what
+    return out
+
+
+def _trial(row: pd.Series, search: Search) -> pd.Series | None:
+    """The best-ranked search trial sampled with `row`'s parameters: finalize's top-K and trial-N
+    configurations hold exactly a trial's sampled values."""
+    sampled = {c: v for c, v in row.items() if c.startswith("param/") and not missing(v)}
+    for _, trial in search.leaderboard().iterrows():
+        if all(c in trial and trial[c] == v for c, v in sampled.items()):
+            return trial
+    return None
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -323,9 +446,11 @@ def _study(search: Search) -> tuple[str, optuna.Study | None]:
         return "Needs the search's space file: give the search's folder (the one holding space.yaml).", None
     ended = search.trials[search.trials["outcome"].isin(("finished", "early-stopped", "ASHA-stopped"))]
     ended = ended.dropna(subset=["best"])
-    if len(ended) < 2 or ended["best"].nunique() < 2:
-        return (f"Needs at least 2 trials that ended with different scores; this search has {len(ended)} "
-                "ended trial(s)" + (" with one score." if len(ended) >= 2 else "."), None)
+    if len(ended) < MIN_IMPORTANCE:
+        return (f"Needs at least {MIN_IMPORTANCE} ended trials: PED-ANOVA tells the top 10% of trials from "
+                f"the rest, and below that its top holds one or two; this search has {len(ended)}.", None)
+    if ended["best"].nunique() < 2:
+        return f"Needs trials that ended with different scores; all {len(ended)} ended trials have the same.", None
     distributions = {p.name: _distribution(p) for p in search.space.params}
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line for a study in memory
     study = optuna.create_study(direction="maximize")
@@ -369,22 +494,39 @@ def _jitter(n: int) -> np.ndarray:
     return np.random.default_rng(0).uniform(-0.15, 0.15, n)
 
 
+def _inline(markdown: str) -> str:
+    """One line of final.md as HTML: its **bold** and `code`."""
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(markdown))
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
 
 
-def _table(frame: pd.DataFrame, header: bool = True) -> str:
+def _table(frame: pd.DataFrame, header: bool = True, keys: int = 1) -> str:
+    """HTML tables of at most MAX_COLUMNS columns each, so that a page fits a window without scrolling
+    sideways: a wider frame is split, each part led by its first `keys` columns (what names a row)."""
     def cell(value) -> str:
         if isinstance(value, (float, np.floating)):
             return "" if math.isnan(value) else f"{value:.4g}"
         return html.escape(str(value))
 
-    head = "<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns) + "</tr>" if header else ""
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
-                   for row in frame.itertuples(index=False))
-    return f"<table>{head}{body}</table>"
+    def name(column: Any) -> str:  # a long name may break after _ or /
+        return re.sub(r"([_/])", r"\1<wbr>", html.escape(str(column)))
+
+    rest = frame.shape[1] - keys
+    size = max(1, math.ceil(rest / math.ceil(rest / (MAX_COLUMNS - keys) or 1)))  # parts of even width
+    tables = []
+    for part in [frame.iloc[:, [*range(keys), *range(i, min(i + size, frame.shape[1]))]]
+                 for i in range(keys, frame.shape[1], size)] or [frame]:
+        head = "<tr>" + "".join(f"<th>{name(c)}</th>" for c in part.columns) + "</tr>" if header else ""
+        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+                       for row in part.itertuples(index=False))
+        tables.append(f"<table>{head}{body}</table>")
+    return "".join(tables)
 
 
 STYLE = """
@@ -393,9 +535,8 @@ h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top
 .meta { color: #666; font-size: 0.9em; } p { max-width: 60em; }
 img { max-width: 100%; height: auto; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
-td, th { border: 1px solid #ddd; padding: 3px 6px; text-align: right; white-space: nowrap; }
+td, th { border: 1px solid #ddd; padding: 3px 6px; text-align: right; } th { overflow-wrap: anywhere; }
 th { background: #f4f4f4; } td:first-child { text-align: left; }
-.scroll { overflow-x: auto; }
 """
 
 
@@ -411,6 +552,6 @@ def page(search: Search, sections: list[Section]) -> str:
             data = base64.b64encode(section.png).decode()
             parts.append(f"<img alt='{html.escape(section.title)}' src='data:image/png;base64,{data}'>")
         if section.table:
-            parts.append(f"<div class='scroll'>{section.table}</div>")
+            parts.append(section.table)
     parts.append("</body></html>")
     return "\n".join(parts)
