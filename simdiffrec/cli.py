@@ -256,7 +256,7 @@ def add_search_commands(sub: argparse._SubParsersAction) -> None:
 
 def add_search_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search")
-    g.add_argument("--num-samples", type=int, help="trials in all (default 20)")
+    g.add_argument("--num-samples", type=int, help="trials in all (default 20); with --resume, a larger number grows the search")
     g.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA never stops (default: the space's)")
     g.add_argument("--seed", type=int, help="seed of Optuna's TPE sampler (default 0)")
     g.add_argument("--optuna-storage", help="database URL for the Optuna study, e.g. sqlite:///study.db, "

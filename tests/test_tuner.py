@@ -4,6 +4,7 @@ objective, tune-all.  One Ray instance (4 CPUs, 1 logical GPU) serves the module
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -207,8 +208,10 @@ def test_an_export_killed_while_switching_an_earlier_layout_leaves_no_mix(small_
 
 
 def test_resume_refuses_other_settings_and_a_fresh_start_refuses_a_used_folder(small_search, files, capsys):
-    assert main(tune_args(files, small_search, "--resume", "--num-samples", "9")) == 2
-    assert "num-samples 8" in capsys.readouterr().err
+    assert main(tune_args(files, small_search, "--resume", "--seed", "9")) == 2
+    assert "seed 0" in capsys.readouterr().err
+    assert main(tune_args(files, small_search, "--resume", "--num-samples", "7")) == 2
+    assert "search of 8 trials: --resume --num-samples 7 cannot shrink it" in capsys.readouterr().err
     assert main(tune_args(files, small_search)) == 2
     assert "--resume" in capsys.readouterr().err
 
@@ -596,6 +599,35 @@ def test_a_resumed_search_samples_on_from_its_restored_study(ray_cluster, tmp_pa
     assert len(read(cut.experiment).trials) < 8
     search.run_search(trainable, space, cut, resume=True)
     assert len(set(proposed(cut))) == 8 and proposed(cut) == proposed(whole)
+
+
+def test_a_finished_search_grown_with_more_trials_samples_as_one_started_that_large(ray_cluster, tmp_path):
+    """`--resume --num-samples N` on a finished search: its sampler goes on from its study, so the
+    grown search proposes what a search of N trials from the start would have."""
+    space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5},
+                                         "lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True}},
+                          "sampler": {"n_startup_trials": 2},
+                          "asha": {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2}}, "grow")
+    trainable = tune.with_parameters(interrupts_once, driver=os.getpid(), log=tmp_path / "log", at=0)
+    whole = search.SearchSettings(experiment=str(tmp_path / "whole"), num_samples=5, max_concurrent=1)
+    search.run_search(trainable, space, whole)
+    grown = search.SearchSettings(experiment=str(tmp_path / "grown"), num_samples=3, max_concurrent=1)
+    search.run_search(trainable, space, grown)
+    search.run_search(trainable, space, dataclasses.replace(grown, num_samples=5), resume=True)
+    configs = [[(t.config["alpha"], t.config["lr"]) for t in read(s.experiment).trials] for s in (whole, grown)]
+    assert len(set(configs[1])) == 5 and configs[1] == configs[0]
+    assert all(t.status == "TERMINATED" for t in read(grown.experiment).trials)
+
+
+def test_tune_resume_with_more_trials_grows_the_search_and_records_it(ray_cluster, files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(tune_args(files, out, "--num-samples", "1", "--max-epochs", "1")) == 0
+    assert main(tune_args(files, out, "--resume", "--num-samples", "2")) == 0
+    assert len(read(str(out / "experiment")).trials) == 2
+    assert yaml.safe_load((out / "search.yaml").read_text())["settings"]["num_samples"] == 2
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    assert "trials: 2 of 2 | 2 finished" in capsys.readouterr().out
 
 
 def report_alpha_with_a_model(config: dict, epoch: int) -> None:

@@ -121,12 +121,15 @@ def refuse_taken(experiment: str) -> None:
 
 def run_search(trainable: Callable[[dict[str, Any]], None], space: Space, settings: SearchSettings,
         resume: bool = False) -> tune.ResultGrid:
-    """Run (or, with `resume`, continue) the search to its end; Ray must be initialised."""
+    """Run (or, with `resume`, continue) the search to its end, to `settings.num_samples` trials in
+    all (more than it was started with grows it); Ray must be initialised."""
     exists = tune.Tuner.can_restore(settings.experiment)
     if resume and not exists:
         raise FileNotFoundError(f"{settings.experiment}: no experiment to resume")
     if not resume and exists:
         refuse_taken(settings.experiment)
+    if resume:
+        recovery.grow(settings.experiment, settings.num_samples)
     tuner = make_tuner(
         tune.with_resources(trainable, trial_resources(settings)), settings, resume,
         tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(space, settings) if not resume else None,
