@@ -197,7 +197,7 @@ def _new(job: Job, max_epochs: int | None, given: dict[str, Any]) -> tuple["Spac
     space = spaces.load(space_for(job)).with_max_epochs(max_epochs)
     settings = search.SearchSettings(experiment=job.experiment or default_experiment(job.out),
                                      **{k: v for k, v in given.items() if v is not None})
-    search.refuse_taken(settings.experiment)  # before OUT records it: --resume would follow it there
+    search.refuse_taken(settings)  # before OUT records it: --resume would follow it there
     return space, settings
 
 
