@@ -7,7 +7,9 @@ comparison when it has run.
 so it can be mailed or opened offline; each figure is also written as a PNG next to it.  Figures
 are drawn with matplotlib's object API (Agg canvas, no pyplot state), so any thread or headless
 machine can draw them.  A figure that cannot be drawn yet (one trial, no variation, no space
-file) is replaced by a sentence saying why.
+file) is replaced by a sentence saying why.  The page opens with the decision (finalize's verdict
+and where its model is, or before finalize the best trial and the command that decides) and
+fits a 1400-pixel window: a reader should not have to scroll to learn which model won.
 """
 
 from __future__ import annotations
@@ -91,9 +93,9 @@ def _default_final(search: Search) -> Path:
 def decision(search: Search, final_dir: Path) -> Section:
     """The page's first lines: finalize's verdict (final.md's headline) and what its model is; before
     finalize, what the search found and the command that decides."""
-    if not (final_dir / "final.md").is_file():
-        return found(search, final_dir)
-    lines = (final_dir / "final.md").read_text().splitlines()
+    lines = (final_dir / "final.md").read_text().splitlines() if (final_dir / "final.md").is_file() else []
+    if not lines or not lines[0].startswith("**Winner:"):  # no finalize yet, or one from before its headline
+        return best_found(search, final_dir)
     model = next(line for line in lines if line.startswith(f"`{CHECKPOINT}/`:"))
     final = read_final(final_dir)
     named = "; ".join(f"<b>{html.escape(name)}</b> {what}" for name, what in identities(final, search).items())
@@ -102,7 +104,7 @@ def decision(search: Search, final_dir: Path) -> Section:
     return Section("Verdict", text)
 
 
-def found(search: Search, final_dir: Path) -> Section:
+def best_found(search: Search, final_dir: Path) -> Section:
     """Before finalize: the search's best trial (one seed, on validation) and the command that retrains
     it with seeds against its starting points and SASRec-CE."""
     title = "What the search found"
@@ -116,9 +118,9 @@ def found(search: Search, final_dir: Path) -> Section:
     export = search.out / "best_checkpoint" if search.out else None
     if export is not None and export.exists():
         text += f" The search's export: <code>{html.escape(str(export))}/</code>."
-    when = "When the search has ended, r" if counts(search)["running"] else "R"
+    retrain = "When the search has ended, retrain" if counts(search)["running"] else "Retrain"
     text += (f" One seed, scored on validation: whether it beats the starting points and SASRec-CE is for "
-             f"finalize to say (no verdict in {html.escape(str(final_dir))} yet). {when}etrain the best with "
+             f"finalize to say (no verdict in {html.escape(str(final_dir))} yet). {retrain} the best with "
              f"several seeds and test them: <code>simdiffrec finalize {html.escape(search.experiment)} "
              "--seeds 5 --top 3</code>; its verdict then opens this page.")
     return Section(title, text)
@@ -155,9 +157,9 @@ def leaderboard(search: Search, top: int) -> Section:
                            "best epoch": board["best_epoch"], SELECT_BY: board["best"], "HR@10": board["HR@10"]})
     params = pd.DataFrame({**rank, **{n: board[f"param/{n}"] for n in search.params if f"param/{n}" in board}})
     note = rising(search)
-    return Section("Leaderboard", f"Trials by their best {METRIC}, with that epoch's HR@10, then their parameters "
-                   f"(top {top}; # is the order the searcher proposed them in)."
-                   + ("" if note is None else f" {note[0].upper()}{note[1:]}."), table=_table(scores) + _table(params, keys=2))
+    text = (f"Trials by their best {METRIC}, with that epoch's HR@10, then their parameters (top {top}; # is the "
+            "order the searcher proposed them in)." + ("" if note is None else f" {note[0].upper()}{note[1:]}."))
+    return Section("Leaderboard", text, table=_table(scores) + _table(params, keys=2))
 
 
 def family_comparison(search: Search) -> Section | None:
@@ -408,23 +410,25 @@ def ran_with(final: pd.DataFrame, folder: Path) -> pd.DataFrame:
 
 
 def identities(final: pd.DataFrame, search: Search) -> dict[str, str]:
-    """What each configuration finalize retrained is: a search trial (top-K holds one's parameters),
-    one of the space's starting points, or SASRec-CE at the settings of the configurations it is the
-    baseline of (at the defaults when it is itself a starting point)."""
+    """What each configuration finalize retrained is, since its name alone (top-1, baseline) does not
+    say: a search trial (top-K and trial-N hold one's parameters), one of the space's starting
+    points, or SASRec-CE at the settings of the configurations it is the baseline of (at the
+    defaults when it is itself a starting point)."""
     out = {}
     for _, row in final.iterrows():
         name = row["configuration"]
-        of = [c for c, baseline in zip(final["configuration"], final["baseline"]) if baseline == name]
+        of = ", ".join(c for c, baseline in zip(final["configuration"], final["baseline"]) if baseline == name)
         if name.startswith("start-"):
             what = f"is the space's starting point {name.removeprefix('start-')}"
-        elif row["is_baseline"]:
-            what = ("is SASRec-CE at the default settings" if row.get("start", False) else "is SASRec-CE") + (
-                f", the baseline of {', '.join(of)}" if of else "")
-        else:
+        elif name.startswith(("top-", "trial-")):
             trial = _trial(row, search)
             what = ("is a trial of the search" if trial is None
                     else f"is search trial #{trial['number']} ({trial['trial_id']})")
-        out[name] = what
+        elif row.get("start", False):
+            what = "is SASRec-CE at the default settings"
+        else:
+            what, of = f"is SASRec-CE at the settings of {of}" if of else "is SASRec-CE", ""
+        out[name] = what + (f", the baseline of {of}" if of else "")
     return out
 
 
@@ -496,7 +500,7 @@ def _jitter(n: int) -> np.ndarray:
 
 def _inline(markdown: str) -> str:
     """One line of final.md as HTML: its **bold** and `code`."""
-    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(markdown))
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(markdown, quote=False))
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
@@ -518,7 +522,7 @@ def _table(frame: pd.DataFrame, header: bool = True, keys: int = 1) -> str:
         return re.sub(r"([_/])", r"\1<wbr>", html.escape(str(column)))
 
     rest = frame.shape[1] - keys
-    size = max(1, math.ceil(rest / math.ceil(rest / (MAX_COLUMNS - keys) or 1)))  # parts of even width
+    size = max(1, math.ceil(rest / max(1, math.ceil(rest / (MAX_COLUMNS - keys)))))  # parts of even width
     tables = []
     for part in [frame.iloc[:, [*range(keys), *range(i, min(i + size, frame.shape[1]))]]
                  for i in range(keys, frame.shape[1], size)] or [frame]:
