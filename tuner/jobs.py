@@ -10,6 +10,7 @@ contradict them (only the resources may change, e.g. on another cluster).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -180,8 +181,20 @@ def init_ray(address: str | None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or "local")
+        quiet_ray()
+        ray.init(address=address or "local", logging_level=logging.WARNING,
+                 logging_config=ray.LoggingConfig(log_level="WARNING"))  # no worker's "Checkpoint ... created"
         stop_on_sigterm()  # ray.init's own handler exits mid-search with a crash dump
+
+
+def quiet_ray() -> None:
+    """Ray's console as plain as ours: no colour codes around its workers' lines outside a terminal,
+    and not its notice that token authentication is on (its default, announced on every start; the
+    warning that it is off stays)."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: not record.getMessage().startswith("Token authentication is enabled"))
 
 
 def _new(job: Job, max_epochs: int | None, given: dict[str, Any]) -> tuple["Space", "SearchSettings"]:
