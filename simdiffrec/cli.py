@@ -195,7 +195,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def print_best(best: dict[str, Any], out: Path) -> None:
     """A search's closing lines: its best trial, and the trials its epoch cap cut short."""
+    from tuner.protocol import RECORD, study_name
     from tuner.status import load, rising
+
+    from .config import read_yaml
 
     metrics = best["metrics"]
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["parameters"].items())
@@ -207,6 +210,9 @@ def print_best(best: dict[str, Any], out: Path) -> None:
         print(note)
     print(f"exports in {out}: best_config.yaml, best_checkpoint/, results.parquet; TensorBoard logs: "
           f"tensorboard --logdir {experiment}; a report: simdiffrec report {experiment} --out {out}/report")
+    storage = read_yaml(out / RECORD)["settings"].get("optuna_storage") if (out / RECORD).is_file() else None
+    if storage:
+        print(f"the Optuna study {study_name(experiment)!r}, with each trial's learning curve: optuna-dashboard {storage}")
 
 
 def add_search_commands(sub: argparse._SubParsersAction) -> None:
@@ -256,7 +262,7 @@ def add_search_commands(sub: argparse._SubParsersAction) -> None:
 
 def add_search_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search")
-    g.add_argument("--num-samples", type=int, help="trials in all (default 20)")
+    g.add_argument("--num-samples", type=int, help="trials in all (default 20); with --resume, a larger number grows the search")
     g.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA never stops (default: the space's)")
     g.add_argument("--seed", type=int, help="seed of Optuna's TPE sampler (default 0)")
     g.add_argument("--optuna-storage", help="database URL for the Optuna study, e.g. sqlite:///study.db, "

@@ -4,18 +4,23 @@ objective, tune-all.  One Ray instance (4 CPUs, 1 logical GPU) serves the module
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, Iterator
 
 import optuna
 import pandas as pd
@@ -207,8 +212,10 @@ def test_an_export_killed_while_switching_an_earlier_layout_leaves_no_mix(small_
 
 
 def test_resume_refuses_other_settings_and_a_fresh_start_refuses_a_used_folder(small_search, files, capsys):
-    assert main(tune_args(files, small_search, "--resume", "--num-samples", "9")) == 2
-    assert "num-samples 8" in capsys.readouterr().err
+    assert main(tune_args(files, small_search, "--resume", "--seed", "9")) == 2
+    assert "seed 0" in capsys.readouterr().err
+    assert main(tune_args(files, small_search, "--resume", "--num-samples", "7")) == 2
+    assert "search of 8 trials: --resume --num-samples 7 cannot shrink it" in capsys.readouterr().err
     assert main(tune_args(files, small_search)) == 2
     assert "--resume" in capsys.readouterr().err
 
@@ -551,11 +558,64 @@ def test_the_plumbing_finds_the_optimum_of_a_known_objective(ray_cluster, tmp_pa
     grid = search.run_search(quadratic, space, settings)
     best = grid.get_best_result(BEST, "max").config
     assert abs(best["alpha"] - 0.3) < 0.08 and 0.3e-3 < best["lr"] < 3e-3
-    study = optuna.load_study(study_name=settings.experiment, storage=database)
+    study = optuna.load_study(study_name="quadratic", storage=database)  # the search's folder: short
     assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 40
     assert study.best_params == best
-    with pytest.raises(ValueError, match="already holds a study"):  # a second search must not mix into it
-        search.make_searcher(space, settings)
+    assert all(set(t.intermediate_values.values()) == {t.value} and 1 in t.intermediate_values for t in study.trials)
+    elsewhere = dataclasses.replace(settings, experiment=str(tmp_path / "other" / "quadratic" / "experiment"))
+    with pytest.raises(ValueError, match="already holds a study 'quadratic'"):  # it must not mix into another's
+        search.run_search(quadratic, space, elsewhere)
+    assert not Path(elsewhere.experiment).exists()
+
+
+def falls_then_rises(config: dict) -> None:
+    """Valid NDCG@10 0.3, 0.1, 0.2 at epochs 1-3; the best so far 0.3 throughout."""
+    for epoch, value in enumerate((0.3, 0.1, 0.2), 1):
+        tune.report({"epoch": epoch, METRIC: value, BEST: 0.3})
+
+
+def test_the_optuna_study_keeps_each_epochs_valid_ndcg_as_its_learning_curve(ray_cluster, tmp_path):
+    """Ray's OptunaSearch kept the best so far at each report: optuna-dashboard drew no curve."""
+    space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5}},
+                          "asha": {"max_epochs": 3, "grace_period": 3, "reduction_factor": 2}}, "curves")
+    database = f"sqlite:///{tmp_path / 'study.db'}"
+    settings = search.SearchSettings(experiment=str(tmp_path / "runs" / "curves" / "experiment"), num_samples=1,
+                                     optuna_storage=database)
+    search.run_search(falls_then_rises, space, settings)
+    (trial,) = optuna.load_study(study_name="curves", storage=database).trials
+    assert trial.intermediate_values == {1: 0.3, 2: 0.1, 3: 0.2} and trial.value == 0.3
+    with dashboard(database) as url:  # what a user watching the search sees
+        (study,) = [s for s in get_json(f"{url}/api/studies")["study_summaries"] if s["study_name"] == "curves"]
+        detail = get_json(f"{url}/api/studies/{study['study_id']}")
+    assert detail["has_intermediate_values"] and detail["trials"][0]["intermediate_values"] == [
+        {"step": 1, "value": 0.3}, {"step": 2, "value": 0.1}, {"step": 3, "value": 0.2}]
+
+
+@contextlib.contextmanager
+def dashboard(database: str) -> Iterator[str]:
+    """optuna-dashboard (the `dashboard` extra) serving `database` on 127.0.0.1; its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), database, "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                get_json(f"{url}/api/meta")
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
 
 
 def interrupts_once(config: dict, driver: int, log: Path, at: int) -> None:
@@ -598,6 +658,37 @@ def test_a_resumed_search_samples_on_from_its_restored_study(ray_cluster, tmp_pa
     assert len(set(proposed(cut))) == 8 and proposed(cut) == proposed(whole)
 
 
+def test_a_finished_search_grown_with_more_trials_samples_as_one_started_that_large(ray_cluster, tmp_path):
+    """`--resume --num-samples N` on a finished search: its sampler goes on from its study, so the
+    grown search proposes what a search of N trials from the start would have."""
+    space = spaces.parse({"parameters": {"alpha": {"type": "float", "low": 0.1, "high": 0.5},
+                                         "lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True}},
+                          "sampler": {"n_startup_trials": 2},
+                          "asha": {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2}}, "grow")
+    trainable = tune.with_parameters(interrupts_once, driver=os.getpid(), log=tmp_path / "log", at=0)
+    whole = search.SearchSettings(experiment=str(tmp_path / "whole"), num_samples=5, max_concurrent=1)
+    search.run_search(trainable, space, whole)
+    grown = search.SearchSettings(experiment=str(tmp_path / "grown"), num_samples=3, max_concurrent=1)
+    search.run_search(trainable, space, grown)
+    search.run_search(trainable, space, dataclasses.replace(grown, num_samples=5), resume=True)
+    configs = [[(t.config["alpha"], t.config["lr"]) for t in read(s.experiment).trials] for s in (whole, grown)]
+    assert len(set(configs[1])) == 5 and configs[1] == configs[0]
+    assert all(t.status == "TERMINATED" for t in read(grown.experiment).trials)
+
+
+def test_tune_resume_with_more_trials_grows_the_search_and_records_it(ray_cluster, files, tmp_path, capsys):
+    out, database = tmp_path / "grows", f"sqlite:///{tmp_path / 'study.db'}"
+    assert main(tune_args(files, out, "--num-samples", "1", "--max-epochs", "1", "--optuna-storage", database)) == 0
+    assert main(tune_args(files, out, "--resume", "--num-samples", "2")) == 0
+    assert len(read(str(out / "experiment")).trials) == 2
+    assert yaml.safe_load((out / "search.yaml").read_text())["settings"]["num_samples"] == 2
+    assert len(optuna.load_study(study_name="grows", storage=database).trials) == 2
+    assert f"the Optuna study 'grows', with each trial's learning curve: optuna-dashboard {database}" in (
+        capsys.readouterr().out)
+    assert main(["status", str(out)]) == 0
+    assert "trials: 2 of 2 | 2 finished" in capsys.readouterr().out
+
+
 def report_alpha_with_a_model(config: dict, epoch: int) -> None:
     """Report alpha at `epoch` with a checkpoint holding a model folder (what export copies)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -633,7 +724,7 @@ def test_a_failed_trial_is_recorded_with_its_reason_and_the_searcher_told_it_fai
     assert len(failed) >= 1 and (failed["status"] == "ERROR").all()
     assert (failed["error"] == "ValueError: loss became nan at epoch 2: lower --lr").all()
     assert results.loc[results["alpha"] <= 0.3, "error"].isna().all()
-    study = optuna.load_study(study_name=settings.experiment, storage=database)
+    study = optuna.load_study(study_name="exp", storage=database)
     states = {t.params["alpha"]: t.state for t in study.trials}
     assert states[0.45] == optuna.trial.TrialState.FAIL and states[0.2] == optuna.trial.TrialState.COMPLETE
     assert re.search(r"^trial #1 \w+ failed: ValueError: loss became nan at epoch 2: lower --lr$",
@@ -668,7 +759,7 @@ def test_a_trial_whose_worker_dies_past_its_retries_is_failed_everywhere_and_nev
     results = pd.read_parquet(tmp_path / "out" / "results.parquet").drop_duplicates("trial_id")
     assert results.set_index("trial_id").loc[killed.trial_id, ["status", "error"]].tolist() == ["ERROR", killed.error]
     assert load(settings.experiment).trials.set_index("trial_id").loc[killed.trial_id, "outcome"] == "failed"
-    study = optuna.load_study(study_name=settings.experiment, storage=database)
+    study = optuna.load_study(study_name="exp", storage=database)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
 
 

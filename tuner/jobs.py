@@ -124,6 +124,7 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
     data, stats = load_and_describe(job.data, max_len=fixed.max_len, kcore=fixed.kcore, **job.columns)
     if resume:
         check_same_data(job.out / RECORD, fingerprint(data))
+        grown(job.out / RECORD, settings.num_samples)
     else:
         job.out.mkdir(parents=True, exist_ok=True)
         write_yaml(job.out / SPACE_COPY, space.raw)  # its base merged in: a resume never reads a changed base
@@ -150,6 +151,15 @@ def check_same_data(record: Path, now: dict[str, Any]) -> None:
     if changed:
         raise ValueError(f"{record}: the search began on other data ({', '.join(changed)}): "
                          "--resume continues a search on the data it began with")
+
+
+def grown(record: Path, trials: int) -> None:
+    """Record a search's new number of trials (`--resume --num-samples`) before it grows, so that
+    `status` counts against it and a later `--resume` keeps it."""
+    content = read_yaml(record)
+    if content["settings"]["num_samples"] != trials:
+        content["settings"]["num_samples"] = trials
+        write_yaml(record, content)
 
 
 def prefer_loopback(address: str | None) -> str | None:
@@ -186,7 +196,7 @@ def _new(job: Job, max_epochs: int | None, given: dict[str, Any]) -> tuple["Spac
     space = spaces.load(space_for(job)).with_max_epochs(max_epochs)
     settings = search.SearchSettings(experiment=job.experiment or default_experiment(job.out),
                                      **{k: v for k, v in given.items() if v is not None})
-    search.refuse_taken(settings.experiment)  # before OUT records it: --resume would follow it there
+    search.refuse_taken(settings)  # before OUT records it: --resume would follow it there
     return space, settings
 
 
@@ -202,12 +212,15 @@ def _resumed(job: Job, max_epochs: int | None, given: dict[str, Any]) -> tuple["
     now = {"data": job.data, "columns": job.columns, "space": str(space_for(job)) if job.space else None,
            "max_epochs": max_epochs, "experiment": job.experiment and search.absolute(job.experiment), **given}
     for key, value in now.items():
-        if value is not None and key not in RESOURCE_FLAGS and value != started[key]:
+        if key == "num_samples" and value is not None and value < started[key]:
+            raise ValueError(f"{job.out} holds a search of {started[key]} trials: --resume --num-samples "
+                             f"{value} cannot shrink it (more trials grow it)")
+        if value is not None and key not in RESOURCE_FLAGS | {"num_samples"} and value != started[key]:
             raise ValueError(f"{job.out} holds a search started with {key.replace('_', '-')} {started[key]!r}, "
                              f"not {value!r}: --resume continues it as it was started")
     space = spaces.load(job.out / SPACE_COPY).with_max_epochs(record["max_epochs"])
-    resources = {k: v for k, v in given.items() if k in RESOURCE_FLAGS and v is not None}
-    return space, search.SearchSettings(**{**record["settings"], **resources})
+    changes = {k: v for k, v in given.items() if k in RESOURCE_FLAGS | {"num_samples"} and v is not None}
+    return space, search.SearchSettings(**{**record["settings"], **changes})
 
 
 def default_experiment(out: Path, name: str | None = None) -> str:

@@ -5,6 +5,8 @@ pull in the training core."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from simdiffrec.config import SELECT_BY
 
 METRIC = f"valid/{SELECT_BY}"  # this evaluation's: what ASHA compares and Ray's checkpoints are scored by
@@ -17,3 +19,10 @@ REPORTED = "reported.json"  # in each reported checkpoint: the metrics it came w
 RECORD = "search.yaml"  # in a search's OUT folder: the settings it started with
 SPACE_COPY = "space.yaml"  # in a search's OUT folder: a copy of its space file
 GRID_RECORD = "grid.yaml"  # in a finalize or reproduce OUT folder: its plan and where its experiment is
+
+
+def study_name(experiment: str) -> str:
+    """A search's Optuna study name, short enough for optuna-dashboard's list: the search's folder
+    (OUT of OUT/experiment), else the experiment's own last name (a URI's too)."""
+    parts = (experiment.rstrip("/") if "://" in experiment else str(Path(experiment).resolve())).split("/")
+    return parts[-2] if parts[-1] == "experiment" and parts[-2] else parts[-1]

@@ -4,6 +4,7 @@ killed worker or a restart left with something missing, and the scheduler state 
     before_restore(experiment)   before `Tuner.restore`: a lost checkpoint folder, lost result rows
     after_fit(experiment, grid)  after `Tuner.fit`: trials whose worker died past its retries, failed
     ResumableASHA                ASHA's rungs replayed from the results on restore; min_rung_results
+    grow(experiment, trials)     before `Tuner.restore`: a search allowed more trials in all
 
 Everything here reads or writes Ray's own layout (the saved experiment state, checkpoint folders,
 result.json) or private state (ASHA's brackets); it was checked against Ray RAY_CHECKED, and the
@@ -18,6 +19,7 @@ import sys
 from typing import Any
 
 import pyarrow.fs
+import ray.cloudpickle
 from ray import tune
 from ray.air.constants import EXPR_ERROR_FILE, EXPR_ERROR_PICKLE_FILE
 from ray.tune.experiment import Trial
@@ -38,6 +40,27 @@ def before_restore(experiment: str) -> None:
     for folder in restore_rows(experiment):
         print(f"{folder}/result.json: behind its checkpoints when the search was stopped; rows put back",
               file=sys.stderr)
+
+
+def grow(experiment: str, trials: int) -> int:
+    """Let the restored search make `trials` trials in all; return how many it had been allowed.
+
+    Ray keeps a search's number of trials in its search generator's saved state and restores it
+    over the one `Tuner.restore` is given: the state is changed where Ray reads it.  The searcher
+    (Optuna's study) is restored as it was, so its sampler goes on from the trials it knows."""
+    run = read(experiment)
+    saves = sorted(name for name in listing(run.fs, run.path) if name.startswith("search_gen_state-"))
+    if not saves:
+        raise FileNotFoundError(f"{experiment}: no saved search state to grow (not a search?)")
+    path = f"{run.path}/{saves[-1]}"  # Ray restores the newest
+    with run.fs.open_input_stream(path) as stream:
+        state = ray.cloudpickle.loads(stream.readall())  # Ray's own pickle of the search, as Ray's restore reads it
+    allowed = state["total_samples"]
+    if trials > allowed:
+        state.update(total_samples=trials, finished=False)
+        with (storage_filesystem(experiment) or run.fs).open_output_stream(path) as stream:
+            stream.write(ray.cloudpickle.dumps(state))
+    return allowed
 
 
 def after_fit(experiment: str, grid: tune.ResultGrid) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -21,13 +22,14 @@ import optuna
 import ray
 from ray import tune
 from ray.tune.experiment import Trial
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from . import recovery
 from .console import EvaluationLines
 from .experiment import FAILED, read
-from .protocol import BEST, METRIC, MODE
+from .protocol import BEST, METRIC, MODE, study_name
 from .settings import check as check_settings
 from .signals import Stopped, stopping_fit
 from .spaces import Space
@@ -71,18 +73,35 @@ def trial_resources(settings: SearchSettings) -> dict[str, float]:
     return {"cpu": settings.cpus_per_trial, "gpu": 1 / settings.trials_per_gpu if gpus else 0}
 
 
+class EpochCurves(OptunaSearch):
+    """OptunaSearch whose study also keeps each epoch's valid NDCG@10 as the trial's intermediate
+    value at that epoch (optuna-dashboard draws them as learning curves).  Ray's own keeps the
+    searcher's metric, the best so far, and never a trial's last report (Ray hands that to
+    `on_trial_complete` alone); the trial's value stays its best."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_epoch: dict[str, int] = {}  # per trial, the epoch last kept
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if result["epoch"] > self.last_epoch.get(trial_id, 0) and math.isfinite(result[METRIC]):  # once an epoch
+            super().on_trial_result(trial_id, {**result, self.metric: result[METRIC],
+                                               TRAINING_ITERATION: result["epoch"]})
+            self.last_epoch[trial_id] = result["epoch"]
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if result and "epoch" in result:
+            self.on_trial_result(trial_id, result)
+        super().on_trial_complete(trial_id, result, error)
+
+
 def make_searcher(space: Space, settings: SearchSettings) -> OptunaSearch:
     """Seeded TPE (with the space's `sampler` settings) learning from each trial's best valid
     NDCG@10; the space's points come first."""
-    storage, study = None, settings.experiment  # the experiment's path or URI: unique per search
-    if settings.optuna_storage:
-        storage = optuna.storages.get_storage(settings.optuna_storage)
-        if study in optuna.study.get_all_study_names(storage):
-            raise ValueError(f"{settings.optuna_storage} already holds a study {study!r}: "
-                             "resume that search (--resume) or give the new one another name")
+    storage = optuna.storages.get_storage(settings.optuna_storage) if settings.optuna_storage else None
     sampler = optuna.samplers.TPESampler(seed=settings.seed, **space.sampler)
-    return OptunaSearch(space, metric=BEST, mode=MODE, points_to_evaluate=list(space.points),
-                        sampler=sampler, study_name=study, storage=storage)
+    return EpochCurves(space, metric=BEST, mode=MODE, points_to_evaluate=list(space.points),
+                       sampler=sampler, study_name=study_name(settings.experiment), storage=storage)
 
 
 def make_scheduler(space: Space) -> ASHAScheduler:
@@ -112,21 +131,28 @@ def make_tuner(trainable: Callable[[dict[str, Any]], None], settings: SearchSett
                                                 verbose=0, callbacks=[EvaluationLines(max_epochs)]))
 
 
-def refuse_taken(experiment: str) -> None:
-    """A new search's experiment must not exist yet: it may be another search's."""
-    if tune.Tuner.can_restore(experiment):
-        raise ValueError(f"{experiment} already holds an experiment: "
+def refuse_taken(settings: SearchSettings) -> None:
+    """A new search's experiment and Optuna study must not exist yet: they may be another search's."""
+    if tune.Tuner.can_restore(settings.experiment):
+        raise ValueError(f"{settings.experiment} already holds an experiment: "
                          "continue it with --resume, or choose another --out or --experiment")
+    study, storage = study_name(settings.experiment), settings.optuna_storage
+    if storage and study in optuna.study.get_all_study_names(optuna.storages.get_storage(storage)):
+        raise ValueError(f"{storage} already holds a study {study!r}: resume that search (--resume), choose "
+                         f"another --out, or delete the study (optuna delete-study --study-name {study} "
+                         f"--storage {storage})")
 
 
 def run_search(trainable: Callable[[dict[str, Any]], None], space: Space, settings: SearchSettings,
         resume: bool = False) -> tune.ResultGrid:
-    """Run (or, with `resume`, continue) the search to its end; Ray must be initialised."""
-    exists = tune.Tuner.can_restore(settings.experiment)
-    if resume and not exists:
+    """Run (or, with `resume`, continue) the search to its end, to `settings.num_samples` trials in
+    all (more than it was started with grows it); Ray must be initialised."""
+    if resume and not tune.Tuner.can_restore(settings.experiment):
         raise FileNotFoundError(f"{settings.experiment}: no experiment to resume")
-    if not resume and exists:
-        refuse_taken(settings.experiment)
+    if resume:
+        recovery.grow(settings.experiment, settings.num_samples)
+    else:
+        refuse_taken(settings)
     tuner = make_tuner(
         tune.with_resources(trainable, trial_resources(settings)), settings, resume,
         tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(space, settings) if not resume else None,
