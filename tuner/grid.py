@@ -1,11 +1,12 @@
 """A grid of (run, seed) trainings as one Ray Tune run: the machinery of `finalize` and `reproduce`.
 
 A `Plan` names its datasets and its runs (a dataset and every setting) and the seeds; each
-(run, seed) is one trial of the search's trainable (`trainable.run_trial`, `final`): trained to
-its end (early stopping on valid NDCG@10, at most `cfg.epochs`), with a GPU share or CPUs as a
-search's trials get them (`search.trial_resources`), checkpointed after each validation pass so
-that a failed trial, or the whole grid after an interruption (`resume`), continues from there.
-Its last row also holds the best model's valid and test metrics (`finished` reads them).
+(run, seed) is one trial of a search's trainable (`trainable.run_trial`, `TrialSetup.final`):
+trained to its end (early stopping on valid NDCG@10, at most `cfg.epochs`), with a GPU share or
+CPUs as a search's trials get them (`search.trial_resources`), checkpointed after each
+validation pass so that a failed trial, or the whole grid after an interruption (`resume`),
+continues from there.  Its last row also holds the best model's valid and test metrics
+(`finished` reads them).
 
 The grid's folder OUT keeps `grid.yaml` (the plan and where the experiment is): `resume`
 continues only the same plan.
@@ -104,8 +105,8 @@ def _record(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool
 
 
 def finished(experiment: str) -> pd.DataFrame:
-    """One row per finished trial (run, seed, trial_id and its final metrics), read from the
-    experiment without Ray running."""
+    """One row per finished trial (run, seed, trial_id and its last row's metrics: the best model's
+    valid and test, `epochs` its last epoch), read from the experiment without Ray running."""
     frame = results_frame(read(experiment).trials)
     if DONE not in frame.columns:
         return pd.DataFrame(columns=["run", "seed", "trial_id"])

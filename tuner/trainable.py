@@ -66,25 +66,28 @@ def search_setup(data: ray.ObjectRef, data_info: dict[str, Any], space: Space) -
 
 
 def searched(space: Space, params: dict[str, Any]) -> tuple[str, Config]:
+    """A search trial's dataset and settings: the space's with the sampled parameters."""
     return SEARCHED, space.config(params, space.asha.max_epochs)
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
+    """One trial: train from the checkpoint Ray restarts it from, if any, reporting each evaluation;
+    a grid's run reports its last with the test metrics (`final_metrics`), or again if it had."""
     dataset, cfg = setup.configure(params)
     data = fetch_data(setup.data[dataset])
     with tempfile.TemporaryDirectory(prefix="simdiffrec-trial-") as work:
         work = Path(work)
         restored = restore(work / "restored")
-        final = finished_row(restored) if restored else None
-        if final is not None:  # finished before the experiment recorded it
-            tune.report(final, checkpoint=tune.Checkpoint.from_directory(restored))
+        row = finished_row(restored) if restored else None
+        if row is not None:  # finished before the experiment recorded it
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(restored))
             return
         rows = reported_rows(restored) if restored else []
-        evaluations: list[Evaluation] = []
+        last: dict[str, Any] = {}  # a grid run's last evaluation's row, reported after train's end
 
         def report(ev: Evaluation) -> None:
-            evaluations.append(ev)
-            if setup.final and (ev.stopping or ev.epoch == cfg.epochs):  # its row comes with the test metrics
+            if setup.final and (ev.stopping or ev.epoch == cfg.epochs):
+                last.update(trial_metrics(ev))
                 return
             with tempfile.TemporaryDirectory(dir=work) as folder:
                 ev.save(Path(folder) / CHECKPOINT_FILE)
@@ -97,13 +100,13 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         result = train(cfg, data, report=report, resume=resume, test=setup.final)  # a search selects on valid alone
         if setup.final:
             with tempfile.TemporaryDirectory(dir=work) as folder:
-                row = final_metrics(cfg, data, result, evaluations[-1], Path(folder), setup.data_info[dataset])
-                report_checkpoint(rows, row, Path(folder))
+                final = final_metrics(cfg, data, result, Path(folder), setup.data_info[dataset])
+                report_checkpoint(rows, {**last, **final}, Path(folder))
 
 
 def restore(folder: Path) -> Path | None:
-    """The checkpoint Ray restarts this trial from (a failure, or a resumed search or grid), put
-    in `folder`; None for a fresh trial."""
+    """The checkpoint Ray restarts this trial from (after a failure, or in a resumed search or
+    grid), put in `folder`; None for a fresh trial."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
@@ -116,18 +119,18 @@ def finished_row(checkpoint: Path) -> dict[str, Any] | None:
     return None if (checkpoint / CHECKPOINT_FILE).is_file() else reported_rows(checkpoint)[-1]
 
 
-def final_metrics(cfg: Config, data: SequenceData, result: TrainResult, last: Evaluation, folder: Path,
+def final_metrics(cfg: Config, data: SequenceData, result: TrainResult, folder: Path,
                   data_info: dict[str, Any]) -> dict[str, Any]:
-    """A finished run's row: its last evaluation's, with the best model's valid (`best_valid/`) and
-    test metrics (also without history masking), how long it took and whether on a GPU; that model
-    saved in `folder`."""
+    """What a finished run adds to its last row: the best model's valid (`best_valid/`) and test
+    metrics (also without history masking), its minutes and whether on a GPU; that model saved
+    in `folder`."""
     device = resolve_device(cfg.device)
     with torch.no_grad():
         unmasked = evaluate(scorer(cfg, result.model, device), data.test.to(device), mask_history=False)
     save_model(folder / MODEL_DIR, result.model, data.item_ids,
                metrics={"valid": result.valid, "test": result.test, UNMASKED: unmasked,
                         "best_epoch": result.best_epoch, "data": data_info})
-    return {**trial_metrics(last), **{f"best_valid/{k}": v for k, v in result.valid.items()},
+    return {**{f"best_valid/{k}": v for k, v in result.valid.items()},
             **{f"test/{k}": v for k, v in result.test.items()},
             **{f"{UNMASKED}/{k}": v for k, v in unmasked.items()},
             "minutes": result.minutes, "gpu": int(device.type == "cuda")}
