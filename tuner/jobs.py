@@ -116,7 +116,7 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
 
     from . import search
     from .experiment import export
-    from .trainable import TrialSetup, make_trainable
+    from .trainable import make_trainable, search_setup
 
     given, resume = request.settings, request.resume
     space, settings = (_resumed(job, request.max_epochs, given) if resume
@@ -133,8 +133,7 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
                   "max_epochs": space.asha.max_epochs, "settings": dataclasses.asdict(settings)}
         write_yaml(job.out / RECORD, record)
     init_ray(address)
-    setup = TrialSetup(data=ray.put(data), data_info={"source": job.data, **stats}, space=space,
-                       max_epochs=space.asha.max_epochs)
+    setup = search_setup(ray.put(data), {"source": job.data, **stats}, space)
     search.run_search(make_trainable(setup), space, settings, resume=resume)
     return export(settings.experiment, job.out)
 
