@@ -25,6 +25,7 @@ from tuner import grid, search, verdict
 from tuner.experiment import read
 from tuner.protocol import CHECKPOINT_FILE
 from tuner.retrain import FINAL_PATIENCE, REPRODUCE, SASREC, RetrainRequest, _settings, baselines, chosen_trials
+from tuner.trainable import finished_row
 
 from .conftest import synthetic_sequences
 from .test_tuner import SPACE, TINY
@@ -152,15 +153,16 @@ def test_finalize_resumes_its_finished_runs_and_refuses_other_flags(final, tiny_
 
 
 def test_a_restored_grid_trial_reports_again_only_from_a_final_checkpoint(final, tmp_path):
-    """A finished run's last checkpoint holds its final metrics and no train state: restored, the
-    trial reports them again; a checkpoint with train state trains on."""
+    """A finished run's last checkpoint holds its last row (an evaluation's, with the test metrics)
+    and no train state: restored, the trial reports that row again; one with train state trains on."""
     for trial in read(str(final / "experiment")).trials:
-        reported = grid.final_report(Path(trial.folder) / trial.latest)
-        assert grid.DONE in reported and all(trial.rows[-1][k] == v for k, v in reported.items())
+        reported = finished_row(Path(trial.folder) / trial.latest)
+        assert grid.DONE in reported and "epoch" in reported
+        assert all(trial.rows[-1][k] == v for k, v in reported.items())
     training = tmp_path / "training"
     training.mkdir()
     (training / CHECKPOINT_FILE).write_bytes(b"")
-    assert grid.final_report(training) is None
+    assert finished_row(training) is None
 
 
 def test_finalize_also_retrains_trials_named_by_number(tiny_search, tmp_path, capsys):

@@ -875,6 +875,21 @@ def test_packing_benchmark_runs_on_cpu():
     assert float(ratio2) == pytest.approx(float(total2) / float(total1), abs=0.01)
 
 
+def test_a_search_from_the_shell_prints_our_lines_alone(files, tmp_path):
+    """A user's `tune` starts its own Ray, whose workers' log lines reach the console: Ray's
+    "Checkpoint successfully created" after every epoch, colour codes in a log file, its notice
+    that token authentication is on. None of them remains."""
+    run = subprocess.run([sys.executable, "-m", "simdiffrec.cli", *tune_args(files, tmp_path / "out", "--num-samples",
+                          "2", "--max-epochs", "2")], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""})
+    assert run.returncode == 0, run.stderr[-2000:]
+    ours = ("data ", "trial #", "best trial ", "still rising ", "exports in ")
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    evaluations = pd.read_parquet(tmp_path / "out" / "results.parquet").dropna(subset=["epoch"])
+    assert sum(line.startswith("trial #") for line in lines) == len(evaluations) >= 3  # ASHA may stop one at 1
+    assert [line for line in lines if not line.startswith(ours) and "A new study created" not in line] == []
+
+
 def test_results_list_each_epoch_of_a_restarted_trial_once():
     """A trial restarted from its epoch-1 checkpoint reports epoch 2 again: one row, the later."""
     rows = [{"epoch": e, METRIC: v, "config": {"alpha": 0.4}} for e, v in [(1, 0.1), (2, 0.2), (2, 0.25), (3, 0.3)]]

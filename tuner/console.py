@@ -41,12 +41,11 @@ def name(trial: Any) -> str:
 
 
 def line(trial: Any, result: dict[str, Any], max_epochs: int) -> str:
-    """A trial's report as one line: an evaluation (with `epoch`), or a grid run's final metrics."""
-    if "epoch" not in result or "test/NDCG@10" in result:  # a grid run's final report
-        return (f"{name(trial)} finished: {METRIC} {result.get(METRIC, math.nan):.4f}, test/NDCG@10 "
-                f"{result.get('test/NDCG@10', math.nan):.4f} (epoch {result.get('best_epoch')} of "
-                f"{result.get('epochs')})")
+    """A trial's report as one line: an evaluation, or a grid run's last, which holds its test metrics."""
     epoch = int(result["epoch"])
+    if "test/NDCG@10" in result:
+        return (f"{name(trial)} finished: {METRIC} {result[BEST]:.4f}, test/NDCG@10 "
+                f"{result['test/NDCG@10']:.4f} (epoch {result['best_epoch']} of {epoch})")
     left = max(max_epochs - epoch, 0) * result.get("seconds_per_epoch", math.nan)
     eta = f", ~{datetime.timedelta(seconds=round(left))} to its cap" if math.isfinite(left) else ""
     return (f"{name(trial)} epoch {epoch}: {METRIC} {result[METRIC]:.4f} (its best {result.get(BEST, math.nan):.4f}"

@@ -1,14 +1,12 @@
 """A grid of (run, seed) trainings as one Ray Tune run: the machinery of `finalize` and `reproduce`.
 
 A `Plan` names its datasets and its runs (a dataset and every setting) and the seeds; each
-(run, seed) is one trial, `simdiffrec.train.train(cfg, data, test=True)` to its end (early
-stopping on valid NDCG@10, at most `cfg.epochs`), with a GPU share or CPUs as a search's trials
-get them (`search.trial_resources`).  After each validation pass but the last a trial reports
-with a checkpoint of train's resumable state, so a failed trial, or the whole grid after an
-interruption (`resume`), continues from there.  Its last report holds the final metrics (valid
-and test of the best model; test also without history masking, RecBole's protocol) and that
-model as a model folder (`MODEL_DIR`), the final metrics last among its rows (`REPORTED`): a
-trial restarted after it had finished reports them again instead of training on.
+(run, seed) is one trial of a search's trainable (`trainable.run_trial`, `TrialSetup.final`):
+trained to its end (early stopping on valid NDCG@10, at most `cfg.epochs`), with a GPU share or
+CPUs as a search's trials get them (`search.trial_resources`), checkpointed after each
+validation pass so that a failed trial, or the whole grid after an interruption (`resume`),
+continues from there.  Its last row also holds the best model's valid and test metrics
+(`finished` reads them).
 
 The grid's folder OUT keeps `grid.yaml` (the plan and where the experiment is): `resume`
 continues only the same plan.
@@ -24,25 +22,19 @@ from typing import Any
 
 import pandas as pd
 import ray
-import torch
 from ray import tune
 
 from simdiffrec.config import Config, read_yaml, write_yaml
 from simdiffrec.data import load_and_describe
-from simdiffrec.device import resolve_device
-from simdiffrec.evaluate import evaluate, scorer
 from simdiffrec.files import remove, switch_folder
-from simdiffrec.model_folder import save_model
-from simdiffrec.train import Evaluation, train
 
 from . import search
 from .experiment import copy_model, read, results_frame
 from .jobs import init_ray, prefer_loopback
-from .protocol import CHECKPOINT_FILE, GRID_RECORD, MODEL_DIR
-from .trainable import fetch_data, report_checkpoint, reported_rows, trial_metrics
+from .protocol import GRID_RECORD
+from .trainable import UNMASKED, TrialSetup, make_trainable
 
-DONE = "test/NDCG@10"  # present in a trial's last report only when it finished
-UNMASKED = "test_unmasked"  # prefix of the test metrics without history masking
+DONE = "test/NDCG@10"  # present in a run's last row only: it finished
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,63 +48,10 @@ class Plan:
     def config(self, run: str, seed: int) -> Config:
         return Config.from_dict({**self.runs[run]["config"], "seed": seed}, source=f"run {run}")
 
-
-@dataclasses.dataclass(frozen=True)
-class GridSetup:
-    """What every trial shares, handed to workers through the object store."""
-
-    plan: Plan
-    data: dict[str, ray.ObjectRef]  # dataset name -> its prepared SequenceData
-    data_info: dict[str, dict[str, Any]]  # dataset name -> its source and statistics
-
-
-def run_seed(params: dict[str, Any], setup: GridSetup) -> None:
-    """One trial: train one run with one seed to its end, then report the final metrics."""
-    cfg = setup.plan.config(params["run"], params["seed"]).replace(device="auto")
-    dataset = setup.plan.runs[params["run"]]["dataset"]
-    data = fetch_data(setup.data[dataset])
-    with tempfile.TemporaryDirectory(prefix="simdiffrec-run-") as work:
-        work = Path(work)
-        checkpoint = tune.get_checkpoint()
-        resume, rows = None, []
-        if checkpoint is not None:
-            restored = work / "restored"
-            checkpoint.to_directory(restored)
-            final = final_report(restored)
-            if final is not None:  # finished before the experiment recorded it
-                tune.report(final, checkpoint=tune.Checkpoint.from_directory(restored))
-                return
-            resume, rows = restored / CHECKPOINT_FILE, reported_rows(restored)
-
-        def report(ev: Evaluation) -> None:
-            if ev.stopping or ev.epoch == cfg.epochs:  # the final report follows this evaluation
-                return
-            with tempfile.TemporaryDirectory(dir=work) as folder:
-                ev.save(Path(folder) / CHECKPOINT_FILE)
-                report_checkpoint(rows, trial_metrics(ev), Path(folder))
-
-        result = train(cfg, data, report=report, resume=resume, test=True)
-        device = resolve_device(cfg.device)
-        with torch.no_grad():
-            unmasked = evaluate(scorer(cfg, result.model, device), data.test.to(device), mask_history=False)
-        final = {**{f"valid/{k}": v for k, v in result.valid.items()},
-                 **{f"test/{k}": v for k, v in result.test.items()},
-                 **{f"{UNMASKED}/{k}": v for k, v in unmasked.items()},
-                 "best_epoch": result.best_epoch, "epochs": result.history[-1]["epoch"],
-                 "minutes": result.minutes, "gpu": int(device.type == "cuda")}
-        with tempfile.TemporaryDirectory(dir=work) as folder:
-            save_model(Path(folder) / MODEL_DIR, result.model, data.item_ids,
-                       metrics={"valid": result.valid, "test": result.test, "test_unmasked": unmasked,
-                                "best_epoch": result.best_epoch, "data": setup.data_info[dataset]})
-            report_checkpoint(rows, final, Path(folder))
-
-
-def final_report(restored: Path) -> dict[str, Any] | None:
-    """The final metrics a finished run's last checkpoint holds (it has no train state to resume),
-    else None."""
-    if (restored / CHECKPOINT_FILE).is_file():
-        return None
-    return reported_rows(restored)[-1]
+    def configure(self, params: dict[str, Any]) -> tuple[str, Config]:
+        """A trial's dataset and settings from its parameters (a run and a seed)."""
+        run = params["run"]
+        return self.runs[run]["dataset"], self.config(run, params["seed"]).replace(device="auto")
 
 
 def train_plan(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool = False,
@@ -128,8 +67,8 @@ def train_plan(plan: Plan, out: Path, settings: search.SearchSettings, resume: b
         prepared, stats = load_and_describe(spec["source"], max_len=spec["max_len"], kcore=spec["kcore"],
                                             **spec["columns"])
         data[name], info[name] = ray.put(prepared), {"source": spec["source"], **stats}
-    trainable = tune.with_resources(tune.with_parameters(run_seed, setup=GridSetup(plan, data, info)),
-                                    search.trial_resources(settings))
+    setup = TrialSetup(data, info, plan.configure, final=True)
+    trainable = tune.with_resources(make_trainable(setup), search.trial_resources(settings))
     tuner = search.make_tuner(
         trainable, settings, resume,
         tune.TuneConfig(max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
@@ -166,12 +105,14 @@ def _record(plan: Plan, out: Path, settings: search.SearchSettings, resume: bool
 
 
 def finished(experiment: str) -> pd.DataFrame:
-    """One row per finished trial (run, seed, trial_id and its final metrics), read from the
-    experiment without Ray running."""
+    """One row per finished trial (run, seed, trial_id and its last row's metrics: the best model's
+    valid and test, `epochs` its last epoch), read from the experiment without Ray running."""
     frame = results_frame(read(experiment).trials)
     if DONE not in frame.columns:
         return pd.DataFrame(columns=["run", "seed", "trial_id"])
     frame = frame[frame[DONE].notna()].drop_duplicates("trial_id", keep="last")
+    frame = frame.drop(columns=[c for c in frame.columns if c.startswith("valid/")]).rename(
+        columns={c: c.replace("best_valid/", "valid/") for c in frame.columns} | {"epoch": "epochs"})
     keep = ["run", "seed", "trial_id", *(c for c in frame.columns
                                         if c.split("/")[0] in ("valid", "test", UNMASKED)),
             "best_epoch", "epochs", "minutes", "gpu"]

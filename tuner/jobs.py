@@ -10,6 +10,7 @@ contradict them (only the resources may change, e.g. on another cluster).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -115,7 +116,7 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
 
     from . import search
     from .experiment import export
-    from .trainable import TrialSetup, make_trainable
+    from .trainable import make_trainable, search_setup
 
     given, resume = request.settings, request.resume
     space, settings = (_resumed(job, request.max_epochs, given) if resume
@@ -132,8 +133,7 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
                   "max_epochs": space.asha.max_epochs, "settings": dataclasses.asdict(settings)}
         write_yaml(job.out / RECORD, record)
     init_ray(address)
-    setup = TrialSetup(data=ray.put(data), data_info={"source": job.data, **stats}, space=space,
-                       max_epochs=space.asha.max_epochs)
+    setup = search_setup(ray.put(data), {"source": job.data, **stats}, space)
     search.run_search(make_trainable(setup), space, settings, resume=resume)
     return export(settings.experiment, job.out)
 
@@ -180,8 +180,20 @@ def init_ray(address: str | None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or "local")
+        quiet_ray()
+        ray.init(address=address or "local", logging_level=logging.WARNING,
+                 logging_config=ray.LoggingConfig(log_level="WARNING"))  # no worker's "Checkpoint ... created"
         stop_on_sigterm()  # ray.init's own handler exits mid-search with a crash dump
+
+
+def quiet_ray() -> None:
+    """Ray's console as plain as ours: no colour codes around its workers' lines outside a terminal,
+    and not its notice that token authentication is on (its default, announced on every start; the
+    warning that it is off stays)."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: not record.getMessage().startswith("Token authentication is enabled"))
 
 
 def _new(job: Job, max_epochs: int | None, given: dict[str, Any]) -> tuple["Space", "SearchSettings"]:

@@ -15,7 +15,6 @@ reads a private Ray attribute (tests/test_layout.py).
 from __future__ import annotations
 
 import json
-import math
 import sys
 from typing import Any
 
@@ -143,9 +142,8 @@ def restore_rows(experiment: str) -> list[str]:
     Ray copies the driver's result.json to the experiment's folder now and then, file by file: a
     driver killed meanwhile leaves it behind the checkpoints (a row the saved state counts,
     missing) or, where it was written in place (not through `storage`), cut off, even empty.  A
-    row put back has the trial's metrics, not Ray's bookkeeping (time_total_s, timestamp, ...).
-    A row with an epoch is there if a row of its epoch is; one without (a grid run's final
-    report), if a row holds all of it."""
+    row put back has the trial's metrics, not Ray's bookkeeping (time_total_s, timestamp, ...);
+    a row is there if a row of its epoch is."""
     run = read(experiment)
     fs = storage_filesystem(experiment) or run.fs  # each file whole: a kill now cuts off nothing
     mended = []
@@ -160,18 +158,15 @@ def restore_rows(experiment: str) -> list[str]:
             text = ""
         complete = text[:text.rfind("\n") + 1]
         rows = parse_rows(complete)
-        missing = [row for row in kept if not any(_same(row, old) for old in rows)]
+        there = {row["epoch"] for row in rows}
+        missing = [row for row in kept if row["epoch"] not in there]
         if not missing and complete == text:
             continue
-        rows = sorted(rows + missing, key=lambda row: row.get("epoch", math.inf))  # a grid's final report last
+        rows = sorted(rows + missing, key=lambda row: row["epoch"])
         with fs.open_output_stream(f"{trial.folder}/result.json") as stream:
             stream.write("".join(json.dumps(row) + "\n" for row in rows).encode())
         mended.append(trial.folder)
     return mended
-
-
-def _same(row: dict[str, Any], old: dict[str, Any]) -> bool:
-    return old.get("epoch") == row["epoch"] if "epoch" in row else row.items() <= old.items()
 
 
 def record_failures(experiment: str, grid: tune.ResultGrid) -> list[str]:

@@ -110,11 +110,6 @@ def trial_table(trials: list[Trial], results: pd.DataFrame, max_epochs: int,
         if len(own):
             top = own.loc[own[METRIC].idxmax()]
             epochs, best, best_epoch, hr = own["epoch"].max(), top[METRIC], top["epoch"], top.get("valid/HR@10")
-        # a finished grid trial ends with a summary row (no epoch): the best model's metrics
-        summary = reported.dropna(subset=[METRIC, "epochs"]) if {METRIC, "epochs"} <= set(reported) else own.iloc[:0]
-        if len(summary):
-            last = summary.iloc[-1]
-            epochs, best, best_epoch, hr = last["epochs"], last[METRIC], last["best_epoch"], last.get("valid/HR@10")
         timed = reported.dropna(subset=["time_total_s"]) if "time_total_s" in reported else own
         if len(timed):
             seconds = timed["time_total_s"].max()

@@ -1,16 +1,21 @@
-"""The Ray Tune function trainable: one trial = one `simdiffrec.train` run.
+"""The Ray Tune function trainable of a search and of a grid alike: one trial = one
+`simdiffrec.train` run.
 
-The driver prepares the dataset once and puts it in Ray's object store; each worker process
+The driver prepares each dataset once and puts it in Ray's object store; each worker process
 fetches it once and keeps it (actors are reused between trials), so no trial reads or
 re-prepares the data, and worker nodes need no copy of the file.  After every validation pass a
-trial reports its metrics with a checkpoint folder holding
+trial reports its metrics (one row: `trial_metrics`) with a checkpoint folder holding
 
-    checkpoint.pt   train()'s resumable checkpoint: a restarted trial continues from it
-    model/          the model of that epoch as a simdiffrec model folder (model_folder.save_model)
+    checkpoint.pt   train()'s resumable state: a restarted trial continues from it
+    model/          a search's trial: the model of that epoch as a simdiffrec model folder
     reported.json   every row the trial has reported, this one's last (`report_checkpoint`)
 
-so the checkpoint Ray keeps as a trial's best (by valid NDCG@10) is directly the exported model.
-The device is `auto`: the GPU Ray assigned (visible as cuda:0), else the CPU.
+so the checkpoint Ray keeps as a search trial's best (by valid NDCG@10) is directly the exported
+model.  A grid's run (`TrialSetup.final`) trains to its end instead: its last evaluation's row
+also holds the test metrics of the best model (also without history masking, RecBole's
+protocol), and its checkpoint that model and no train state, so a run restarted after it had
+finished reports that row again instead of training on.  The device is `auto`: the GPU Ray
+assigned (visible as cuda:0), else the CPU.
 """
 
 from __future__ import annotations
@@ -23,51 +28,112 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
+import torch
 from ray import tune
 
-from simdiffrec.config import SELECT_BY
+from simdiffrec.config import SELECT_BY, Config
 from simdiffrec.data import SequenceData
+from simdiffrec.device import resolve_device
+from simdiffrec.evaluate import evaluate, scorer
 from simdiffrec.files import write_atomic
 from simdiffrec.model_folder import save_model
-from simdiffrec.train import Evaluation, train
+from simdiffrec.train import Evaluation, TrainResult, train
 
 from .protocol import BEST, CHECKPOINT_FILE, GPU_SHARE, METRIC, MODEL_DIR, REPORTED
 from .spaces import Space
+
+UNMASKED = "test_unmasked"  # prefix of a grid run's test metrics without history masking
+SEARCHED = "data"  # a search's one dataset
 
 
 @dataclass(frozen=True)
 class TrialSetup:
     """What every trial shares, handed to workers through the object store."""
 
-    data: ray.ObjectRef  # the prepared SequenceData
-    data_info: dict[str, Any]  # its source and statistics, recorded with each model
-    space: Space  # fixed settings and the file to name in errors
-    max_epochs: int
+    data: dict[str, ray.ObjectRef]  # dataset name -> its prepared SequenceData
+    data_info: dict[str, dict[str, Any]]  # dataset name -> its source and statistics, recorded with each model
+    configure: Callable[[dict[str, Any]], tuple[str, Config]]  # a trial's parameters -> its dataset and settings
+    final: bool = False  # a grid's run: to its end, then the test metrics (else a search's trial)
 
 
 def make_trainable(setup: TrialSetup) -> Callable[[dict[str, Any]], None]:
     return tune.with_parameters(run_trial, setup=setup)
 
 
+def search_setup(data: ray.ObjectRef, data_info: dict[str, Any], space: Space) -> TrialSetup:
+    """A search's trials: one dataset, the space's settings for at most its max epochs."""
+    return TrialSetup({SEARCHED: data}, {SEARCHED: data_info}, functools.partial(searched, space))
+
+
+def searched(space: Space, params: dict[str, Any]) -> tuple[str, Config]:
+    """A search trial's dataset and settings: the space's with the sampled parameters."""
+    return SEARCHED, space.config(params, space.asha.max_epochs)
+
+
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
-    cfg = setup.space.config(params, setup.max_epochs)
-    data = fetch_data(setup.data)
+    """One trial: train from the checkpoint Ray restarts it from, if any, reporting each evaluation;
+    a grid's run reports its last with the test metrics (`final_metrics`), or again if it had."""
+    dataset, cfg = setup.configure(params)
+    data = fetch_data(setup.data[dataset])
     with tempfile.TemporaryDirectory(prefix="simdiffrec-trial-") as work:
         work = Path(work)
-        checkpoint = tune.get_checkpoint()
-        resume, rows = None, []
-        if checkpoint is not None:  # a restarted trial (failure, or a resumed search)
-            checkpoint.to_directory(work / "restored")
-            resume, rows = work / "restored" / CHECKPOINT_FILE, reported_rows(work / "restored")
+        restored = restore(work / "restored")
+        row = finished_row(restored) if restored else None
+        if row is not None:  # finished before the experiment recorded it
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(restored))
+            return
+        rows = reported_rows(restored) if restored else []
+        last: dict[str, Any] = {}  # a grid run's last evaluation's row, reported after train's end
 
         def report(ev: Evaluation) -> None:
+            if setup.final and (ev.stopping or ev.epoch == cfg.epochs):
+                last.update(trial_metrics(ev))
+                return
             with tempfile.TemporaryDirectory(dir=work) as folder:
                 ev.save(Path(folder) / CHECKPOINT_FILE)
-                save_model(Path(folder) / MODEL_DIR, ev.model, data.item_ids,
-                           metrics={"epoch": ev.epoch, "valid": ev.valid, "data": setup.data_info})
+                if not setup.final:
+                    save_model(Path(folder) / MODEL_DIR, ev.model, data.item_ids,
+                               metrics={"epoch": ev.epoch, "valid": ev.valid, "data": setup.data_info[dataset]})
                 report_checkpoint(rows, trial_metrics(ev), Path(folder))
 
-        train(cfg, data, report=report, resume=resume, test=False)  # trials select on valid alone
+        resume = restored / CHECKPOINT_FILE if restored else None
+        result = train(cfg, data, report=report, resume=resume, test=setup.final)  # a search selects on valid alone
+        if setup.final:
+            with tempfile.TemporaryDirectory(dir=work) as folder:
+                final = final_metrics(cfg, data, result, Path(folder), setup.data_info[dataset])
+                report_checkpoint(rows, {**last, **final}, Path(folder))
+
+
+def restore(folder: Path) -> Path | None:
+    """The checkpoint Ray restarts this trial from (after a failure, or in a resumed search or
+    grid), put in `folder`; None for a fresh trial."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    checkpoint.to_directory(folder)
+    return folder
+
+
+def finished_row(checkpoint: Path) -> dict[str, Any] | None:
+    """The last row of a finished grid run, whose last checkpoint holds no train state; else None."""
+    return None if (checkpoint / CHECKPOINT_FILE).is_file() else reported_rows(checkpoint)[-1]
+
+
+def final_metrics(cfg: Config, data: SequenceData, result: TrainResult, folder: Path,
+                  data_info: dict[str, Any]) -> dict[str, Any]:
+    """What a finished run adds to its last row: the best model's valid (`best_valid/`) and test
+    metrics (also without history masking), its minutes and whether on a GPU; that model saved
+    in `folder`."""
+    device = resolve_device(cfg.device)
+    with torch.no_grad():
+        unmasked = evaluate(scorer(cfg, result.model, device), data.test.to(device), mask_history=False)
+    save_model(folder / MODEL_DIR, result.model, data.item_ids,
+               metrics={"valid": result.valid, "test": result.test, UNMASKED: unmasked,
+                        "best_epoch": result.best_epoch, "data": data_info})
+    return {**{f"best_valid/{k}": v for k, v in result.valid.items()},
+            **{f"test/{k}": v for k, v in result.test.items()},
+            **{f"{UNMASKED}/{k}": v for k, v in unmasked.items()},
+            "minutes": result.minutes, "gpu": int(device.type == "cuda")}
 
 
 def report_checkpoint(rows: list[dict[str, Any]], metrics: dict[str, Any], folder: Path) -> None:
