@@ -99,8 +99,8 @@ def decision(search: Search, final_dir: Path) -> Section:
     model = next(line for line in lines if line.startswith(f"`{CHECKPOINT}/`:"))
     final = read_final(final_dir)
     named = "; ".join(f"<b>{html.escape(name)}</b> {what}" for name, what in identities(final, search).items())
-    text = (f"{_inline(lines[0])}<br><code>{html.escape(str(final_dir / CHECKPOINT))}/</code> holds "
-            f"{_inline(model.split(':', 1)[1].strip())}<br>The configurations retrained: {named}.")
+    text = (f"{_inline(lines[0])}</p><p><code>{html.escape(str(final_dir / CHECKPOINT))}/</code> holds "
+            f"{_inline(model.split(':', 1)[1].strip())}</p><p>The configurations retrained: {named}.")  # 3 paragraphs
     return Section("Verdict", text)
 
 
