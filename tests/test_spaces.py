@@ -198,7 +198,7 @@ def test_a_space_states_only_what_differs_from_its_base(tmp_path):
     by key (null drops one); points replaced; the resolved mapping is what a search copies."""
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump({
         "base": "default", "parameters": {"batch_size": None, "layers": {"type": "int", "low": 1, "high": 2}},
-        "fixed": {"batch_size": 128}, "asha": {"grace_period": 7}, "sampler": {"multivariate": True},
+        "fixed": {"batch_size": 128}, "asha": {"grace_period": 7}, "sampler": {"constant_liar": False},
         "points_to_evaluate": [{"family": "sasrec", "layers": 1}]}))
     mine, default = spaces.load(tmp_path / "mine.yaml"), spaces.load("default")
     names = [p.name for p in mine.params]
@@ -206,7 +206,8 @@ def test_a_space_states_only_what_differs_from_its_base(tmp_path):
     assert {p.name: p for p in mine.params}["layers"].high == 2 and mine.fixed["batch_size"] == 128
     assert mine.asha == default.asha.__class__(default.asha.max_epochs, 7, default.asha.reduction_factor,
                                                default.asha.min_rung_results)
-    assert mine.sampler == {"multivariate": True} and mine.points == ({"family": "sasrec", "layers": 1},)
+    assert mine.sampler == {**default.sampler, "constant_liar": False} and default.sampler["constant_liar"]
+    assert mine.points == ({"family": "sasrec", "layers": 1},)
     copy = yaml.safe_load(yaml.safe_dump(mine.raw, sort_keys=False))  # as a search writes it (write_yaml)
     assert spaces.parse(copy, "copy") == dataclasses.replace(mine, source="copy")  # it stands alone
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"base": "b.yaml", "asha": {"grace_period": 1}}))

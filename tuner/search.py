@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -99,7 +100,9 @@ def make_searcher(space: Space, settings: SearchSettings) -> OptunaSearch:
     """Seeded TPE (with the space's `sampler` settings) learning from each trial's best valid
     NDCG@10; the space's points come first."""
     storage = optuna.storages.get_storage(settings.optuna_storage) if settings.optuna_storage else None
-    sampler = optuna.samplers.TPESampler(seed=settings.seed, **space.sampler)
+    with warnings.catch_warnings():  # `group` is experimental in Optuna 4: said once per search, not news
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, **space.sampler)
     return EpochCurves(space, metric=BEST, mode=MODE, points_to_evaluate=list(space.points),
                        sampler=sampler, study_name=study_name(settings.experiment), storage=storage)
 
