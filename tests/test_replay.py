@@ -118,3 +118,21 @@ def test_json_lines_name_the_shipped_policy(tmp_path):
     rows = [json.loads(line) for line in run.stdout.splitlines()]
     assert [r["policy"] for r in rows if r["shipped"]] == ["asha g2 rf3 b1 m1 cap40"]
     assert {"epochs_pct", "p_best_kept", "regret_valid", "regret_test_p90"} <= set(rows[0])
+
+
+def test_settings_effect_groups_configurations_by_value_and_ranks_the_best(tmp_path):
+    """bench/settings_effect.py: a categorical value per row, a varied float cut into three bins,
+    the configurations ranked by their worth (the best converged valid NDCG@10, mean over seeds)."""
+    folder = write_set(tmp_path / "set", worths=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], speeds=[3] * 8)
+    run = subprocess.run([sys.executable, str(BENCH / "settings_effect.py"), str(folder), "--top", "3"],
+                         capture_output=True, text=True, check=True)
+    best = [line.split("|")[1].strip() for line in run.stdout.splitlines() if line.startswith("| ")][1:4]
+    assert best == ["7", "6", "5"]  # the three best configurations, best first
+    def rows(setting: str) -> list[str]:  # the table under the setting's name, without its header
+        return run.stdout.split(f"\n{setting}\n\n")[1].split("\n\n")[0].splitlines()[2:]
+
+    k_noise = rows("k_noise")
+    # k_noise alternates 25, 1: configurations 1, 3, 5, 7 (worth median 0.5) have 1
+    assert [row.split("|")[1:4] for row in k_noise] == [[" 1 ", " 4 ", " 0.5 "], [" 25 ", " 4 ", " 0.4 "]]
+    alpha = rows("alpha")
+    assert len(alpha) == 3 and sum(int(row.split("|")[2]) for row in alpha) == 8  # three bins hold all eight
