@@ -46,9 +46,8 @@ def by_value(frame: pd.DataFrame, setting: str) -> pd.DataFrame:
         bins = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
         values = pd.Series([f"{edges[b]:.3g} to {edges[b + 1]:.3g}" for b in bins], index=values.index).where(values.notna())
     labels = values.map(lambda v: f"{v:g}" if isinstance(v, float) else str(v)).where(values.notna(), "(not sampled)")
-    order = values.map(lambda v: float(v) if isinstance(v, (int, float, np.number)) else float(v.split()[0])
-                       if isinstance(v, str) and v[0].isdigit() else np.nan)  # numbers and bins in order, then the rest
-    grouped = frame.assign(value=labels, order=order).sort_values("order", na_position="last").groupby("value", sort=False)
+    order = pd.to_numeric(frame[setting], errors="coerce")  # numbers and bins in order, then the rest
+    grouped = frame.assign(value=labels, order=order).sort_values("order", kind="stable").groupby("value", sort=False)
     return grouped.agg(configs=("valid", "size"), median_valid=("valid", "median"), best_valid=("valid", "max"),
                        median_test=("test", "median"), median_best_epoch=("best_epoch", "median")).reset_index()
 
