@@ -28,15 +28,24 @@ Scorer = Callable[[torch.Tensor], torch.Tensor]  # (b, w) left-padded inputs -> 
 KS = (5, 10, 20)
 
 
+def block_rows(device: torch.device) -> int:
+    """Users scored at once.  On the CPU small blocks are 2.5-3× faster (bench/eval_blocks.py:
+    rows are ordered by history length, so a small block trims more padding, and its score
+    matrix stays in cache); on an accelerator a large block asks the device fewer times."""
+    return 256 if device.type == "cpu" else 4096
+
+
 def metric_names(ks: tuple[int, ...] = KS) -> list[str]:
     return [f"{m}@{k}" for m in ("HR", "NDCG") for k in ks] + ["MRR"]
 
 
-def target_ranks(score: Scorer, split: EvalSplit, batch_size: int = 4096, mask_history: bool = True) -> torch.Tensor:
+def target_ranks(score: Scorer, split: EvalSplit, batch_size: int | None = None,
+                 mask_history: bool = True) -> torch.Tensor:
     """0-based rank of each user's target among all items (not in their history, unless
-    `mask_history` is False), on the device."""
+    `mask_history` is False), on the device; `batch_size` users at a time (default `block_rows`)."""
     n_users, max_len = split.inputs.shape
     device = split.inputs.device
+    batch_size = batch_size or block_rows(device)
     lengths = np.diff(split.history_ptr)
     ranks = []
     for start in range(0, n_users, batch_size):
@@ -68,7 +77,7 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[st
     return dict(zip(metric_names(ks), torch.stack(values).tolist()))
 
 
-def evaluate(score: Scorer, split: EvalSplit, ks: tuple[int, ...] = KS, batch_size: int = 4096,
+def evaluate(score: Scorer, split: EvalSplit, ks: tuple[int, ...] = KS, batch_size: int | None = None,
              mask_history: bool = True) -> dict[str, float]:
     return metrics_from_ranks(target_ranks(score, split, batch_size, mask_history), ks)
 

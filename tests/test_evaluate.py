@@ -50,6 +50,23 @@ def test_without_history_masking_history_items_compete_as_in_recbole():
     assert evaluate(scores, split, mask_history=False)["HR@5"] == 1.0
 
 
+def test_every_block_size_ranks_as_one_block():
+    """Users are scored in blocks (on the CPU 256 at a time, trimmed to each block's longest
+    history): a block's edges and width never change a rank, nor which history is masked."""
+    rng = np.random.default_rng(0)
+    n_items, n_users = 40, 600
+    lengths = np.sort(rng.integers(1, 12, n_users))  # rows ordered by history length, as EvalSplit's
+    histories = [rng.choice(np.arange(1, n_items + 1), size=n, replace=False).tolist() for n in lengths]
+    split = split_of(histories, rng.integers(1, n_items + 1, n_users).tolist(), histories)
+    table = torch.from_numpy(rng.permutation((n_items + 1) * n_items).reshape(n_items + 1, n_items)).float()
+    table[0] = 0  # padding
+    by_history = lambda x: table[x].sum(1)  # noqa: E731  (integers: the sums are exact)
+    whole = target_ranks(by_history, split, batch_size=n_users)
+    assert len(set(whole.tolist())) > 10  # not a degenerate scorer
+    for rows in (None, 7, 256, 599):
+        assert torch.equal(target_ranks(by_history, split, batch_size=rows), whole), rows
+
+
 def test_popularity_baseline_matches_the_published_reference():
     """Most-popular on Toys (counts of everything before the test item) vs ../shared/data/README.md."""
     seqs = [list(map(int, line.split()[1:])) for line in shared_file("Toys_and_Games.txt").open()]
