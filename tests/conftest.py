@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,13 @@ import torch
 from simdiffrec.data import SequenceData
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# One thread a process (this one, the commands it starts, Ray's workers) unless told otherwise:
+# torch's default of every core collapses when the suite's own processes or other jobs share them
+# (BENCHMARKS.md, "CPU threads on a shared machine"; the Toys test took 295 s with it beside two
+# training runs, 43 s with one thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def shared_file(name: str) -> Path:

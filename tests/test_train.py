@@ -79,11 +79,13 @@ def test_temperature_schedules():
     assert temperature(Config(tau=0.3), 50) == 0.3
 
 
-def test_two_epochs_on_toys_beat_popularity():
-    """The paper's settings, two epochs on the real Toys data: test HR@10 above most-popular (0.0090)."""
+def test_one_epoch_on_toys_beats_popularity():
+    """The paper's Toys settings on the real Toys data: test HR@10 above most-popular (0.0090)
+    after one epoch at batch 128 (the optimizer steps of two at 256, at half the item-table work;
+    0.0116 here)."""
     data = load_data(shared_file("Toys_and_Games.txt"))
     popular = evaluate(popularity_scorer(data.test, data.n_items), data.test)
-    result = train(Config(epochs=2, alpha=0.1, beta=0.1), data)
+    result = train(Config(epochs=1, alpha=0.1, beta=0.1, batch_size=128), data)
     assert result.test["HR@10"] > popular["HR@10"] >= 0.0089
 
 
