@@ -23,8 +23,11 @@ The pick is the trial with the best valid NDCG@10 of any epoch, as the search's 
 A configuration's worth is what retraining it to convergence gives: its best valid NDCG@10 over
 the whole recorded curve and the test NDCG@10 at that epoch, averaged over its seeds.  Per
 policy: epochs spent (% of no stopping at the longest cap), P(best kept) (the best configuration
-the search tried was not stopped by the policy), P(best picked), and the regret of the pick (the
-set's best worth minus the pick's, valid and test, mean and 90th percentile).
+the search tried was not stopped by the policy), P(best picked), P(near best) (the pick's valid
+worth within one seed's standard deviation of the best's: where the best few configurations lie
+within seed noise of each other, which one is "the best" is noise, and this is the probability
+that matters), and the regret of the pick (the set's best worth minus the pick's, valid and
+test, mean and 90th percentile).
 """
 
 from __future__ import annotations
@@ -354,6 +357,7 @@ def table(curves: Curves, space: spaces.Space, candidates: list[Policy], searche
                          "epochs_pct": 100 * epochs / reference,
                          "p_best_kept": np.mean([r["best_kept"] for r in runs]),
                          "p_best_picked": np.mean([r["best_picked"] for r in runs]),
+                         "p_near_best": np.mean(regret_valid <= curves.seed_std) if not math.isnan(curves.seed_std) else math.nan,
                          "regret_valid": regret_valid.mean(), "regret_valid_p90": np.quantile(regret_valid, 0.9),
                          "regret_test": regret_test.mean(), "regret_test_p90": np.quantile(regret_test, 0.9),
                          "shipped": policy == shipped(space)})
@@ -400,13 +404,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    cols = ["searcher", "policy", "epochs_pct", "p_best_kept", "p_best_picked", "regret_valid", "regret_valid_p90",
-            "regret_test", "regret_test_p90"]
+    cols = ["searcher", "policy", "epochs_pct", "p_best_kept", "p_best_picked", "p_near_best", "regret_valid",
+            "regret_valid_p90", "regret_test", "regret_test_p90"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in frame.sort_values(["searcher", "epochs_pct"]).to_dict("records"):
         mark = " (shipped)" if row["shipped"] else ""
-        cells = [row["searcher"], row["policy"] + mark, f"{row['epochs_pct']:.0f}%", f"{row['p_best_kept']:.2f}",
-                 f"{row['p_best_picked']:.2f}"] + [f"{row[c]:.4f}" for c in cols[5:]]
+        cells = [row["searcher"], row["policy"] + mark, f"{row['epochs_pct']:.0f}%"]
+        cells += [f"{row[c]:.2f}" for c in cols[3:6]] + [f"{row[c]:.4f}" for c in cols[6:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

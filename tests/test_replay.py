@@ -3,6 +3,7 @@ its table tells a policy that drops the best configuration from one that keeps i
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -99,6 +100,11 @@ def test_a_grace_period_too_short_for_the_slow_best_configuration_shows_in_the_t
     gap = curves.worth_valid[3] - curves.worth_valid[1]  # the best against the second best
     assert asha["p_best_kept"] == 0.0 and asha["regret_valid"] == pytest.approx(gap, abs=1e-3)
     assert asha["epochs_pct"] < none["epochs_pct"] == 100
+    assert none["p_near_best"] == 1.0 and asha["p_near_best"] == 0.0  # the gap is far above the seeds' spread
+    # with seeds that spread by more than the gap, the second best is as good a pick as the best
+    noisy = dataclasses.replace(curves, seed_std=gap + 1e-3)
+    frame = replay.table(noisy, space, policies[1:], ["random"], trials=6, workers=2, patience=5, orders=20)
+    assert frame.loc[0, "p_best_kept"] == 0.0 and frame.loc[0, "p_near_best"] == 1.0
 
 
 def test_the_searchers_each_try_every_configuration_once(tmp_path):
