@@ -353,11 +353,13 @@ def table(curves: Curves, space: spaces.Space, candidates: list[Policy], searche
             epochs = np.mean([r["epochs"] for r in runs])
             regret_valid = np.array([curves.worth_valid[best] - curves.worth_valid[r["pick"]] for r in runs])
             regret_test = np.array([curves.worth_test[best] - curves.worth_test[r["pick"]] for r in runs])
+            # within one seed's std of the best (no std where every configuration has one seed)
+            near = math.nan if math.isnan(curves.seed_std) else np.mean(regret_valid <= curves.seed_std)
             rows.append({"searcher": searcher, "policy": policy.name, **asdict(policy), "epochs": epochs,
                          "epochs_pct": 100 * epochs / reference,
                          "p_best_kept": np.mean([r["best_kept"] for r in runs]),
                          "p_best_picked": np.mean([r["best_picked"] for r in runs]),
-                         "p_near_best": np.mean(regret_valid <= curves.seed_std) if not math.isnan(curves.seed_std) else math.nan,
+                         "p_near_best": near,
                          "regret_valid": regret_valid.mean(), "regret_valid_p90": np.quantile(regret_valid, 0.9),
                          "regret_test": regret_test.mean(), "regret_test_p90": np.quantile(regret_test, 0.9),
                          "shipped": policy == shipped(space)})
