@@ -5,8 +5,10 @@ scored at once, and the ratio to the largest block of the same run.
 
 Rows are ordered by history length, so a smaller block trims more padding from the encoder's
 input and keeps its (rows × items) score matrix in cache; a larger one asks the device fewer
-times.  The model is untrained (the time does not depend on its weights); the ranks of every
-block size are checked to be the same.  Each figure is the median of --repeats after a warm-up.
+times.  The model is untrained (the time does not depend on its weights).  `ranks moved`
+counts the users whose rank differs from the first block size's: a block's width and shape
+change the float summation order, so a near-tie may turn.  Each figure is the median of
+--repeats after a warm-up.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ import torch
 from simdiffrec.config import Config
 from simdiffrec.data import load_data
 from simdiffrec.device import resolve_device
-from simdiffrec.evaluate import scorer, target_ranks
+from simdiffrec.evaluate import block_width, scorer, target_ranks
 from simdiffrec.model import SimDiffRec
 
 
 def padded_positions(lengths: np.ndarray, rows: int, max_len: int) -> int:
     """Encoder positions a split costs in blocks of `rows` (each block padded to its longest)."""
-    return sum(min(max_len, max(1, int(lengths[s:s + rows].max()))) * len(lengths[s:s + rows])
-               for s in range(0, len(lengths), rows))
+    blocks = (lengths[s:s + rows] for s in range(0, len(lengths), rows))
+    return sum(block_width(block, max_len) * len(block) for block in blocks)
 
 
 def main() -> None:

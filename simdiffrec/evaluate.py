@@ -35,6 +35,11 @@ def block_rows(device: torch.device) -> int:
     return 256 if device.type == "cpu" else 4096
 
 
+def block_width(lengths: np.ndarray, max_len: int) -> int:
+    """Positions a block of rows with these history lengths is trimmed to: its longest, at least one."""
+    return int(min(max_len, max(1, lengths.max())))
+
+
 def metric_names(ks: tuple[int, ...] = KS) -> list[str]:
     return [f"{m}@{k}" for m in ("HR", "NDCG") for k in ks] + ["MRR"]
 
@@ -50,7 +55,7 @@ def target_ranks(score: Scorer, split: EvalSplit, batch_size: int | None = None,
     ranks = []
     for start in range(0, n_users, batch_size):
         stop = min(start + batch_size, n_users)
-        width = int(min(max_len, max(1, lengths[start:stop].max())))
+        width = block_width(lengths[start:stop], max_len)
         scores = score(split.inputs[start:stop, max_len - width:]).float()
         targets = (split.targets[start:stop] - 1)[:, None]
         target_scores = scores.gather(1, targets)
