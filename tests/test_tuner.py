@@ -890,6 +890,22 @@ def test_a_search_from_the_shell_prints_our_lines_alone(files, tmp_path):
     assert [line for line in lines if not line.startswith(ours) and "A new study created" not in line] == []
 
 
+def test_a_stop_inside_a_weakref_callback_prints_nothing_while_other_errors_still_do():
+    """Ray ends a finished trial's actor with SIGTERM; its handler's SystemExit, landing in a weakref
+    callback, was printed as "Exception ignored in ..." on the search's console."""
+    code = ("import weakref\nfrom tuner.signals import quiet_stops_in_callbacks\n"
+            "quiet_stops_in_callbacks(); quiet_stops_in_callbacks()\n"
+            "class Item: pass\n"
+            "def stop(_): raise SystemExit(1)\n"
+            "def fail(_): raise ValueError('an error of its own')\n"
+            "a, b = Item(), Item(); refs = weakref.ref(a, stop), weakref.ref(b, fail)\n"
+            "del a, b\nprint('went on')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).parents[1])
+    assert run.returncode == 0 and run.stdout == "went on\n", run.stderr
+    assert "SystemExit" not in run.stderr and run.stderr.count("ValueError: an error of its own") == 1
+
+
 def test_results_list_each_epoch_of_a_restarted_trial_once():
     """A trial restarted from its epoch-1 checkpoint reports epoch 2 again: one row, the later."""
     rows = [{"epoch": e, METRIC: v, "config": {"alpha": 0.4}} for e, v in [(1, 0.1), (2, 0.2), (2, 0.25), (3, 0.3)]]

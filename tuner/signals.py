@@ -5,12 +5,18 @@ experiment and returns from `fit`, and the caller raises `Stopped`, which the co
 as one line with the `--resume` command (exit 128 + the signal: 130, 143).  Outside `fit`, and on
 a second signal, `Stopped` is raised at once.  Left to itself, SIGTERM ran `sys.exit` (ray.init's
 handler) in the middle of `fit`: a crash dump, no state saved, no resume hint.
+
+A trial's worker is stopped the other way round: Ray kills a finished trial's actor with SIGTERM,
+whose handler (Ray's) raises SystemExit.  Landing inside a weakref callback, Python cannot raise
+it and prints "Exception ignored in ..." instead, which Ray forwards to the search's console;
+`quiet_stops_in_callbacks` drops those lines in the worker.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -66,3 +72,19 @@ def stopping_fit() -> Iterator[list[int]]:
             os.environ.pop(RAY_OWN_SIGINT)
         else:
             os.environ[RAY_OWN_SIGINT] = before_env
+
+
+def quiet_stops_in_callbacks() -> None:
+    """In this process, an exception Python cannot raise (in a weakref callback, a `__del__`) is
+    dropped when it is a stop (SystemExit, KeyboardInterrupt): the process is ending as asked;
+    any other is reported as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_stops", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, (SystemExit, KeyboardInterrupt)):
+            previous(unraisable)
+
+    hook.drops_stops = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook

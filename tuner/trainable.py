@@ -40,6 +40,7 @@ from simdiffrec.model_folder import save_model
 from simdiffrec.train import Evaluation, TrainResult, train
 
 from .protocol import BEST, CHECKPOINT_FILE, GPU_SHARE, METRIC, MODEL_DIR, REPORTED
+from .signals import quiet_stops_in_callbacks
 from .spaces import Space
 
 UNMASKED = "test_unmasked"  # prefix of a grid run's test metrics without history masking
@@ -73,6 +74,7 @@ def searched(space: Space, params: dict[str, Any]) -> tuple[str, Config]:
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """One trial: train from the checkpoint Ray restarts it from, if any, reporting each evaluation;
     a grid's run reports its last with the test metrics (`final_metrics`), or again if it had."""
+    quiet_stops_in_callbacks()  # Ray's SIGTERM when it ends this actor prints no traceback
     dataset, cfg = setup.configure(params)
     data = fetch_data(setup.data[dataset])
     with tempfile.TemporaryDirectory(prefix="simdiffrec-trial-") as work:
