@@ -3,14 +3,16 @@
     python bench/replay.py bench/curves/ml-100k                  # the policy table
     python bench/replay.py bench/curves/ml-100k --json           # the same rows as JSON lines
     python bench/replay.py bench/curves/ml-100k --searchers random,tpe,tpe-mv --orders 100
+    python bench/replay.py bench/curves/ml-100k --caps 100,200 --patience 10,30   # in one table
 
 A replayed search runs `--trials` trials on `--workers` parallel workers, one epoch per time
 unit.  The space's points come first, then the searcher's choices: `random` (a random order of
 the set's other configurations), `tpe` (Optuna's TPE at its defaults) or `tpe-mv` (multivariate
 + group + constant liar), both asking the space as a search does and handed the nearest
 configuration of the set not yet tried (table lookup); each trial is one recorded seed of its
-configuration, drawn at random.  A trial ends at the policy's epoch cap, after `--patience`
-epochs without a better valid NDCG@10 (the space's), or when the policy stops it:
+configuration, drawn at random.  A trial ends at the policy's epoch cap, after the policy's
+patience of epochs without a better valid NDCG@10 (the space's; a row named `pN` ends a trial
+after N, so one table compares the space's patience with others'), or when the policy stops it:
 
     none                no stopping
     asha g,rf,b,m       Ray's ASHA (AsyncHyperBandScheduler) with grace period g, reduction factor
@@ -22,7 +24,7 @@ epochs without a better valid NDCG@10 (the space's), or when the policy stops it
 The pick is the trial with the best valid NDCG@10 of any epoch, as the search's export takes it.
 A configuration's worth is what retraining it to convergence gives: its best valid NDCG@10 over
 the whole recorded curve and the test NDCG@10 at that epoch, averaged over its seeds.  Per
-policy: epochs spent (% of no stopping at the longest cap), P(best kept) (the best configuration
+policy: epochs spent (% of no stopping at the longest cap and patience), P(best kept) (the best configuration
 the search tried was not stopped by the policy), P(best picked), P(near best) (the pick's valid
 worth within one seed's standard deviation of the best's: where the best few configurations lie
 within seed noise of each other, which one is "the best" is noise, and this is the probability
@@ -62,14 +64,16 @@ class Policy:
     rf: float = 0.0
     brackets: int = 1
     min_rung: int = 1
+    patience: int | None = None  # a trial's own early stopping; None: the space's
 
     @property
     def name(self) -> str:
+        own = f" p{self.patience}" if self.patience is not None else ""
         if self.kind == "asha":
-            return f"asha g{self.grace} rf{self.rf:g} b{self.brackets} m{self.min_rung} cap{self.cap}"
+            return f"asha g{self.grace} rf{self.rf:g} b{self.brackets} m{self.min_rung} cap{self.cap}{own}"
         if self.kind == "median":
-            return f"median g{self.grace} cap{self.cap}"
-        return f"none cap{self.cap}"
+            return f"median g{self.grace} cap{self.cap}{own}"
+        return f"none cap{self.cap}{own}"
 
 
 @dataclass
@@ -267,7 +271,8 @@ def _plain(value: Any) -> Any:
 def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind: str, trials: int, workers: int,
              patience: int, seed: int) -> dict[str, Any]:
     """One replayed search; its epochs, the best configuration it tried and whether the policy
-    stopped it, and its pick."""
+    stopped it, and its pick.  `patience`: the space's, where the policy has none of its own."""
+    patience = policy.patience or patience
     rng = np.random.default_rng(seed)
     searcher = Searcher(searcher_kind, curves, space, rng, seed)
     scheduler = Asha(policy, rng) if policy.kind == "asha" else Median(policy) if policy.kind == "median" else None
@@ -322,16 +327,17 @@ def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind:
             "best_picked": picked == best_tried, "pick": picked}
 
 
-def policies(space: spaces.Space, caps: list[int]) -> list[Policy]:
-    """The policies to compare: no stopping, a grid of ASHA settings, median stopping, at each cap."""
+def policies(space: spaces.Space, caps: list[int], patiences: list[int | None]) -> list[Policy]:
+    """The policies to compare: no stopping, a grid of ASHA settings, median stopping, at each cap
+    and patience (None: the space's)."""
     found = []
-    for cap in caps:
-        found.append(Policy("none", cap))
+    for cap, patience in itertools.product(caps, patiences):
+        found.append(Policy("none", cap, patience=patience))
         for grace, rf, brackets, m in itertools.product((3, 5, 10, 15, 20), (2, 3, 4), (1, 3), (1, 3)):
             if grace * rf <= cap:
-                found.append(Policy("asha", cap, grace, float(rf), brackets, m))
+                found.append(Policy("asha", cap, grace, float(rf), brackets, m, patience))
         for grace in (5, 10, 20):
-            found.append(Policy("median", cap, grace))
+            found.append(Policy("median", cap, grace, patience=patience))
     return found
 
 
@@ -345,7 +351,7 @@ def table(curves: Curves, space: spaces.Space, candidates: list[Policy], searche
     best = max(curves.worth_valid, key=curves.worth_valid.get)
     rows = []
     for searcher in searchers:
-        longest = Policy("none", max(p.cap for p in candidates))
+        longest = Policy("none", max(p.cap for p in candidates), patience=max(p.patience or patience for p in candidates))
         reference = np.mean([simulate(curves, space, longest, searcher, trials, workers, patience, seed)["epochs"]
                              for seed in range(orders)])
         for policy in candidates:
@@ -372,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--space", default=None, help="the space the shipped policy is read from (default: the set's)")
     p.add_argument("--trials", type=int, default=None, help="trials per search (default: every configuration)")
     p.add_argument("--workers", type=int, default=4, help="trials in flight at once")
-    p.add_argument("--patience", type=int, default=None, help="a trial's own early stopping (default: the space's)")
+    p.add_argument("--patience", default=None,
+                   help="a trial's own early stopping, epochs; several comma-separated are compared (default: the space's)")
     p.add_argument("--caps", default=None, help="epoch caps to compare, comma-separated (default: 50 and the space's)")
     p.add_argument("--orders", type=int, default=200, help="replayed searches per policy (random trial orders)")
     p.add_argument("--searchers", default="random", help="random, tpe, tpe-mv (comma-separated)")
@@ -384,9 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     recorded = Path(about["space"])  # a shipped space is recorded by its file's name
     space = spaces.load(args.space or (recorded if recorded.is_file() else recorded.stem))
     curves = Curves.load(args.set)
-    patience = args.patience or space.fixed.get("patience", 10)
+    patience = space.fixed.get("patience", 10)
     caps = [int(c) for c in args.caps.split(",")] if args.caps else sorted({50, space.asha.max_epochs})
-    candidates = policies(space, caps)
+    own = [int(n) for n in args.patience.split(",")] if args.patience else [patience]
+    candidates = policies(space, caps, [None if n == patience else n for n in own])
     if shipped(space) not in candidates:
         candidates.append(shipped(space))
     if args.policies:
@@ -399,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: _plain(v) for k, v in row.items()}))
         return 0
     print(f"{args.set}: {len(curves.configs)} configurations, {len(curves.valid)} runs; {trials} trials per search "
-          f"on {args.workers} workers, patience {patience}, {args.orders} orders per policy; one seed's std of "
+          f"on {args.workers} workers, patience {patience} (the space's; a row's pN: N), {args.orders} orders per "
+          f"policy; one seed's std of "
           f"converged valid NDCG@10: {curves.seed_std:.4f}")
     print(markdown(frame))
     return 0

@@ -31,15 +31,19 @@ SPACE = {"parameters": {"alpha": {"type": "float", "low": 0.001, "high": 0.5, "l
          "asha": {"max_epochs": 40, "grace_period": 2, "reduction_factor": 3, "min_rung_results": 1}}
 
 
-def write_set(folder: Path, worths: list[float], speeds: list[float], epochs: int = 40) -> Path:
-    """A set whose configuration c rises to worths[c] at the pace speeds[c] (epochs to 63%)."""
+def write_set(folder: Path, worths: list[float], speeds: list[float], epochs: int = 40,
+              delays: list[int] | None = None) -> Path:
+    """A set whose configuration c rises to worths[c] at the pace speeds[c] (epochs to 63%), after
+    delays[c] epochs of a slowly falling plateau (none by default)."""
     rng = np.random.default_rng(0)
     configs = pd.DataFrame({"config": range(len(worths)), "start": [True] + [False] * (len(worths) - 1),
                             "alpha": np.geomspace(0.001, 0.5, len(worths)), "k_noise": [25, 1] * (len(worths) // 2)})
     rows = []
-    for c, (worth, speed) in enumerate(zip(worths, speeds)):
+    for c, (worth, speed, delay) in enumerate(zip(worths, speeds, delays or [0] * len(worths))):
+        epoch = np.arange(1, epochs + 1)
+        rising = worth * (1 - np.exp(-(epoch - delay) / speed))
         for seed in (0, 1):
-            curve = worth * (1 - np.exp(-np.arange(1, epochs + 1) / speed)) + rng.normal(0, 1e-5, epochs)
+            curve = np.where(epoch > delay, rising, 0.01 - 1e-4 * epoch) + rng.normal(0, 1e-5, epochs)
             rows += [{"config": c, "seed": seed, "epoch": e + 1, "valid/NDCG@10": v, "test/NDCG@10": 0.9 * v}
                      for e, v in enumerate(curve)]
     folder.mkdir()
@@ -107,6 +111,24 @@ def test_a_grace_period_too_short_for_the_slow_best_configuration_shows_in_the_t
     assert frame.loc[0, "p_best_kept"] == 0.0 and frame.loc[0, "p_near_best"] == 1.0
 
 
+def test_one_table_compares_the_spaces_patience_with_a_longer_one(tmp_path):
+    """The best configuration sits on a plateau for 10 epochs before it rises: the space's patience
+    (5) ends it there, patience 15 keeps and picks it, and both rows count epochs against the same
+    no-stopping reference (the longest cap and patience)."""
+    worths, speeds, delays = [0.05, 0.06, 0.05, 0.08, 0.05, 0.06], [2] * 6, [0, 0, 0, 10, 0, 0]
+    curves = replay.Curves.load(write_set(tmp_path / "set", worths, speeds, delays=delays))
+    space = spaces.parse(SPACE, "space")
+    candidates = replay.policies(space, [40], [None, 15])
+    assert [p.name for p in candidates[:2]] == ["none cap40", "asha g3 rf2 b1 m1 cap40"]
+    assert "none cap40 p15" in [p.name for p in candidates]
+    wanted = [p for p in candidates if p.name in ("none cap40", "none cap40 p15")]
+    frame = replay.table(curves, space, wanted, ["random"], trials=6, workers=2, patience=5, orders=10)
+    short, longer = frame.set_index("policy").loc[["none cap40", "none cap40 p15"]].to_dict("records")
+    assert short["p_best_picked"] == 0.0 and short["regret_valid"] == pytest.approx(0.02, abs=1e-3)
+    assert longer["p_best_picked"] == 1.0 and longer["regret_valid"] == pytest.approx(0, abs=1e-4)
+    assert short["epochs_pct"] < longer["epochs_pct"] == 100
+
+
 def test_the_searchers_each_try_every_configuration_once(tmp_path):
     curves = replay.Curves.load(write_set(tmp_path / "set", [0.05] * 6, [2] * 6))
     space = spaces.parse(SPACE, "space")
@@ -120,9 +142,10 @@ def test_the_searchers_each_try_every_configuration_once(tmp_path):
 def test_json_lines_name_the_shipped_policy(tmp_path):
     folder = write_set(tmp_path / "set", [0.05, 0.06, 0.07, 0.05], [2, 3, 4, 2])
     run = subprocess.run([sys.executable, str(BENCH / "replay.py"), str(folder), "--json", "--orders", "3",
-                          "--caps", "40"], capture_output=True, text=True, check=True)
+                          "--caps", "40", "--patience", "5,12"], capture_output=True, text=True, check=True)
     rows = [json.loads(line) for line in run.stdout.splitlines()]
-    assert [r["policy"] for r in rows if r["shipped"]] == ["asha g2 rf3 b1 m1 cap40"]
+    assert [r["policy"] for r in rows if r["shipped"]] == ["asha g2 rf3 b1 m1 cap40"]  # the space's patience, 5
+    assert {"asha g3 rf3 b1 m1 cap40 p12", "none cap40 p12"} <= {r["policy"] for r in rows}
     assert {"epochs_pct", "p_best_kept", "regret_valid", "regret_test_p90"} <= set(rows[0])
 
 
