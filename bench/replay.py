@@ -372,15 +372,23 @@ def table(curves: Curves, space: spaces.Space, candidates: list[Policy], searche
     return pd.DataFrame(rows)
 
 
+def epochs_list(text: str) -> list[int]:
+    """A flag's comma-separated epochs: '100,200' -> [100, 200] (argparse names the flag otherwise)."""
+    values = [int(part) for part in text.split(",")]
+    if min(values) < 1:
+        raise ValueError(text)
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("set", type=Path, help="a folder of bench/curves.py (configs.parquet, curves.parquet)")
     p.add_argument("--space", default=None, help="the space the shipped policy is read from (default: the set's)")
     p.add_argument("--trials", type=int, default=None, help="trials per search (default: every configuration)")
     p.add_argument("--workers", type=int, default=4, help="trials in flight at once")
-    p.add_argument("--patience", default=None,
+    p.add_argument("--patience", type=epochs_list, default=None,
                    help="a trial's own early stopping, epochs; several comma-separated are compared (default: the space's)")
-    p.add_argument("--caps", default=None, help="epoch caps to compare, comma-separated (default: 50 and the space's)")
+    p.add_argument("--caps", type=epochs_list, default=None, help="epoch caps to compare, comma-separated (default: 50 and the space's)")
     p.add_argument("--orders", type=int, default=200, help="replayed searches per policy (random trial orders)")
     p.add_argument("--searchers", default="random", help="random, tpe, tpe-mv (comma-separated)")
     p.add_argument("--policies", default=None,
@@ -392,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     space = spaces.load(args.space or (recorded if recorded.is_file() else recorded.stem))
     curves = Curves.load(args.set)
     patience = space.fixed.get("patience", 10)
-    caps = [int(c) for c in args.caps.split(",")] if args.caps else sorted({50, space.asha.max_epochs})
-    own = [int(n) for n in args.patience.split(",")] if args.patience else [patience]
+    caps = args.caps or sorted({50, space.asha.max_epochs})
+    own = args.patience or [patience]
     candidates = policies(space, caps, [None if n == patience else n for n in own])
     if shipped(space) not in candidates:
         candidates.append(shipped(space))

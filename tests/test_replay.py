@@ -149,6 +149,14 @@ def test_json_lines_name_the_shipped_policy(tmp_path):
     assert {"epochs_pct", "p_best_kept", "regret_valid", "regret_test_p90"} <= set(rows[0])
 
 
+def test_an_epoch_list_that_is_not_one_names_its_flag(tmp_path):
+    folder = write_set(tmp_path / "set", [0.05, 0.06], [2, 3])
+    for flag, value in (("--patience", "10,x"), ("--caps", "0")):
+        run = subprocess.run([sys.executable, str(BENCH / "replay.py"), str(folder), flag, value],
+                             capture_output=True, text=True)
+        assert run.returncode == 2 and f"argument {flag}: invalid" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_settings_effect_groups_configurations_by_value_and_ranks_the_best(tmp_path):
     """bench/settings_effect.py: a categorical value per row, a varied float cut into three bins,
     the configurations ranked by their worth (the best converged valid NDCG@10, mean over seeds)."""
