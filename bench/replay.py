@@ -380,28 +380,52 @@ def epochs_list(text: str) -> list[int]:
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("set", type=Path, help="a folder of bench/curves.py (configs.parquet, curves.parquet)")
+def calibration_set(text: str) -> Path:
+    """A folder of bench/curves.py, else argparse's one line naming it."""
+    folder = Path(text)
+    missing = [name for name in ("set.yaml", "configs.parquet", "curves.parquet") if not (folder / name).is_file()]
+    if missing:
+        raise argparse.ArgumentTypeError(f"{text} is not a calibration set of bench/curves.py (no {', '.join(missing)})")
+    return folder
+
+
+def flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a replay (bench/replay_sets.py takes them too)."""
     p.add_argument("--space", default=None, help="the space the shipped policy is read from (default: the set's)")
     p.add_argument("--trials", type=int, default=None, help="trials per search (default: every configuration)")
     p.add_argument("--workers", type=int, default=4, help="trials in flight at once")
     p.add_argument("--patience", type=epochs_list, default=None,
                    help="a trial's own early stopping, epochs; several comma-separated are compared (default: the space's)")
-    p.add_argument("--caps", type=epochs_list, default=None, help="epoch caps to compare, comma-separated (default: 50 and the space's)")
+    p.add_argument("--caps", type=epochs_list, default=None,
+                   help="epoch caps to compare, comma-separated (default: 50 and the space's)")
     p.add_argument("--orders", type=int, default=200, help="replayed searches per policy (random trial orders)")
     p.add_argument("--searchers", default="random", help="random, tpe, tpe-mv (comma-separated)")
     p.add_argument("--policies", default=None,
                    help="only these policies, by name as the table prints them, ';'-separated (default: the grid)")
-    p.add_argument("--json", action="store_true", help="JSON lines, one per policy, instead of the table")
-    args = p.parse_args(argv)
-    about = read_yaml(args.set / "set.yaml")
+
+
+@dataclass
+class Replayed:
+    """One set's table under the flags, and what its header says."""
+
+    curves: Curves
+    trials: int
+    patience: int  # the space's
+    frame: pd.DataFrame
+
+
+def replayed(folder: Path, args: argparse.Namespace) -> Replayed:
+    """ValueError: a patience longer than the set's runs had (their curves end sooner than such a trial)."""
+    about = read_yaml(folder / "set.yaml")
     recorded = Path(about["space"])  # a shipped space is recorded by its file's name
     space = spaces.load(args.space or (recorded if recorded.is_file() else recorded.stem))
-    curves = Curves.load(args.set)
+    curves = Curves.load(folder)
     patience = space.fixed.get("patience", 10)
     caps = args.caps or sorted({50, space.asha.max_epochs})
     own = args.patience or [patience]
+    if max(own) > about.get("patience", math.inf):
+        raise ValueError(f"{folder}: its runs ended after {about['patience']} epochs without progress; "
+                         f"a replay's patience cannot be longer (--patience {max(own)})")
     candidates = policies(space, caps, [None if n == patience else n for n in own])
     if shipped(space) not in candidates:
         candidates.append(shipped(space))
@@ -410,15 +434,28 @@ def main(argv: list[str] | None = None) -> int:
         candidates = [c for c in candidates if c.name in wanted]
     trials = args.trials or len(curves.configs)
     frame = table(curves, space, candidates, args.searchers.split(","), trials, args.workers, patience, args.orders)
+    return Replayed(curves, trials, patience, frame)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("set", type=calibration_set, help="a folder of bench/curves.py (configs.parquet, curves.parquet)")
+    flags(p)
+    p.add_argument("--json", action="store_true", help="JSON lines, one per policy, instead of the table")
+    args = p.parse_args(argv)
+    try:
+        done = replayed(args.set, args)
+    except ValueError as err:
+        p.error(str(err))
     if args.json:
-        for row in frame.to_dict("records"):
+        for row in done.frame.to_dict("records"):
             print(json.dumps({k: _plain(v) for k, v in row.items()}))
         return 0
-    print(f"{args.set}: {len(curves.configs)} configurations, {len(curves.valid)} runs; {trials} trials per search "
-          f"on {args.workers} workers, patience {patience} (the space's; a row's pN: N), {args.orders} orders per "
-          f"policy; one seed's std of "
-          f"converged valid NDCG@10: {curves.seed_std:.4f}")
-    print(markdown(frame))
+    curves = done.curves
+    print(f"{args.set}: {len(curves.configs)} configurations, {len(curves.valid)} runs; {done.trials} trials per "
+          f"search on {args.workers} workers, patience {done.patience} (the space's; a row's pN: N), {args.orders} "
+          f"orders per policy; one seed's std of converged valid NDCG@10: {curves.seed_std:.4f}")
+    print(markdown(done.frame))
     return 0
 
 

@@ -24,6 +24,9 @@ spec = importlib.util.spec_from_file_location("replay", BENCH / "replay.py")
 replay = importlib.util.module_from_spec(spec)
 sys.modules["replay"] = replay
 spec.loader.exec_module(replay)
+spec = importlib.util.spec_from_file_location("replay_sets", BENCH / "replay_sets.py")
+replay_sets = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(replay_sets)
 
 SPACE = {"parameters": {"alpha": {"type": "float", "low": 0.001, "high": 0.5, "log": True},
                         "k_noise": {"type": "categorical", "choices": [1, 25]}},
@@ -129,6 +132,23 @@ def test_one_table_compares_the_spaces_patience_with_a_longer_one(tmp_path):
     assert short["epochs_pct"] < longer["epochs_pct"] == 100
 
 
+def test_across_sets_a_policy_ranks_by_its_worst_set(tmp_path):
+    """ASHA at grace 2 keeps the best configuration where every configuration rises fast and
+    drops it where the best rises slowly: across both sets it ranks below no stopping, by the set
+    it fails on, whatever the other says."""
+    space = spaces.parse(SPACE, "space")
+    fast = replay.Curves.load(write_set(tmp_path / "fast", [0.05, 0.06, 0.05, 0.08, 0.05, 0.06], [2] * 6))
+    slow = replay.Curves.load(write_set(tmp_path / "slow", [0.05, 0.06, 0.05, 0.08, 0.05, 0.06], [2, 2, 2, 12, 2, 2]))
+    policies = [replay.Policy("none", 40), replay.Policy("asha", 40, 2, 3.0, 1, 1)]
+    frames = {name: replay.table(curves, space, policies, ["random"], trials=6, workers=2, patience=5, orders=10)
+              for name, curves in (("fast", fast), ("slow", slow))}
+    table = replay_sets.across(frames).set_index("policy")
+    asha = table.loc["asha g2 rf3 b1 m1 cap40 (shipped)"]
+    assert asha["fast near"] == 1.0 and asha["slow near"] == 0.0 and asha["worst near"] == 0.0
+    assert asha["worst epochs"] == max(asha["fast epochs"], asha["slow epochs"]) < 100
+    assert list(table.index) == ["none cap40", "asha g2 rf3 b1 m1 cap40 (shipped)"]
+
+
 def test_the_searchers_each_try_every_configuration_once(tmp_path):
     curves = replay.Curves.load(write_set(tmp_path / "set", [0.05] * 6, [2] * 6))
     space = spaces.parse(SPACE, "space")
@@ -149,12 +169,19 @@ def test_json_lines_name_the_shipped_policy(tmp_path):
     assert {"epochs_pct", "p_best_kept", "regret_valid", "regret_test_p90"} <= set(rows[0])
 
 
-def test_an_epoch_list_that_is_not_one_names_its_flag(tmp_path):
+def test_a_bad_flag_or_set_gets_one_line_naming_it(tmp_path):
     folder = write_set(tmp_path / "set", [0.05, 0.06], [2, 3])
-    for flag, value in (("--patience", "10,x"), ("--caps", "0")):
-        run = subprocess.run([sys.executable, str(BENCH / "replay.py"), str(folder), flag, value],
-                             capture_output=True, text=True)
-        assert run.returncode == 2 and f"argument {flag}: invalid" in run.stderr and "Traceback" not in run.stderr
+    short = write_set(tmp_path / "short", [0.05, 0.06], [2, 3])
+    write_yaml(short / "set.yaml", {"space": str(short / "space.yaml"), "patience": 8})  # its runs stopped at 8
+    cases = [("replay.py", [str(folder), "--patience", "10,x"], "argument --patience: invalid"),
+             ("replay_sets.py", [str(folder), str(short), "--patience", "5,12"],
+              "ended after 8 epochs without progress; a replay's patience cannot be longer (--patience 12)"),
+             ("replay.py", [str(folder), "--caps", "0"], "argument --caps: invalid"),
+             ("replay.py", [str(tmp_path)], f"{tmp_path} is not a calibration set"),
+             ("replay_sets.py", [str(folder), str(tmp_path / "gone")], "gone is not a calibration set")]
+    for script, argv, said in cases:
+        run = subprocess.run([sys.executable, str(BENCH / script), *argv], capture_output=True, text=True)
+        assert run.returncode == 2 and said in run.stderr and "Traceback" not in run.stderr, (script, argv)
 
 
 def test_settings_effect_groups_configurations_by_value_and_ranks_the_best(tmp_path):
