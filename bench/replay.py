@@ -415,7 +415,8 @@ class Replayed:
 
 
 def replayed(folder: Path, args: argparse.Namespace) -> Replayed:
-    """ValueError: a patience longer than the set's runs had (their curves end sooner than such a trial)."""
+    """ValueError: a patience longer than the set's runs had (their curves end sooner than such a
+    trial), or a policy named that is not among the compared ones."""
     about = read_yaml(folder / "set.yaml")
     recorded = Path(about["space"])  # a shipped space is recorded by its file's name
     space = spaces.load(args.space or (recorded if recorded.is_file() else recorded.stem))
@@ -430,7 +431,11 @@ def replayed(folder: Path, args: argparse.Namespace) -> Replayed:
     if shipped(space) not in candidates:
         candidates.append(shipped(space))
     if args.policies:
-        wanted = set(args.policies.split(";"))
+        wanted = [name.strip() for name in args.policies.split(";")]
+        unknown = [name for name in wanted if name not in {c.name for c in candidates}]
+        if unknown:
+            raise ValueError(f"--policies: no such policy at these caps and patiences: {'; '.join(unknown)} "
+                             f"(names as the table prints them, e.g. {candidates[0].name!r})")
         candidates = [c for c in candidates if c.name in wanted]
     trials = args.trials or len(curves.configs)
     frame = table(curves, space, candidates, args.searchers.split(","), trials, args.workers, patience, args.orders)

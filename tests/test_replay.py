@@ -177,6 +177,8 @@ def test_a_bad_flag_or_set_gets_one_line_naming_it(tmp_path):
              ("replay_sets.py", [str(folder), str(short), "--patience", "5,12"],
               "ended after 8 epochs without progress; a replay's patience cannot be longer (--patience 12)"),
              ("replay.py", [str(folder), "--caps", "0"], "argument --caps: invalid"),
+             ("replay.py", [str(folder), "--caps", "40", "--policies", "none cap40;asha g2 rf3 cap40"],
+              "--policies: no such policy at these caps and patiences: asha g2 rf3 cap40 ("),
              ("replay.py", [str(tmp_path)], f"{tmp_path} is not a calibration set"),
              ("replay_sets.py", [str(folder), str(tmp_path / "gone")], "gone is not a calibration set")]
     for script, argv, said in cases:
