@@ -5,8 +5,10 @@
     python bench/replay.py bench/curves/ml-100k --searchers random,tpe,tpe-mv --orders 100
     python bench/replay.py bench/curves/ml-100k --caps 100,200 --patience 10,30   # in one table
 
-A replayed search runs `--trials` trials on `--workers` parallel workers, one epoch per time
-unit.  The space's points come first, then the searcher's choices: `random` (a random order of
+A replayed search runs `--trials` trials on `--workers` parallel workers, each trial at its run's
+recorded pace (the median seconds of its epochs: a SimDiffRec epoch at hidden 256 takes many
+SASRec ones, and which trials reach a rung first is what asynchronous ASHA decides on), or with
+`--pace epochs` all at one epoch per time unit.  The space's points come first, then the searcher's choices: `random` (a random order of
 the set's other configurations), `tpe` (Optuna's TPE at its defaults) or `tpe-mv` (multivariate
 + group + constant liar), both asking the space as a search does and handed the nearest
 configuration of the set not yet tried (table lookup); each trial is one recorded seed of its
@@ -24,7 +26,8 @@ after N, so one table compares the space's patience with others'), or when the p
 The pick is the trial with the best valid NDCG@10 of any epoch, as the search's export takes it.
 A configuration's worth is what retraining it to convergence gives: its best valid NDCG@10 over
 the whole recorded curve and the test NDCG@10 at that epoch, averaged over its seeds.  Per
-policy: epochs spent (% of no stopping at the longest cap and patience), P(best kept) (the best configuration
+policy: epochs and trial-seconds spent (% of no stopping at the longest cap and patience; the
+seconds at each run's recorded pace, what a search costs), P(best kept) (the best configuration
 the search tried was not stopped by the policy), P(best picked), P(near best) (the pick's valid
 worth within one seed's standard deviation of the best's: where the best few configurations lie
 within seed noise of each other, which one is "the best" is noise, and this is the probability
@@ -54,6 +57,7 @@ from tuner import spaces
 
 METRIC = "valid/NDCG@10"
 TEST = "test/NDCG@10"
+PACES = {"seconds": "each run's recorded seconds per epoch", "epochs": "one epoch a time unit"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class Curves:
     worth_test: dict[int, float]
     seeds: dict[int, list[int]]
     seed_std: float  # median over configurations of the std over seeds of the converged valid NDCG@10
+    pace: dict[tuple[int, int], float]  # a run's median seconds per epoch (1.0 where the set recorded none)
     _ends: dict = field(default_factory=dict)  # natural_end by (run, cap, patience)
 
     def end(self, run: tuple[int, int], cap: int, patience: int) -> int:
@@ -99,11 +104,13 @@ class Curves:
     def load(cls, folder: Path) -> "Curves":
         configs = pd.read_parquet(folder / "configs.parquet")
         curves = pd.read_parquet(folder / "curves.parquet").sort_values(["config", "seed", "epoch"])
-        valid, test, seeds = {}, {}, {}
+        valid, test, seeds, pace = {}, {}, {}, {}
         for (config, seed), run in curves.groupby(["config", "seed"]):
             valid[config, seed] = run[METRIC].to_numpy()
             test[config, seed] = run[TEST].to_numpy()
             seeds.setdefault(config, []).append(seed)
+            seconds = run["seconds"].median() if "seconds" in run else math.nan
+            pace[config, seed] = float(seconds) if seconds > 0 else 1.0
         best_valid = {key: v.max() for key, v in valid.items()}
         best_test = {key: test[key][v.argmax()] for key, v in valid.items()}
         worth_valid = {c: float(np.mean([best_valid[c, s] for s in ss])) for c, ss in seeds.items()}
@@ -111,7 +118,7 @@ class Curves:
         spread = [np.std([best_valid[c, s] for s in ss], ddof=1) for c, ss in seeds.items() if len(ss) > 1]
         configs = configs[configs["config"].isin(seeds)].reset_index(drop=True)
         return cls(configs, valid, test, worth_valid, worth_test, seeds,
-                   float(np.median(spread)) if spread else math.nan)
+                   float(np.median(spread)) if spread else math.nan, pace)
 
 
 def natural_end(valid: np.ndarray, cap: int, patience: int) -> int:
@@ -269,18 +276,19 @@ def _plain(value: Any) -> Any:
 
 
 def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind: str, trials: int, workers: int,
-             patience: int, seed: int) -> dict[str, Any]:
-    """One replayed search; its epochs, the best configuration it tried and whether the policy
-    stopped it, and its pick.  `patience`: the space's, where the policy has none of its own."""
+             patience: int, seed: int, paced: bool = True) -> dict[str, Any]:
+    """One replayed search; its epochs and trial-seconds, the best configuration it tried and
+    whether the policy stopped it, and its pick.  `patience`: the space's, where the policy has
+    none of its own; `paced`: trials advance at their runs' recorded pace (else one epoch a unit)."""
     patience = policy.patience or patience
     rng = np.random.default_rng(seed)
     searcher = Searcher(searcher_kind, curves, space, rng, seed)
     scheduler = Asha(policy, rng) if policy.kind == "asha" else Median(policy) if policy.kind == "median" else None
-    events: list[tuple[int, int, int, int]] = []  # (time, tie-break, trial, epoch): the trial reports that epoch then
+    events: list[tuple[float, int, int, int]] = []  # (time, tie-break, trial, epoch): the trial reports that epoch then
     state: dict[int, dict[str, Any]] = {}
-    started, epochs, order = 0, 0, itertools.count()
+    started, epochs, seconds, order = 0, 0, 0.0, itertools.count()
 
-    def start(now: int) -> None:
+    def start(now: float) -> None:
         nonlocal started
         if started >= trials:
             return
@@ -298,8 +306,9 @@ def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind:
             reports = set(range(1, end + 1))
         else:
             reports = {end}
+        unit = curves.pace[run] if paced else 1.0
         for epoch in sorted(reports):
-            heapq.heappush(events, (now + epoch, next(order), started, epoch))
+            heapq.heappush(events, (now + epoch * unit, next(order), started, epoch))
         started += 1
 
     for _ in range(workers):
@@ -317,12 +326,13 @@ def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind:
             info["done"] = True
             info["best"] = float(values[:epoch].max())
             epochs += epoch
+            seconds += epoch * curves.pace[info["run"]]
             searcher.told(trial, info["best"])
             start(now)
     tried = {info["run"][0] for info in state.values()}
     best_tried = max(tried, key=lambda c: curves.worth_valid[c])
     picked = max(state.values(), key=lambda info: info["best"])["run"][0]
-    return {"epochs": epochs,
+    return {"epochs": epochs, "seconds": seconds,
             "best_kept": not any(info["stopped"] for info in state.values() if info["run"][0] == best_tried),
             "best_picked": picked == best_tried, "pick": picked}
 
@@ -347,22 +357,26 @@ def shipped(space: spaces.Space) -> Policy:
 
 
 def table(curves: Curves, space: spaces.Space, candidates: list[Policy], searchers: list[str], trials: int,
-          workers: int, patience: int, orders: int) -> pd.DataFrame:
+          workers: int, patience: int, orders: int, paced: bool = True) -> pd.DataFrame:
     best = max(curves.worth_valid, key=curves.worth_valid.get)
     rows = []
     for searcher in searchers:
         longest = Policy("none", max(p.cap for p in candidates), patience=max(p.patience or patience for p in candidates))
-        reference = np.mean([simulate(curves, space, longest, searcher, trials, workers, patience, seed)["epochs"]
-                             for seed in range(orders)])
+        reference = [simulate(curves, space, longest, searcher, trials, workers, patience, seed, paced)
+                     for seed in range(orders)]
+        reference_epochs = np.mean([r["epochs"] for r in reference])
+        reference_seconds = np.mean([r["seconds"] for r in reference])
         for policy in candidates:
-            runs = [simulate(curves, space, policy, searcher, trials, workers, patience, seed) for seed in range(orders)]
+            runs = [simulate(curves, space, policy, searcher, trials, workers, patience, seed, paced)
+                    for seed in range(orders)]
             epochs = np.mean([r["epochs"] for r in runs])
             regret_valid = np.array([curves.worth_valid[best] - curves.worth_valid[r["pick"]] for r in runs])
             regret_test = np.array([curves.worth_test[best] - curves.worth_test[r["pick"]] for r in runs])
             # within one seed's std of the best (no std where every configuration has one seed)
             near = math.nan if math.isnan(curves.seed_std) else np.mean(regret_valid <= curves.seed_std)
             rows.append({"searcher": searcher, "policy": policy.name, **asdict(policy), "epochs": epochs,
-                         "epochs_pct": 100 * epochs / reference,
+                         "epochs_pct": 100 * epochs / reference_epochs,
+                         "time_pct": 100 * np.mean([r["seconds"] for r in runs]) / reference_seconds,
                          "p_best_kept": np.mean([r["best_kept"] for r in runs]),
                          "p_best_picked": np.mean([r["best_picked"] for r in runs]),
                          "p_near_best": near,
@@ -402,6 +416,8 @@ def flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--searchers", default="random", help="random, tpe, tpe-mv (comma-separated)")
     p.add_argument("--policies", default=None,
                    help="only these policies, by name as the table prints them, ';'-separated (default: the grid)")
+    p.add_argument("--pace", choices=["seconds", "epochs"], default="seconds",
+                   help="trials advance at their runs' recorded seconds per epoch (default), or one epoch a unit")
 
 
 @dataclass
@@ -438,7 +454,8 @@ def replayed(folder: Path, args: argparse.Namespace) -> Replayed:
                              f"(names as the table prints them, e.g. {candidates[0].name!r})")
         candidates = [c for c in candidates if c.name in wanted]
     trials = args.trials or len(curves.configs)
-    frame = table(curves, space, candidates, args.searchers.split(","), trials, args.workers, patience, args.orders)
+    frame = table(curves, space, candidates, args.searchers.split(","), trials, args.workers, patience, args.orders,
+                  args.pace == "seconds")
     return Replayed(curves, trials, patience, frame)
 
 
@@ -458,20 +475,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     curves = done.curves
     print(f"{args.set}: {len(curves.configs)} configurations, {len(curves.valid)} runs; {done.trials} trials per "
-          f"search on {args.workers} workers, patience {done.patience} (the space's; a row's pN: N), {args.orders} "
-          f"orders per policy; one seed's std of converged valid NDCG@10: {curves.seed_std:.4f}")
+          f"search on {args.workers} workers at {PACES[args.pace]}, patience {done.patience} (the space's; a row's "
+          f"pN: N), {args.orders} orders per policy; one seed's std of converged valid NDCG@10: {curves.seed_std:.4f}")
     print(markdown(done.frame))
     return 0
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    cols = ["searcher", "policy", "epochs_pct", "p_best_kept", "p_best_picked", "p_near_best", "regret_valid",
+    cols = ["searcher", "policy", "epochs_pct", "time_pct", "p_best_kept", "p_best_picked", "p_near_best", "regret_valid",
             "regret_valid_p90", "regret_test", "regret_test_p90"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in frame.sort_values(["searcher", "epochs_pct"]).to_dict("records"):
         mark = " (shipped)" if row["shipped"] else ""
-        cells = [row["searcher"], row["policy"] + mark, f"{row['epochs_pct']:.0f}%"]
-        cells += [f"{row[c]:.2f}" for c in cols[3:6]] + [f"{row[c]:.4f}" for c in cols[6:]]
+        cells = [row["searcher"], row["policy"] + mark, f"{row['epochs_pct']:.0f}%", f"{row['time_pct']:.0f}%"]
+        cells += [f"{row[c]:.2f}" for c in cols[4:7]] + [f"{row[c]:.4f}" for c in cols[7:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

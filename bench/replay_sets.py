@@ -5,7 +5,7 @@ must hold on each of them, so each policy is ranked by its worst set.
     python bench/replay_sets.py bench/curves/toys-8k bench/curves/ml-100k --trials 24 --searchers tpe-mv
 
 Each set is replayed as `bench/replay.py` replays it (the same flags); per set the table shows a
-policy's epochs (% of no stopping there), P(near best), P(best kept) and the 90th percentile of
+policy's epochs and trial-seconds (% of no stopping there), P(near best), P(best kept) and the 90th percentile of
 its valid regret, then the worst of each over the sets.  Rows are ranked by the worst P(near
 best) (a set whose configurations have one seed each has none: NaN ranks last), then the worst
 P(best kept), the worst regret and the most epochs.
@@ -19,8 +19,9 @@ import pandas as pd
 
 from replay import calibration_set, flags, replayed
 
-SHOWN = {"epochs_pct": "epochs", "p_near_best": "near", "p_best_kept": "kept", "regret_valid_p90": "regret p90"}
-WORST = {"p_near_best": "min", "p_best_kept": "min", "regret_valid_p90": "max", "epochs_pct": "max"}
+SHOWN = {"epochs_pct": "epochs", "time_pct": "time", "p_near_best": "near", "p_best_kept": "kept",
+         "regret_valid_p90": "regret p90"}
+WORST = {"p_near_best": "min", "p_best_kept": "min", "regret_valid_p90": "max", "epochs_pct": "max", "time_pct": "max"}
 
 
 def across(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -46,7 +47,7 @@ def markdown(frame: pd.DataFrame) -> str:
     for row in frame.to_dict("records"):
         cells = []
         for column, value in row.items():
-            if column.endswith("epochs"):
+            if column.endswith(("epochs", "time")):
                 cells.append(f"{value:.0f}%")
             elif column.endswith("regret p90"):
                 cells.append(f"{value:.4f}")

@@ -35,9 +35,10 @@ SPACE = {"parameters": {"alpha": {"type": "float", "low": 0.001, "high": 0.5, "l
 
 
 def write_set(folder: Path, worths: list[float], speeds: list[float], epochs: int = 40,
-              delays: list[int] | None = None) -> Path:
+              delays: list[int] | None = None, seconds: list[float] | None = None) -> Path:
     """A set whose configuration c rises to worths[c] at the pace speeds[c] (epochs to 63%), after
-    delays[c] epochs of a slowly falling plateau (none by default)."""
+    delays[c] epochs of a slowly falling plateau (none by default); its epochs take seconds[c]
+    (no seconds recorded by default)."""
     rng = np.random.default_rng(0)
     configs = pd.DataFrame({"config": range(len(worths)), "start": [True] + [False] * (len(worths) - 1),
                             "alpha": np.geomspace(0.001, 0.5, len(worths)), "k_noise": [25, 1] * (len(worths) // 2)})
@@ -47,8 +48,8 @@ def write_set(folder: Path, worths: list[float], speeds: list[float], epochs: in
         rising = worth * (1 - np.exp(-(epoch - delay) / speed))
         for seed in (0, 1):
             curve = np.where(epoch > delay, rising, 0.01 - 1e-4 * epoch) + rng.normal(0, 1e-5, epochs)
-            rows += [{"config": c, "seed": seed, "epoch": e + 1, "valid/NDCG@10": v, "test/NDCG@10": 0.9 * v}
-                     for e, v in enumerate(curve)]
+            rows += [{"config": c, "seed": seed, "epoch": e + 1, "valid/NDCG@10": v, "test/NDCG@10": 0.9 * v,
+                      **({"seconds": seconds[c]} if seconds else {})} for e, v in enumerate(curve)]
     folder.mkdir()
     configs.to_parquet(folder / "configs.parquet")
     pd.DataFrame(rows).to_parquet(folder / "curves.parquet")
@@ -112,6 +113,24 @@ def test_a_grace_period_too_short_for_the_slow_best_configuration_shows_in_the_t
     noisy = dataclasses.replace(curves, seed_std=gap + 1e-3)
     frame = replay.table(noisy, space, policies[1:], ["random"], trials=6, workers=2, patience=5, orders=20)
     assert frame.loc[0, "p_best_kept"] == 0.0 and frame.loc[0, "p_near_best"] == 1.0
+
+
+def test_a_trial_of_slow_epochs_reaches_its_rungs_late_and_is_judged_against_more(tmp_path):
+    """The best configuration (the starting point, so always started first) rises slowly and its
+    epochs take 10 s, the others' 1 s.  One epoch a time unit, it is first at every rung and ASHA
+    keeps it; at the recorded pace the fast ones fill its first rung with higher values before it
+    arrives, and ASHA stops it there, which also saves most of the search's seconds."""
+    folder = write_set(tmp_path / "set", [0.08, 0.05, 0.06, 0.05, 0.06, 0.05], [12, 2, 2, 2, 2, 2],
+                       seconds=[10, 1, 1, 1, 1, 1])
+    curves = replay.Curves.load(folder)
+    assert curves.pace[0, 0] == 10 and curves.pace[3, 1] == 1
+    space = spaces.parse(SPACE, "space")
+    policies = [replay.Policy("none", 40), replay.Policy("asha", 40, 2, 3.0, 1, 1)]
+    by_pace = {paced: replay.table(curves, space, policies, ["random"], trials=6, workers=6, patience=5, orders=10,
+                                   paced=paced).set_index("policy") for paced in (False, True)}
+    uniform, paced = (by_pace[p].loc["asha g2 rf3 b1 m1 cap40"] for p in (False, True))
+    assert uniform["p_best_kept"] == 1.0 and paced["p_best_kept"] == 0.0
+    assert paced["time_pct"] < paced["epochs_pct"] < 100
 
 
 def test_one_table_compares_the_spaces_patience_with_a_longer_one(tmp_path):
