@@ -8,13 +8,14 @@
 A replayed search runs `--trials` trials on `--workers` parallel workers, each trial at its run's
 recorded pace (the median seconds of its epochs: a SimDiffRec epoch at hidden 256 takes many
 SASRec ones, and which trials reach a rung first is what asynchronous ASHA decides on), or with
-`--pace epochs` all at one epoch per time unit.  The space's points come first, then the searcher's choices: `random` (a random order of
-the set's other configurations), `tpe` (Optuna's TPE at its defaults) or `tpe-mv` (multivariate
-+ group + constant liar), both asking the space as a search does and handed the nearest
-configuration of the set not yet tried (table lookup); each trial is one recorded seed of its
-configuration, drawn at random.  A trial ends at the policy's epoch cap, after the policy's
-patience of epochs without a better valid NDCG@10 (the space's; a row named `pN` ends a trial
-after N, so one table compares the space's patience with others'), or when the policy stops it:
+`--pace epochs` all at one epoch per time unit.  The space's points come first, then the
+searcher's choices: `random` (a random order of the set's other configurations), `tpe` (Optuna's
+TPE at its defaults) or `tpe-mv` (multivariate + group + constant liar), both asking the space
+as a search does and handed the nearest configuration of the set not yet tried (table lookup);
+each trial is one recorded seed of its configuration, drawn at random.  A trial ends at the
+policy's epoch cap, after the policy's patience of epochs without a better valid NDCG@10 (the
+space's; a row named `pN` ends a trial after N, so one table compares the space's patience with
+others'), or when the policy stops it:
 
     none                no stopping
     asha g,rf,b,m       Ray's ASHA (AsyncHyperBandScheduler) with grace period g, reduction factor
@@ -361,7 +362,8 @@ def table(curves: Curves, space: spaces.Space, candidates: list[Policy], searche
     best = max(curves.worth_valid, key=curves.worth_valid.get)
     rows = []
     for searcher in searchers:
-        longest = Policy("none", max(p.cap for p in candidates), patience=max(p.patience or patience for p in candidates))
+        longest = Policy("none", max(p.cap for p in candidates),
+                         patience=max(p.patience or patience for p in candidates))
         reference = [simulate(curves, space, longest, searcher, trials, workers, patience, seed, paced)
                      for seed in range(orders)]
         reference_epochs = np.mean([r["epochs"] for r in reference])
@@ -399,7 +401,8 @@ def calibration_set(text: str) -> Path:
     folder = Path(text)
     missing = [name for name in ("set.yaml", "configs.parquet", "curves.parquet") if not (folder / name).is_file()]
     if missing:
-        raise argparse.ArgumentTypeError(f"{text} is not a calibration set of bench/curves.py (no {', '.join(missing)})")
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a calibration set of bench/curves.py (no {', '.join(missing)})")
     return folder
 
 
@@ -409,7 +412,8 @@ def flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=None, help="trials per search (default: every configuration)")
     p.add_argument("--workers", type=int, default=4, help="trials in flight at once")
     p.add_argument("--patience", type=epochs_list, default=None,
-                   help="a trial's own early stopping, epochs; several comma-separated are compared (default: the space's)")
+                   help="a trial's own early stopping, epochs; several comma-separated are compared "
+                        "(default: the space's)")
     p.add_argument("--caps", type=epochs_list, default=None,
                    help="epoch caps to compare, comma-separated (default: 50 and the space's)")
     p.add_argument("--orders", type=int, default=200, help="replayed searches per policy (random trial orders)")
@@ -482,8 +486,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    cols = ["searcher", "policy", "epochs_pct", "time_pct", "p_best_kept", "p_best_picked", "p_near_best", "regret_valid",
-            "regret_valid_p90", "regret_test", "regret_test_p90"]
+    cols = ["searcher", "policy", "epochs_pct", "time_pct", "p_best_kept", "p_best_picked", "p_near_best",
+            "regret_valid", "regret_valid_p90", "regret_test", "regret_test_p90"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in frame.sort_values(["searcher", "epochs_pct"]).to_dict("records"):
         mark = " (shipped)" if row["shipped"] else ""
