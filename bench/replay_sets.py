@@ -17,7 +17,7 @@ import argparse
 import sys
 import pandas as pd
 
-from replay import calibration_set, flags, replayed
+from replay import PACES, calibration_set, flags, replayed
 
 SHOWN = {"epochs_pct": "epochs", "time_pct": "time", "p_near_best": "near", "p_best_kept": "kept",
          "regret_valid_p90": "regret p90"}
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         frames[folder.name] = done.frame
         print(f"{folder}: {len(done.curves.configs)} configurations, {len(done.curves.valid)} runs, {done.trials} "
               f"trials per search, one seed's std {done.curves.seed_std:.4f}")
-    print(f"{args.workers} workers, {args.orders} orders per policy; a row's pN: patience N (none: the space's)")
+    print(f"{args.workers} workers at {PACES[args.pace]}, {args.orders} orders per policy; a row's pN: patience N "
+          "(none: the space's)")
     print(markdown(across(frames)))
     return 0
 
