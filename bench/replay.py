@@ -425,16 +425,23 @@ def flags(p: argparse.ArgumentParser) -> None:
 
 
 @dataclass
-class Replayed:
-    """One set's table under the flags, and what its header says."""
+class Replay:
+    """One set's replay under the flags, checked before anything runs; `frame()` runs it."""
 
     curves: Curves
+    space: spaces.Space
+    candidates: list[Policy]
     trials: int
     patience: int  # the space's
-    frame: pd.DataFrame
+    args: argparse.Namespace
+
+    def frame(self) -> pd.DataFrame:
+        a = self.args
+        return table(self.curves, self.space, self.candidates, a.searchers.split(","), self.trials, a.workers,
+                     self.patience, a.orders, a.pace == "seconds")
 
 
-def replayed(folder: Path, args: argparse.Namespace) -> Replayed:
+def prepare(folder: Path, args: argparse.Namespace) -> Replay:
     """ValueError: a patience longer than the set's runs had (their curves end sooner than such a
     trial), or a policy named that is not among the compared ones."""
     about = read_yaml(folder / "set.yaml")
@@ -457,10 +464,7 @@ def replayed(folder: Path, args: argparse.Namespace) -> Replayed:
             raise ValueError(f"--policies: no such policy at these caps and patiences: {'; '.join(unknown)} "
                              f"(names as the table prints them, e.g. {candidates[0].name!r})")
         candidates = [c for c in candidates if c.name in wanted]
-    trials = args.trials or len(curves.configs)
-    frame = table(curves, space, candidates, args.searchers.split(","), trials, args.workers, patience, args.orders,
-                  args.pace == "seconds")
-    return Replayed(curves, trials, patience, frame)
+    return Replay(curves, space, candidates, args.trials or len(curves.configs), patience, args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,18 +474,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="JSON lines, one per policy, instead of the table")
     args = p.parse_args(argv)
     try:
-        done = replayed(args.set, args)
+        planned = prepare(args.set, args)
     except ValueError as err:
         p.error(str(err))
+    frame = planned.frame()
     if args.json:
-        for row in done.frame.to_dict("records"):
+        for row in frame.to_dict("records"):
             print(json.dumps({k: _plain(v) for k, v in row.items()}))
         return 0
-    curves = done.curves
-    print(f"{args.set}: {len(curves.configs)} configurations, {len(curves.valid)} runs; {done.trials} trials per "
-          f"search on {args.workers} workers at {PACES[args.pace]}, patience {done.patience} (the space's; a row's "
-          f"pN: N), {args.orders} orders per policy; one seed's std of converged valid NDCG@10: {curves.seed_std:.4f}")
-    print(markdown(done.frame))
+    curves = planned.curves
+    print(f"{args.set}: {len(curves.configs)} configurations, {len(curves.valid)} runs; {planned.trials} trials per "
+          f"search on {args.workers} workers at {PACES[args.pace]}, patience {planned.patience} (the space's; a "
+          f"row's pN: N), {args.orders} orders per policy; one seed's std of converged valid NDCG@10: "
+          f"{curves.seed_std:.4f}")
+    print(markdown(frame))
     return 0
 
 

@@ -17,7 +17,7 @@ import argparse
 import sys
 import pandas as pd
 
-from replay import PACES, calibration_set, flags, replayed
+from replay import PACES, calibration_set, flags, prepare
 
 SHOWN = {"epochs_pct": "epochs", "time_pct": "time", "p_near_best": "near", "p_best_kept": "kept",
          "regret_valid_p90": "regret p90"}
@@ -67,15 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     names = [folder.name for folder in args.sets]
     if len(set(names)) < len(names):
         p.error(f"two sets share a folder name: {' '.join(map(str, args.sets))}")
+    try:  # every set checked before any is replayed
+        planned = {folder: prepare(folder, args) for folder in args.sets}
+    except ValueError as err:
+        p.error(str(err))
     frames = {}
-    for folder in args.sets:
-        try:
-            done = replayed(folder, args)
-        except ValueError as err:
-            p.error(str(err))
-        frames[folder.name] = done.frame
-        print(f"{folder}: {len(done.curves.configs)} configurations, {len(done.curves.valid)} runs, {done.trials} "
-              f"trials per search, one seed's std {done.curves.seed_std:.4f}")
+    for folder, one in planned.items():
+        frames[folder.name] = one.frame()
+        print(f"{folder}: {len(one.curves.configs)} configurations, {len(one.curves.valid)} runs, {one.trials} "
+              f"trials per search, one seed's std {one.curves.seed_std:.4f}")
     print(f"{args.workers} workers at {PACES[args.pace]}, {args.orders} orders per policy; a row's pN: patience N "
           "(none: the space's)")
     print(markdown(across(frames)))

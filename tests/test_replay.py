@@ -188,21 +188,22 @@ def test_json_lines_name_the_shipped_policy(tmp_path):
     assert {"epochs_pct", "p_best_kept", "regret_valid", "regret_test_p90"} <= set(rows[0])
 
 
-def test_a_bad_flag_or_set_gets_one_line_naming_it(tmp_path):
+def test_a_bad_flag_or_set_gets_one_line_naming_it(tmp_path, capsys):
     folder = write_set(tmp_path / "set", [0.05, 0.06], [2, 3])
     short = write_set(tmp_path / "short", [0.05, 0.06], [2, 3])
     write_yaml(short / "set.yaml", {"space": str(short / "space.yaml"), "patience": 8})  # its runs stopped at 8
-    cases = [("replay.py", [str(folder), "--patience", "10,x"], "argument --patience: invalid"),
-             ("replay_sets.py", [str(folder), str(short), "--patience", "5,12"],
+    cases = [(replay.main, [str(folder), "--patience", "10,x"], "argument --patience: invalid"),
+             (replay_sets.main, [str(folder), str(short), "--patience", "5,12"],
               "ended after 8 epochs without progress; a replay's patience cannot be longer (--patience 12)"),
-             ("replay.py", [str(folder), "--caps", "0"], "argument --caps: invalid"),
-             ("replay.py", [str(folder), "--caps", "40", "--policies", "none cap40;asha g2 rf3 cap40"],
+             (replay.main, [str(folder), "--caps", "0"], "argument --caps: invalid"),
+             (replay.main, [str(folder), "--caps", "40", "--policies", "none cap40;asha g2 rf3 cap40"],
               "--policies: no such policy at these caps and patiences: asha g2 rf3 cap40 ("),
-             ("replay.py", [str(tmp_path)], f"{tmp_path} is not a calibration set"),
-             ("replay_sets.py", [str(folder), str(tmp_path / "gone")], "gone is not a calibration set")]
-    for script, argv, said in cases:
-        run = subprocess.run([sys.executable, str(BENCH / script), *argv], capture_output=True, text=True)
-        assert run.returncode == 2 and said in run.stderr and "Traceback" not in run.stderr, (script, argv)
+             (replay.main, [str(tmp_path)], f"{tmp_path} is not a calibration set"),
+             (replay_sets.main, [str(folder), str(tmp_path / "gone")], "gone is not a calibration set")]
+    for main, argv, said in cases:
+        with pytest.raises(SystemExit) as stopped:  # argparse's one line, not an exception's traceback
+            main(argv)
+        assert stopped.value.code == 2 and said in capsys.readouterr().err, argv
 
 
 def test_settings_effect_groups_configurations_by_value_and_ranks_the_best(tmp_path):
