@@ -93,6 +93,7 @@ class Curves:
     seeds: dict[int, list[int]]
     seed_std: float  # median over configurations of the std over seeds of the converged valid NDCG@10
     pace: dict[tuple[int, int], float]  # a run's median seconds per epoch (1.0 where the set recorded none)
+    timed: bool  # the set recorded seconds
     _ends: dict = field(default_factory=dict)  # natural_end by (run, cap, patience)
 
     def end(self, run: tuple[int, int], cap: int, patience: int) -> int:
@@ -119,7 +120,7 @@ class Curves:
         spread = [np.std([best_valid[c, s] for s in ss], ddof=1) for c, ss in seeds.items() if len(ss) > 1]
         configs = configs[configs["config"].isin(seeds)].reset_index(drop=True)
         return cls(configs, valid, test, worth_valid, worth_test, seeds,
-                   float(np.median(spread)) if spread else math.nan, pace)
+                   float(np.median(spread)) if spread else math.nan, pace, "seconds" in curves)
 
 
 def natural_end(valid: np.ndarray, cap: int, patience: int) -> int:
@@ -435,6 +436,13 @@ class Replay:
     patience: int  # the space's
     args: argparse.Namespace
 
+    @property
+    def pace(self) -> str:
+        """How the trials advance, as the header says it."""
+        if self.args.pace == "seconds" and not self.curves.timed:
+            return PACES["epochs"] + " (the set recorded no seconds)"
+        return PACES[self.args.pace]
+
     def frame(self) -> pd.DataFrame:
         a = self.args
         return table(self.curves, self.space, self.candidates, a.searchers.split(","), self.trials, a.workers,
@@ -484,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     curves = planned.curves
     print(f"{args.set}: {len(curves.configs)} configurations, {len(curves.valid)} runs; {planned.trials} trials per "
-          f"search on {args.workers} workers at {PACES[args.pace]}, patience {planned.patience} (the space's; a "
+          f"search on {args.workers} workers at {planned.pace}, patience {planned.patience} (the space's; a "
           f"row's pN: N), {args.orders} orders per policy; one seed's std of converged valid NDCG@10: "
           f"{curves.seed_std:.4f}")
     print(markdown(frame))

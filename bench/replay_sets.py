@@ -17,7 +17,7 @@ import argparse
 import sys
 import pandas as pd
 
-from replay import PACES, calibration_set, flags, prepare
+from replay import calibration_set, flags, prepare
 
 SHOWN = {"epochs_pct": "epochs", "time_pct": "time", "p_near_best": "near", "p_best_kept": "kept",
          "regret_valid_p90": "regret p90"}
@@ -75,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     for folder, one in planned.items():
         frames[folder.name] = one.frame()
         print(f"{folder}: {len(one.curves.configs)} configurations, {len(one.curves.valid)} runs, {one.trials} "
-              f"trials per search, one seed's std {one.curves.seed_std:.4f}")
-    print(f"{args.workers} workers at {PACES[args.pace]}, {args.orders} orders per policy; a row's pN: patience N "
-          "(none: the space's)")
+              f"trials per search at {one.pace}, one seed's std {one.curves.seed_std:.4f}")
+    print(f"{args.workers} workers, {args.orders} orders per policy; a row's pN: patience N (none: the space's)")
     print(markdown(across(frames)))
     return 0
 

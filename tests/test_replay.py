@@ -206,6 +206,16 @@ def test_a_bad_flag_or_set_gets_one_line_naming_it(tmp_path, capsys):
         assert stopped.value.code == 2 and said in capsys.readouterr().err, argv
 
 
+def test_the_header_says_at_what_pace_the_trials_ran(tmp_path, capsys):
+    """A set without recorded seconds is replayed at one epoch a time unit, and says so."""
+    untimed = write_set(tmp_path / "untimed", [0.05, 0.06], [2, 3])
+    timed = write_set(tmp_path / "timed", [0.05, 0.06], [2, 3], seconds=[1.0, 4.0])
+    for folder, said in ((untimed, "at one epoch a time unit (the set recorded no seconds)"),
+                         (timed, "at each run's recorded seconds per epoch")):
+        assert replay.main([str(folder), "--orders", "2", "--caps", "40"]) == 0
+        assert said in capsys.readouterr().out.splitlines()[0]
+
+
 def test_settings_effect_groups_configurations_by_value_and_ranks_the_best(tmp_path):
     """bench/settings_effect.py: a categorical value per row, a varied float cut into three bins,
     the configurations ranked by their worth (the best converged valid NDCG@10, mean over seeds)."""
