@@ -467,7 +467,8 @@ def prepare(folder: Path, args: argparse.Namespace) -> Replay:
         candidates.append(shipped(space))
     if args.policies:
         wanted = [name.strip() for name in args.policies.split(";")]
-        unknown = [name for name in wanted if name not in {c.name for c in candidates}]
+        known = {c.name for c in candidates}
+        unknown = [name for name in wanted if name not in known]
         if unknown:
             raise ValueError(f"--policies: no such policy at these caps and patiences: {'; '.join(unknown)} "
                              f"(names as the table prints them, e.g. {candidates[0].name!r})")

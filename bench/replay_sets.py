@@ -5,8 +5,8 @@ must hold on each of them, so each policy is ranked by its worst set.
     python bench/replay_sets.py bench/curves/toys-8k bench/curves/ml-100k --trials 24 --searchers tpe-mv
 
 Each set is replayed as `bench/replay.py` replays it (the same flags); per set the table shows a
-policy's epochs and trial-seconds (% of no stopping there), P(near best), P(best kept) and the 90th percentile of
-its valid regret, then the worst of each over the sets.  Rows are ranked by the worst P(near
+policy's epochs and trial-seconds (% of no stopping there), P(near best), P(best kept) and the
+90th percentile of its valid regret, then the worst of each over the sets.  Rows are ranked by the worst P(near
 best) (a set whose configurations have one seed each has none: NaN ranks last), then the worst
 P(best kept), the worst regret and the most epochs.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+
 import pandas as pd
 
 from replay import calibration_set, flags, prepare
