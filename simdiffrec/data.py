@@ -133,6 +133,19 @@ class SequenceData:
                    train_lengths=np.minimum([len(train[u]) - 1 for u in trainable], max_len).astype(np.int64),
                    valid=split(2), test=split(1), item_ids=item_ids, user_ids=user_ids)
 
+    def shortened(self, max_len: int) -> "SequenceData":
+        """The same split as if prepared with a shorter `max_len`: each row's last `max_len`
+        positions (rows are right-aligned), the masked histories whole.  A search prepares its
+        data once, at the longest max_len it samples, and each trial cuts its own from it."""
+        if not 1 <= max_len <= self.max_len:
+            raise ValueError(f"max_len={max_len}: must be 1-{self.max_len} (the data was prepared with "
+                             f"max_len={self.max_len}: it can be cut, not lengthened)")
+        return replace(self, max_len=max_len, train_input=self.train_input[:, -max_len:],
+                       train_target=self.train_target[:, -max_len:],
+                       train_lengths=np.minimum(self.train_lengths, max_len),
+                       valid=replace(self.valid, inputs=self.valid.inputs[:, -max_len:]),
+                       test=replace(self.test, inputs=self.test.inputs[:, -max_len:]))
+
     def to(self, device: torch.device | str) -> "SequenceData":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         moved.update(train_input=self.train_input.to(device), train_target=self.train_target.to(device),

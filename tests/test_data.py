@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simdiffrec.data import describe, load_data, to_sequences
+from simdiffrec.data import SequenceData, describe, load_data, to_sequences
 from simdiffrec.readers import DataError, kcore, read_file, read_inter, read_sequence_file, read_table
 
 from .conftest import shared_file, synthetic_sequences
@@ -238,3 +238,24 @@ def test_exact_duplicate_rows_are_counted_with_a_warning(tmp_path):
     path.write_text("user_id,item_id,timestamp\n" + "\n".join(rows + rows[:3]) + "\n")
     with pytest.warns(UserWarning, match="3 exact duplicate interaction row"):
         load_data(path, kcore=0)
+
+
+def test_data_cut_to_a_shorter_max_len_is_the_data_prepared_at_it():
+    """A search prepares its data once, at the longest max_len it samples; a trial's cut must be
+    what preparing at its own max_len gives, tensor for tensor."""
+    sequences = synthetic_sequences(n_users=40, n_items=30, length=12, seed=3)
+    long = SequenceData.from_sequences(sequences, max_len=10)
+    for max_len in (1, 4, 10):
+        cut, made = long.shortened(max_len), SequenceData.from_sequences(sequences, max_len=max_len)
+        assert cut.max_len == made.max_len == max_len
+        for name in ("train_input", "train_target"):
+            assert getattr(cut, name).equal(getattr(made, name))
+        assert np.array_equal(cut.train_lengths, made.train_lengths)
+        for split in ("valid", "test"):
+            a, b = getattr(cut, split), getattr(made, split)
+            assert a.inputs.equal(b.inputs) and a.targets.equal(b.targets) and a.history_items.equal(b.history_items)
+            assert np.array_equal(a.history_ptr, b.history_ptr) and np.array_equal(a.users, b.users)
+    for max_len in (0, 11):
+        with pytest.raises(ValueError, match=rf"max_len={max_len}: must be 1-10 \(the data was prepared with "
+                                             r"max_len=10: it can be cut, not lengthened\)"):
+            long.shortened(max_len)

@@ -21,6 +21,7 @@ import yaml
 from simdiffrec.cli import main
 from simdiffrec.config import SIMDIFFREC_ONLY, Config
 from simdiffrec.files import locked
+from simdiffrec.model_folder import load_model
 from tuner import grid, search, verdict
 from tuner.experiment import read
 from tuner.protocol import CHECKPOINT_FILE
@@ -239,6 +240,37 @@ def test_a_top_beyond_the_searchs_trials_is_said(tiny_search):
     with pytest.warns(UserWarning, match=r"--top 9: .* has 3 trials without errors that reported .*; retraining those 3"):
         chosen = chosen_trials(str(tiny_search / "experiment"), 9)
     assert list(chosen) == ["top-1", "top-2", "top-3"]
+
+
+def test_a_searched_max_len_trains_each_configuration_at_its_own(ray_cluster, data_file, tmp_path):
+    """The data is prepared once, at the longest max_len searched (10, the sequences reach 12);
+    each trial and each run finalize retrains cuts its own from it and keeps it in its model,
+    and `evaluate` (which prepares the data at the model's max_len) scores what the run scored."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "parameters": {"max_len": {"type": "categorical", "choices": [4, 10]}},
+        "fixed": {k: v for k, v in TINY.items() if k != "max_len"}, "points_to_evaluate": [{"max_len": 4}, {"max_len": 10}],
+        "asha": {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2}}))
+    search = tmp_path / "search"
+    assert main(["tune", "--data", str(data_file), "--space", str(space), "--out", str(search), "--num-samples", "2",
+                 "--gpu", "never"]) == 0
+    best = yaml.safe_load((search / "best_config.yaml").read_text())["parameters"]["max_len"]
+    assert load_model(search / "best_checkpoint").model.encoder.positions.num_embeddings == best
+    assert main(["finalize", str(search / "experiment"), "--seeds", "1", "--top", "2", "--max-epochs", "2",
+                 "--gpu", "never"]) == 0
+    final = search / "final"
+    table = pd.read_parquet(final / "final.parquet").set_index("configuration")
+    assert sorted(table.loc[["top-1", "top-2"], "param/max_len"]) == [4, 10]
+    # SASRec-CE at the defaults trains at the data's max_len, 10: it is the max_len-10 run's baseline, trained once
+    assert len(table) == 4
+    ten = table.index[(table["param/max_len"] == 10) & ~table["is_baseline"]][0]
+    assert table.loc[table.loc[ten, "baseline"], "start"]  # the defaults are a starting point
+    runs = pd.read_parquet(final / "final_runs.parquet").set_index("configuration")
+    winner = table["valid/NDCG@10_mean"].idxmax()
+    assert load_model(final / "final_checkpoint").model.encoder.positions.num_embeddings == table.loc[winner, "param/max_len"]
+    run = subprocess.run([*SIMDIFFREC, "evaluate", str(final / "final_checkpoint"), "--data", str(data_file)],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(run.stdout)["valid"]["NDCG@10"] == pytest.approx(runs.loc[winner, "valid/NDCG@10"], abs=1e-6)
 
 
 def test_reproduce_trains_the_papers_grid_beside_its_numbers(ray_cluster, data_file, tmp_path):

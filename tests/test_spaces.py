@@ -9,6 +9,7 @@ import optuna
 import pytest
 import yaml
 
+from simdiffrec import datasets
 from simdiffrec.config import Config
 from tuner import spaces
 
@@ -36,7 +37,10 @@ def test_every_dataset_has_a_space_with_the_papers_ranges_and_points_first():
         assert (paper["tau"], paper["k_noise"], paper["k_sample"], paper["lr"], paper["dropout"]) == (1.0, 25, 2, 1e-3, 0.5)
         assert (authors["alpha"], authors["tau"], authors["beta"]) == (1e-3, 0.05, 0.2)
         # SASRec-CE at the defaults, and each point at the default encoder and optimiser
-        assert space.config(sasrec, 1) == space.config({}, 1).replace(alpha=0.0, beta=0.0, sr_loss="ce", epochs=1)
+        defaults = space.config({}, 1).replace(alpha=0.0, beta=0.0, sr_loss="ce", epochs=1)
+        if "max_len" in sasrec:  # searched (ml-1m): the points keep the dataset's own
+            defaults = defaults.replace(max_len=datasets.default_max_len(name))
+        assert space.config(sasrec, 1) == defaults
         for point in (paper, authors):
             assert space.config(point, 1).replace(**{k: getattr(Config, k) for k in point if k != "family"}) \
                 == Config(epochs=1, device="auto", **space.fixed)
@@ -101,6 +105,16 @@ def test_fixed_settings_and_max_epochs_reach_the_config(tmp_path):
     assert (shorter.asha.max_epochs, shorter.asha.grace_period) == (1, 1)
 
 
+def test_the_shared_data_is_prepared_at_the_longest_max_len_a_trial_samples(tmp_path):
+    assert spaces.load(write(tmp_path, MINIMAL)).data_max_len() is None  # the dataset's own
+    assert spaces.load(write(tmp_path, {**MINIMAL, "fixed": {"max_len": 30}})).data_max_len() == 30
+    for spec in ({"type": "categorical", "choices": [100, 50, 200]}, {"type": "int", "low": 50, "high": 200, "step": 50}):
+        searched = {**MINIMAL, "parameters": {**MINIMAL["parameters"], "max_len": spec}}
+        assert spaces.load(write(tmp_path, searched)).data_max_len() == 200
+    ml = spaces.load("ml-1m")  # the one shipped dataset whose sequences are longer than 50
+    assert ml.data_max_len() == 200 and all(point["max_len"] == 200 for point in ml.points)
+
+
 def test_a_rung_judges_from_its_first_result_unless_the_space_says_otherwise(tmp_path):
     assert spaces.load(write(tmp_path, MINIMAL)).asha.min_rung_results == 1  # Ray's rule
     asha = {**MINIMAL["asha"], "min_rung_results": 3}
@@ -126,7 +140,7 @@ def test_a_rung_judges_from_its_first_result_unless_the_space_says_otherwise(tmp
     ({"parameters": {"tau_end": {"type": "float", "low": 0.1, "high": 1.0, "when": {"tau_schedule": ["linear"]}}}},
      "parameters.tau_end.when"),
     ({"parameters": {"epochs": {"type": "int", "low": 1, "high": 5}}}, "parameters.epochs"),
-    ({"parameters": {"max_len": {"type": "int", "low": 10, "high": 50}}}, "parameters.max_len"),
+    ({"parameters": {"kcore": {"type": "int", "low": 3, "high": 5}}}, "parameters.kcore"),
     ({"fixed": {"hiddden": 32}}, "hiddden"),
     ({"fixed": {"hidden": "big"}}, "hidden"),
     ({"fixed": {"device": "cuda"}}, "fixed.device"),

@@ -122,7 +122,7 @@ def _run_job(job: Job, request: SearchRequest) -> dict[str, Any]:
     space, settings = (_resumed(job, request.max_epochs, given) if resume
                        else _new(job, request.max_epochs, given))
     fixed = Config.from_dict(space.fixed, source=space.source)
-    data, stats = load_and_describe(job.data, max_len=fixed.max_len, kcore=fixed.kcore, **job.columns)
+    data, stats = load_and_describe(job.data, max_len=space.data_max_len(), kcore=fixed.kcore, **job.columns)
     if resume:
         check_same_data(job.out / RECORD, fingerprint(data))
         grown(job.out / RECORD, settings.num_samples)

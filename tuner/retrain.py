@@ -179,14 +179,19 @@ def final_plan(space: spaces.Space, record: dict[str, Any], chosen: dict[str, di
     params = dict(chosen)
     starts, chosen_starts = starting_points(space.points, params)
     params.update(starts)
-    configs = {name: _settings(space.config(p).to_dict(), request, FINAL_PATIENCE) for name, p in params.items()}
-    baseline_configs, compared, defaults = baselines(
-        configs, _settings(space.config({}).to_dict(), request, FINAL_PATIENCE))
-    for baseline, settings in baseline_configs.items():  # a baseline's searched parameters as it runs them
-        params[baseline] = {k: "sasrec" if k == spaces.FAMILY else settings[k] for k in params["top-1"]}
+
+    def settings(point: dict[str, Any]) -> dict[str, Any]:
+        """A run's settings, its max_len the one it trains at, so that two names for one run train once."""
+        config = _settings(space.config(point).to_dict(), request, FINAL_PATIENCE)
+        return {**config, "max_len": config["max_len"] or space.data_max_len()}
+
+    configs = {name: settings(p) for name, p in params.items()}
+    baseline_configs, compared, defaults = baselines(configs, settings({}))
+    for baseline, config in baseline_configs.items():  # a baseline's searched parameters as it runs them
+        params[baseline] = {k: "sasrec" if k == spaces.FAMILY else config[k] for k in params["top-1"]}
     fixed = Config.from_dict(space.fixed, source=space.source)
     plan = grid.Plan(datasets={"data": {"source": record["data"], "columns": record["columns"],
-                                        "max_len": fixed.max_len, "kcore": fixed.kcore}},
+                                        "max_len": space.data_max_len(), "kcore": fixed.kcore}},
                      runs={name: {"dataset": "data", "config": c} for name, c in {**configs, **baseline_configs}.items()},
                      seeds=list(range(seeds)))
     return plan, params, compared, [*starts, *chosen_starts, defaults]

@@ -28,9 +28,9 @@ from typing import Any
 from simdiffrec.config import SASREC, SIMDIFFREC_ONLY, Config, read_yaml, setting_type
 
 # Settings a trial never samples: the tuner owns epochs (ASHA's max) and device (Ray's GPU);
-# max_len and kcore shape the prepared data, which all trials share.
+# kcore shapes the prepared data, which all trials share.  (A searched max_len is cut from data
+# prepared at its largest value: Space.data_max_len.)
 NOT_SEARCHABLE = {"epochs": "set by asha.max_epochs", "device": "Ray assigns the device",
-                  "max_len": "it shapes the shared data: put it under fixed",
                   "kcore": "it shapes the shared data: put it under fixed"}
 NOT_FIXABLE = {"epochs": "set asha.max_epochs instead", "device": "Ray assigns the device"}
 TYPE_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
@@ -119,6 +119,12 @@ class Space:
         return Config.from_dict({**self.fixed, **params, **(SASREC if family == "sasrec" else {}),
                                  **({} if epochs is None else {"epochs": epochs}), "device": "auto"},
                                 source=self.source)
+
+    def data_max_len(self) -> int | None:
+        """The max_len to prepare the data all trials share at: a searched max_len's largest
+        value (each trial cuts its own from it), else the fixed one (None: the dataset's)."""
+        searched = [max(p.extremes()) for p in self.params if p.name == "max_len"]
+        return int(searched[0]) if searched else self.fixed.get("max_len")
 
     def with_max_epochs(self, epochs: int | None) -> "Space":
         """Override asha.max_epochs (from --max-epochs); the grace period is capped at it."""

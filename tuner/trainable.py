@@ -77,6 +77,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     quiet_stops_in_callbacks()  # Ray's SIGTERM when it ends this actor prints no traceback
     dataset, cfg = setup.configure(params)
     data = fetch_data(setup.data[dataset])
+    if cfg.max_len is not None:  # a searched max_len: cut from the data prepared at the largest
+        data = data.shortened(cfg.max_len)
     with tempfile.TemporaryDirectory(prefix="simdiffrec-trial-") as work:
         work = Path(work)
         restored = restore(work / "restored")
