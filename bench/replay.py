@@ -21,6 +21,10 @@ others'), or when the policy stops it:
     asha g,rf,b,m       Ray's ASHA (AsyncHyperBandScheduler) with grace period g, reduction factor
                         rf, b brackets (b > 1: asynchronous Hyperband) and the search's
                         `min_rung_results` m, on each epoch's valid NDCG@10
+    hyperband rf        Ray's HyperBandScheduler (synchronous Hyperband) with reduction factor rf:
+                        a trial pauses at its bracket's milestone, keeping its place among the
+                        trials in flight (the search's concurrency limit counts it), until every
+                        live trial of the bracket has reached it; then the best 1/rf go on
     median g            Ray's MedianStoppingRule (grace period g, 3 samples): stop a trial whose
                         best is below the median of the others' running means
 
@@ -63,7 +67,7 @@ PACES = {"seconds": "each run's recorded seconds per epoch", "epochs": "one epoc
 
 @dataclass(frozen=True)
 class Policy:
-    kind: str  # none | asha | median
+    kind: str  # none | asha | hyperband | median
     cap: int  # the search's epoch cap (asha.max_epochs)
     grace: int = 0
     rf: float = 0.0
@@ -78,6 +82,8 @@ class Policy:
             return f"asha g{self.grace} rf{self.rf:g} b{self.brackets} m{self.min_rung} cap{self.cap}{own}"
         if self.kind == "median":
             return f"median g{self.grace} cap{self.cap}{own}"
+        if self.kind == "hyperband":
+            return f"hyperband rf{self.rf:g} cap{self.cap}{own}"
         return f"none cap{self.cap}{own}"
 
 
@@ -168,6 +174,79 @@ class Asha:
                 return False
             return value < percentile(earlier, 1 - 1 / self.policy.rf) and len(earlier) >= self.policy.min_rung
         return False
+
+
+@dataclass
+class Bracket:
+    """One bracket of Ray's synchronous Hyperband (hyperband._Bracket, Ray 2.60)."""
+
+    n: int  # live trials it holds before it is filled; shrinks by rf at each halving
+    r: int  # the milestone: the epoch every live trial must reach before the next halving
+    halves: int  # halvings left
+    live: dict[int, tuple[int, float]] = field(default_factory=dict)  # trial -> its last (epoch, valid NDCG@10)
+
+    def reached(self) -> bool:
+        return all(epoch >= self.r for epoch, _ in self.live.values())
+
+    def process(self, rf: float, cap: int) -> tuple[list[int], list[int]]:
+        """Once every live trial has reached the milestone: (the trials to stop, those to go on)."""
+        if not self.reached():
+            return [], []
+        if self.halves == 0:  # the bracket is finished: every trial still in it stops
+            stop = list(self.live)
+            self.live.clear()
+            return stop, []
+        self.halves -= 1
+        self.n = math.ceil(self.n / rf)
+        self.r = int(min(self.r * rf, cap))
+        ranked = sorted(self.live, key=lambda t: self.live[t][1])
+        good, bad = ranked[-self.n:], ranked[:-self.n]
+        for trial in bad:
+            del self.live[trial]
+        return bad, good
+
+
+class HyperBand:
+    """Ray's HyperBandScheduler (Ray 2.60): each new trial joins the current bracket until it holds
+    its n live trials, then a new one opens, the s-th of a band (s = 0, 1, ...: n0 = ceil(s_max / (s + 1)
+    * rf^s) trials from epoch r0 = cap / rf^s; s = 0 runs every trial to the cap).  Ray stops processing
+    a bracket on a trial's removal after its first halving (its `is_being_processed` is never reset,
+    which can leave paused trials waiting); here every removal processes it."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.rf, self.cap = policy.rf, policy.cap
+        self.s_max = int(np.round(np.log(policy.cap) / np.log(policy.rf))) + 1
+        self.band: list[Bracket | None] = []
+        self.current: Bracket | None = None
+        self.of: dict[int, Bracket] = {}
+
+    def add(self, trial: int) -> None:
+        if self.current is None or len(self.current.live) == self.current.n:
+            self.current = None
+            while self.current is None:
+                if len(self.band) == self.s_max:
+                    self.band = []
+                s = len(self.band)
+                r0 = int(self.cap * self.rf ** -s)
+                self.current = Bracket(math.ceil(self.s_max / (s + 1) * self.rf ** s), r0, s) if r0 else None
+                self.band.append(self.current)
+        self.current.live[trial] = (0, math.nan)
+        self.of[trial] = self.current
+
+    def milestone(self, trial: int) -> int:
+        return self.of[trial].r
+
+    def result(self, trial: int, epoch: int, value: float) -> tuple[list[int], list[int]]:
+        """The trial reports at its milestone (and pauses): the trials to stop and those to go on."""
+        bracket = self.of[trial]
+        bracket.live[trial] = (epoch, value)
+        return bracket.process(self.rf, self.cap)
+
+    def remove(self, trial: int) -> tuple[list[int], list[int]]:
+        """The trial ended on its own (its cap or patience): the same, for the others of its bracket."""
+        bracket = self.of[trial]
+        bracket.live.pop(trial, None)
+        return bracket.process(self.rf, self.cap) if bracket.live else ([], [])
 
 
 class Median:
@@ -285,7 +364,8 @@ def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind:
     patience = policy.patience or patience
     rng = np.random.default_rng(seed)
     searcher = Searcher(searcher_kind, curves, space, rng, seed)
-    scheduler = Asha(policy, rng) if policy.kind == "asha" else Median(policy) if policy.kind == "median" else None
+    scheduler = {"asha": lambda: Asha(policy, rng), "median": lambda: Median(policy),
+                 "hyperband": lambda: HyperBand(policy), "none": lambda: None}[policy.kind]()
     events: list[tuple[float, int, int, int]] = []  # (time, tie-break, trial, epoch): the trial reports that epoch then
     state: dict[int, dict[str, Any]] = {}
     started, epochs, seconds, order = 0, 0, 0.0, itertools.count()
@@ -299,19 +379,37 @@ def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind:
             return
         run = (config, int(rng.choice(curves.seeds[config])))
         state[started] = {"run": run, "end": curves.end(run, policy.cap, patience), "best": -math.inf,
-                          "stopped": False}
+                          "stopped": False, "epoch": 0}
         end = state[started]["end"]
         if isinstance(scheduler, Asha):
             reports = {epoch for epoch in scheduler.add(started) if epoch < end} | {end}
         elif isinstance(scheduler, Median):
             scheduler.add(started)
             reports = set(range(1, end + 1))
+        elif isinstance(scheduler, HyperBand):
+            scheduler.add(started)
+            reports = {min(end, scheduler.milestone(started))}  # then paused; `go_on` reschedules it
         else:
             reports = {end}
-        unit = curves.pace[run] if paced else 1.0
+        state[started]["unit"] = curves.pace[run] if paced else 1.0
         for epoch in sorted(reports):
-            heapq.heappush(events, (now + epoch * unit, next(order), started, epoch))
+            heapq.heappush(events, (now + epoch * state[started]["unit"], next(order), started, epoch))
         started += 1
+
+    def finish(trial: int, epoch: int, now: float) -> None:
+        nonlocal epochs, seconds
+        info = state[trial]
+        info["done"], info["stopped"] = True, epoch < info["end"]
+        info["best"] = float(curves.valid[info["run"]][:epoch].max())
+        epochs += epoch
+        seconds += epoch * curves.pace[info["run"]]
+        searcher.told(trial, info["best"])
+        start(now)
+
+    def go_on(trial: int, epoch: int, now: float) -> None:
+        """A paused Hyperband trial resumes from `epoch` towards its bracket's next milestone."""
+        target = min(state[trial]["end"], scheduler.milestone(trial))
+        heapq.heappush(events, (now + (target - epoch) * state[trial]["unit"], next(order), trial, target))
 
     for _ in range(workers):
         start(0)
@@ -321,16 +419,21 @@ def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind:
         if info.get("done"):
             continue
         values = curves.valid[info["run"]]
-        stop = epoch >= info["end"]
-        if scheduler is not None and scheduler.result(trial, epoch, values[epoch - 1]) and not stop:
-            stop = info["stopped"] = True
-        if stop:
-            info["done"] = True
-            info["best"] = float(values[:epoch].max())
-            epochs += epoch
-            seconds += epoch * curves.pace[info["run"]]
-            searcher.told(trial, info["best"])
-            start(now)
+        if isinstance(scheduler, HyperBand):
+            info["epoch"] = epoch
+            if epoch >= info["end"]:  # as Ray: the bracket is processed before a new trial joins
+                stop, good = scheduler.remove(trial)
+                finish(trial, epoch, now)
+            else:
+                stop, good = scheduler.result(trial, epoch, values[epoch - 1])
+            for other in stop:
+                finish(other, state[other]["epoch"], now)
+            for other in good:
+                go_on(other, state[other]["epoch"], now)
+            continue
+        judged = scheduler is not None and scheduler.result(trial, epoch, values[epoch - 1])  # records it too
+        if judged or epoch >= info["end"]:
+            finish(trial, epoch, now)
     tried = {info["run"][0] for info in state.values()}
     best_tried = max(tried, key=lambda c: curves.worth_valid[c])
     picked = max(state.values(), key=lambda info: info["best"])["run"][0]
@@ -340,8 +443,8 @@ def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind:
 
 
 def policies(space: spaces.Space, caps: list[int], patiences: list[int | None]) -> list[Policy]:
-    """The policies to compare: no stopping, a grid of ASHA settings, median stopping, at each cap
-    and patience (None: the space's)."""
+    """The policies to compare: no stopping, a grid of ASHA settings, median stopping, synchronous
+    Hyperband, at each cap and patience (None: the space's)."""
     found = []
     for cap, patience in itertools.product(caps, patiences):
         found.append(Policy("none", cap, patience=patience))
@@ -350,6 +453,8 @@ def policies(space: spaces.Space, caps: list[int], patiences: list[int | None]) 
                 found.append(Policy("asha", cap, grace, float(rf), brackets, m, patience))
         for grace in (5, 10, 20):
             found.append(Policy("median", cap, grace, patience=patience))
+        for rf in (2, 3, 4):
+            found.append(Policy("hyperband", cap, rf=float(rf), patience=patience))
     return found
 
 

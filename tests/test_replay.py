@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 import subprocess
 import sys
@@ -85,6 +86,95 @@ def test_the_replayed_asha_decides_as_the_searchs_scheduler():
                 if ours.result(i, epoch, value):
                     stopped_ours.add(i)
         assert stopped_ours == stopped_ray and stopped_ray
+
+
+@dataclasses.dataclass(eq=False)  # hashed by identity, as Ray's schedulers key their tables by trial
+class TrialStub:
+    trial_id: str
+    status: str
+    is_saving: bool = False
+
+
+def test_the_replayed_hyperband_decides_as_rays_with_a_concurrency_limit():
+    """Trials one epoch a tick, at most `slots` in flight (paused ones count, as under the search's
+    concurrency limit), a new one whenever a slot frees: the replay's synchronous Hyperband stops
+    each trial at the epoch Ray's HyperBandScheduler stops it."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import HyperBandScheduler, TrialScheduler
+
+    for slots, rf, cap in ((3, 3.0, 9), (8, 2.0, 16), (20, 3.0, 27)):
+        rng = np.random.default_rng(slots)
+        ray_hb = HyperBandScheduler(time_attr="epoch", metric=METRIC, mode="max", max_t=cap, reduction_factor=rf)
+        ours = replay.HyperBand(replay.Policy("hyperband", cap, rf=rf))
+
+        class Controller:
+            def stop_trial(self, trial):  # as Tune's TuneController.stop_trial
+                if trial.status == Trial.PAUSED:
+                    ray_hb.on_trial_remove(self, trial)
+                elif trial.status == Trial.RUNNING:
+                    ray_hb.on_trial_complete(self, trial, {})
+                trial.status = Trial.TERMINATED
+
+        controller, trials, epoch = Controller(), [], {}
+        ends = {"ray": {}, "ours": {}}
+        running = {"ray": set(), "ours": set()}
+        while len(trials) < 40 or running["ray"] or any(t.status == Trial.PAUSED for t in trials):
+            in_flight = [t for t in trials if t.status in (Trial.RUNNING, Trial.PAUSED)]
+            for _ in range(slots - len(in_flight)):
+                if len(trials) == 40:
+                    break
+                i = len(trials)
+                trials.append(TrialStub(f"t{i}", Trial.RUNNING))
+                ray_hb.on_trial_add(controller, trials[i])
+                ours.add(i)
+                epoch[i] = 0
+                running["ray"].add(i), running["ours"].add(i)
+            if not running["ray"]:
+                break
+            for i in sorted(running["ray"] | running["ours"]):
+                assert (i in running["ray"]) == (i in running["ours"]), f"trial {i} runs in one only"
+                epoch[i] += 1
+                value = float(rng.random())
+                decision = ray_hb.on_trial_result(controller, trials[i], {"epoch": epoch[i], METRIC: value})
+                if decision == TrialScheduler.PAUSE:
+                    trials[i].status = Trial.PAUSED
+                elif decision == TrialScheduler.STOP:
+                    controller.stop_trial(trials[i])
+                if epoch[i] == ours.milestone(i):
+                    stop, good = ours.result(i, epoch[i], value)
+                    for j in stop:
+                        ends["ours"][j] = epoch[j]
+                        running["ours"].discard(j)
+                    running["ours"] |= set(good)
+                    if i not in good:
+                        running["ours"].discard(i)
+            for t in trials:  # what Tune's choose_trial_to_run resumes, and what has ended
+                n = int(t.trial_id[1:])
+                bracket = ray_hb._trial_info[t][0]
+                if t.status == Trial.PAUSED and t in bracket.trials_to_unpause:
+                    t.status = Trial.RUNNING
+                if t.status == Trial.TERMINATED and n not in ends["ray"]:
+                    ends["ray"][n] = epoch[n]
+            running["ray"] = {int(t.trial_id[1:]) for t in trials if t.status == Trial.RUNNING}
+        assert ends["ours"] == ends["ray"] and len(ends["ray"]) == 40
+        # 3 in flight never fill the first bracket (3 live trials that go to the cap) beyond what it
+        # empties: every trial lands there and none stops early; with more in flight, some do
+        assert (min(ends["ray"].values()) == cap) == (slots == 3)
+
+
+def test_hyperband_stops_nothing_when_fewer_trials_run_at_once_than_its_first_bracket_holds(tmp_path):
+    """Cap 27, factor 3: the first bracket takes 4 trials to the cap.  Two at a time never fill it
+    (a trial that ends leaves it), so every trial lands there: the epochs of no stopping.  Eight at
+    a time fill it and open the brackets that halve."""
+    curves = replay.Curves.load(write_set(tmp_path / "set", [0.05, 0.06, 0.05, 0.08] * 3, [2, 2, 2, 12] * 3))
+    space = spaces.parse(SPACE, "space")
+    spent = {}
+    for kind, workers in itertools.product(("none", "hyperband"), (2, 8)):
+        policy = replay.Policy(kind, 27, rf=3.0, patience=40)
+        spent[kind, workers] = [replay.simulate(curves, space, policy, "random", 12, workers, 5, seed)["epochs"]
+                                for seed in range(5)]
+    assert spent["hyperband", 2] == spent["none", 2] == [12 * 27] * 5
+    assert max(spent["hyperband", 8]) < min(spent["none", 8])
 
 
 def test_natural_end_is_the_cap_or_patience_epochs_without_progress():
