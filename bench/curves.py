@@ -11,8 +11,11 @@ space: its scheduler on the recorded curves, its searcher by table lookup.  Runs
 usable.  A user sample (`--users`) shrinks every batch by the share of training rows it
 keeps, so that an epoch takes as many optimizer steps as on the whole data and a grace period
 in epochs means the same on both.  Resumable: each (configuration, seed) trains in WORK/c<NN>-s<SEED>/ with a checkpoint
-after every epoch; the same command continues where it stopped, and `--lane i/n` splits the runs
-over n processes.  After each finished run the set is rewritten in bench/curves/NAME/:
+after every epoch; the same command continues where it stopped.  The same command in several
+processes shares the runs: each takes the next run that none of the others holds (a lock that
+ends with its process), so they finish together; `--lane i/n` splits the runs statically.  A
+space that searches max_len gets data prepared at its largest, each run cutting its own.  After
+each finished run the set is rewritten in bench/curves/NAME/ (one process at a time):
 `configs.parquet` (one row per configuration), `curves.parquet` (one row per run and epoch) and
 `set.yaml` (the command, data, space, machine and how many runs are done).
 """
@@ -20,12 +23,14 @@ over n processes.  After each finished run the set is rewritten in bench/curves/
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import platform
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import optuna
@@ -37,7 +42,7 @@ from simdiffrec.config import Config, read_yaml, write_yaml
 from simdiffrec.data import SequenceData, frame_to_data
 from simdiffrec.datasets import DEFAULT_MAX_LEN
 from simdiffrec.evaluate import evaluate, scorer
-from simdiffrec.files import read_torch, write_atomic
+from simdiffrec.files import locked, read_torch, write_atomic
 from simdiffrec.readers import read_file
 from simdiffrec.train import Evaluation, train
 from tuner import spaces
@@ -110,6 +115,21 @@ def write_set(out: Path, configs: pd.DataFrame, curves: pd.DataFrame, about: dic
     write_yaml(out / "set.yaml", {**about, "runs_done": len(runs)})
 
 
+def runs_in(curves: pd.DataFrame) -> set[tuple[int, int]]:
+    """The (configuration, seed) runs a set holds."""
+    return set(curves.groupby(["config", "seed"]).groups) if len(curves) else set()
+
+
+@contextlib.contextmanager
+def one_at_a_time(path: Path) -> Iterator[None]:
+    """Wait for, then hold, `path`'s lock: two processes merging their runs into the set at once
+    would each write what it read, and the second would drop the first's run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes or the process ends
+        yield
+
+
 def earlier(out: Path, configs: pd.DataFrame, about: dict[str, Any]) -> pd.DataFrame:
     """The curves an earlier session of this set recorded; refuse a set made otherwise."""
     if not (out / "set.yaml").is_file():
@@ -150,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     fixed = {**space.fixed, **overrides}
     points = draw(space, args.configs, args.draw_seed)
     base = Config.from_dict(fixed, source="--set")
-    data, share = load(args.data, args.users, args.draw_seed, base.max_len, base.kcore)
+    longest = max((n for n in (space.data_max_len(), base.max_len) if n), default=None)  # runs cut theirs from it
+    data, share = load(args.data, args.users, args.draw_seed, longest, base.kcore)
     given = sys.argv[1:] if argv is None else argv
     command = [a for i, a in enumerate(given) if a != "--lane" and given[i - 1:i] != ["--lane"]]
     about = {"command": "python bench/curves.py " + shlex.join(command),
@@ -163,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     configs.insert(0, "config", range(len(points)))
     configs.insert(1, "start", configs["config"] < about["starts"])  # one of the space's points_to_evaluate
     curves = earlier(out, configs, about)
-    done = set(curves.groupby(["config", "seed"]).groups) if len(curves) else set()
+    done = runs_in(curves)
     plan = [(seed, c) for seed in seeds for c in range(len(points))]
     print(f"{args.name}: {data.n_users} users, {data.n_items} items; {len(points)} configurations × "
           f"{len(seeds)} seeds, at most {args.epochs} epochs each; {len(done)} of {len(plan)} runs done",
@@ -172,15 +193,24 @@ def main(argv: list[str] | None = None) -> int:
     for i, (seed, c) in enumerate(plan):
         if i % lanes != lane or (c, seed) in done:
             continue
-        cfg = space.config({**fixed, **points[c]}, args.epochs)
-        # a sample's epoch takes as many steps as the whole data's: its batches shrink with it
-        cfg = cfg.replace(patience=args.patience or args.epochs, eval_every=1, seed=seed, device="cpu",
-                          batch_size=max(1, round(cfg.batch_size * share)))
-        rows = train_run(cfg, data, work / f"c{c:02d}-s{seed}", f"[{i + 1}/{len(plan)} c{c:02d} s{seed}]")
-        # another lane may have added runs meanwhile: merge with what is on disk now
-        curves = pd.concat([earlier(out, configs, about), rows.assign(config=c, seed=seed)], ignore_index=True)
-        curves = curves[["config", "seed"] + [k for k in curves.columns if k not in ("config", "seed")]]
-        write_set(out, configs, curves, about)
+        run = contextlib.ExitStack()
+        try:
+            run.enter_context(locked(work / f"c{c:02d}-s{seed}"))
+        except ValueError:  # another process of this set trains it
+            continue
+        with run:
+            if (c, seed) in runs_in(earlier(out, configs, about)):
+                continue  # another process finished it since this one started
+            cfg = space.config({**fixed, **points[c]}, args.epochs)
+            # a sample's epoch takes as many steps as the whole data's: its batches shrink with it
+            cfg = cfg.replace(patience=args.patience or args.epochs, eval_every=1, seed=seed, device="cpu",
+                              batch_size=max(1, round(cfg.batch_size * share)))
+            rows = train_run(cfg, data.shortened(cfg.max_len) if cfg.max_len else data, work / f"c{c:02d}-s{seed}",
+                             f"[{i + 1}/{len(plan)} c{c:02d} s{seed}]")
+            with one_at_a_time(work / "set.lock"):  # merge with what the others added meanwhile
+                curves = pd.concat([earlier(out, configs, about), rows.assign(config=c, seed=seed)], ignore_index=True)
+                curves = curves[["config", "seed"] + [k for k in curves.columns if k not in ("config", "seed")]]
+                write_set(out, configs, curves, about)
         print(f"{args.name}: run c{c:02d} s{seed} added to {out}", file=sys.stderr)
     return 0
 
