@@ -9,7 +9,7 @@ import optuna
 import pytest
 import yaml
 
-from simdiffrec import datasets
+from simdiffrec.datasets import default_max_len
 from simdiffrec.config import Config
 from tuner import spaces
 
@@ -39,7 +39,7 @@ def test_every_dataset_has_a_space_with_the_papers_ranges_and_points_first():
         # SASRec-CE at the defaults, and each point at the default encoder and optimiser
         defaults = space.config({}, 1).replace(alpha=0.0, beta=0.0, sr_loss="ce", epochs=1)
         if "max_len" in sasrec:  # searched (ml-1m): the points keep the dataset's own
-            defaults = defaults.replace(max_len=datasets.default_max_len(name))
+            defaults = defaults.replace(max_len=default_max_len(name))
         assert space.config(sasrec, 1) == defaults
         for point in (paper, authors):
             assert space.config(point, 1).replace(**{k: getattr(Config, k) for k in point if k != "family"}) \
