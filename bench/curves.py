@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             # a sample's epoch takes as many steps as the whole data's: its batches shrink with it
             cfg = cfg.replace(patience=args.patience or args.epochs, eval_every=1, seed=seed, device="cpu",
                               batch_size=max(1, round(cfg.batch_size * share)))
-            rows = train_run(cfg, data.shortened(cfg.max_len) if cfg.max_len else data, work / f"c{c:02d}-s{seed}",
+            rows = train_run(cfg, data.shortened(cfg.max_len), work / f"c{c:02d}-s{seed}",
                              f"[{i + 1}/{len(plan)} c{c:02d} s{seed}]")
             with one_at_a_time(work / "set.lock"):  # merge with what the others added meanwhile
                 curves = pd.concat([earlier(out, configs, about), rows.assign(config=c, seed=seed)], ignore_index=True)

@@ -406,10 +406,11 @@ def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind:
         searcher.told(trial, info["best"])
         start(now)
 
-    def go_on(trial: int, epoch: int, now: float) -> None:
-        """A paused Hyperband trial resumes from `epoch` towards its bracket's next milestone."""
-        target = min(state[trial]["end"], scheduler.milestone(trial))
-        heapq.heappush(events, (now + (target - epoch) * state[trial]["unit"], next(order), trial, target))
+    def go_on(trial: int, now: float) -> None:
+        """A paused Hyperband trial resumes from its epoch towards its bracket's next milestone."""
+        info = state[trial]
+        target = min(info["end"], scheduler.milestone(trial))
+        heapq.heappush(events, (now + (target - info["epoch"]) * info["unit"], next(order), trial, target))
 
     for _ in range(workers):
         start(0)
@@ -429,7 +430,7 @@ def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind:
             for other in stop:
                 finish(other, state[other]["epoch"], now)
             for other in good:
-                go_on(other, state[other]["epoch"], now)
+                go_on(other, now)
             continue
         judged = scheduler is not None and scheduler.result(trial, epoch, values[epoch - 1])  # records it too
         if judged or epoch >= info["end"]:

@@ -133,10 +133,13 @@ class SequenceData:
                    train_lengths=np.minimum([len(train[u]) - 1 for u in trainable], max_len).astype(np.int64),
                    valid=split(2), test=split(1), item_ids=item_ids, user_ids=user_ids)
 
-    def shortened(self, max_len: int) -> "SequenceData":
+    def shortened(self, max_len: int | None) -> "SequenceData":
         """The same split as if prepared with a shorter `max_len`: each row's last `max_len`
-        positions (rows are right-aligned), the masked histories whole.  A search prepares its
-        data once, at the longest max_len it samples, and each trial cuts its own from it."""
+        positions (rows are right-aligned), the masked histories whole; None: as prepared.  A
+        search prepares its data once, at the longest max_len it samples, and each trial cuts its
+        own from it."""
+        if max_len is None:
+            return self
         if not 1 <= max_len <= self.max_len:
             raise ValueError(f"max_len={max_len}: must be 1-{self.max_len} (the data was prepared with "
                              f"max_len={self.max_len}: it can be cut, not lengthened)")

@@ -255,6 +255,7 @@ def test_data_cut_to_a_shorter_max_len_is_the_data_prepared_at_it():
             a, b = getattr(cut, split), getattr(made, split)
             assert a.inputs.equal(b.inputs) and a.targets.equal(b.targets) and a.history_items.equal(b.history_items)
             assert np.array_equal(a.history_ptr, b.history_ptr) and np.array_equal(a.users, b.users)
+    assert long.shortened(None) is long  # no max_len of its own: the data as prepared
     for max_len in (0, 11):
         with pytest.raises(ValueError, match=rf"max_len={max_len}: must be 1-10 \(the data was prepared with "
                                              r"max_len=10: it can be cut, not lengthened\)"):

@@ -9,8 +9,8 @@ import optuna
 import pytest
 import yaml
 
-from simdiffrec.datasets import default_max_len
 from simdiffrec.config import Config
+from simdiffrec.datasets import default_max_len
 from tuner import spaces
 
 DATASETS = ("beauty", "toys", "sports", "yelp", "ml-1m")

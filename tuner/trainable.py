@@ -76,9 +76,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     a grid's run reports its last with the test metrics (`final_metrics`), or again if it had."""
     quiet_stops_in_callbacks()  # Ray's SIGTERM when it ends this actor prints no traceback
     dataset, cfg = setup.configure(params)
-    data = fetch_data(setup.data[dataset])
-    if cfg.max_len is not None:  # a searched max_len: cut from the data prepared at the largest
-        data = data.shortened(cfg.max_len)
+    data = fetch_data(setup.data[dataset]).shortened(cfg.max_len)  # a searched max_len: cut from the largest
     with tempfile.TemporaryDirectory(prefix="simdiffrec-trial-") as work:
         work = Path(work)
         restored = restore(work / "restored")
