@@ -51,6 +51,7 @@ import statistics
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,15 @@ class Curves:
     pace: dict[tuple[int, int], float]  # a run's median seconds per epoch (1.0 where the set recorded none)
     timed: bool  # the set recorded seconds
     _ends: dict = field(default_factory=dict)  # natural_end by (run, cap, patience)
+
+    @cached_property
+    def ids(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in self.configs["config"])
+
+    @cached_property
+    def starts(self) -> tuple[int, ...]:
+        """The space's points_to_evaluate among the configurations, in order."""
+        return tuple(int(c) for c in self.configs.loc[self.configs["start"], "config"])
 
     def end(self, run: tuple[int, int], cap: int, patience: int) -> int:
         key = (run, cap, patience)
@@ -153,13 +163,17 @@ class Asha:
             self.brackets.append([(policy.grace * policy.rf ** (k + s), {}) for k in reversed(range(rungs))])
         sizes = np.array([len(b) for b in self.brackets])
         probs = np.e ** (sizes - sizes.max())
-        self.probs = probs / probs.sum()
+        self.cdf = np.cumsum(probs / probs.sum())
+        self.cdf /= self.cdf[-1]
+        self.milestones = [sorted({math.ceil(m) for m, _ in b if m <= policy.cap}) for b in self.brackets]
         self.of: dict[int, list] = {}
 
     def add(self, trial: int) -> list[int]:
         """Assign the trial its bracket; return the epochs at which it will be judged."""
-        self.of[trial] = self.brackets[self.rng.choice(len(self.brackets), p=self.probs)]
-        return sorted({math.ceil(m) for m, _ in self.of[trial] if m <= self.policy.cap})
+        # rng.choice(len(brackets), p=probs) as numpy draws it, without its checks (a replay's hot spot)
+        chosen = int(self.cdf.searchsorted(self.rng.random(), side="right"))
+        self.of[trial] = self.brackets[chosen]
+        return self.milestones[chosen]
 
     def result(self, trial: int, epoch: int, value: float) -> bool:
         """Record the trial's result at `epoch`; True: stop it."""
@@ -286,15 +300,13 @@ class Searcher:
 
     def __init__(self, kind: str, curves: Curves, space: spaces.Space, rng: np.random.Generator, seed: int) -> None:
         self.kind, self.space = kind, space
-        configs = curves.configs
-        self.rows = configs.set_index("config")  # each configuration's parameters, looked up per proposal
-        self.left = list(configs["config"])
-        self.starts = list(configs.loc[configs["start"], "config"])
+        self.left, self.starts = list(curves.ids), list(curves.starts)
         self.pending: dict[int, Any] = {}
         if kind == "random":
             rest = [c for c in self.left if c not in self.starts]
             self.queue = self.starts + list(rng.permutation(rest))
             return
+        self.rows = curves.configs.set_index("config")  # each configuration's parameters, looked up per proposal
         import optuna
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # group: once per search
@@ -377,7 +389,8 @@ def simulate(curves: Curves, space: spaces.Space, policy: Policy, searcher_kind:
         config = searcher.next(started)
         if config is None:
             return
-        run = (config, int(rng.choice(curves.seeds[config])))
+        seeds = curves.seeds[config]
+        run = (config, int(seeds[rng.integers(0, len(seeds))]))  # rng.choice(seeds), as numpy draws it
         state[started] = {"run": run, "end": curves.end(run, policy.cap, patience), "best": -math.inf,
                           "stopped": False, "epoch": 0}
         end = state[started]["end"]
