@@ -13,7 +13,8 @@ keeps, so that an epoch takes as many optimizer steps as on the whole data and a
 in epochs means the same on both.  Resumable: each (configuration, seed) trains in WORK/c<NN>-s<SEED>/ with a checkpoint
 after every epoch; the same command continues where it stopped.  The same command in several
 processes shares the runs: each takes the next run that none of the others holds (a lock that
-ends with its process), so they finish together; `--lane i/n` splits the runs statically.  A
+ends with its process), a seed's runs longest first by the earlier seeds' seconds, so they
+finish together; `--lane i/n` splits the runs statically.  A
 space that searches max_len gets data prepared at its largest, each run cutting its own.  After
 each finished run the set is rewritten in bench/curves/NAME/ (one process at a time):
 `configs.parquet` (one row per configuration), `curves.parquet` (one row per run and epoch) and
@@ -26,6 +27,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import math
 import platform
 import shlex
 import sys
@@ -120,6 +122,15 @@ def runs_in(curves: pd.DataFrame) -> set[tuple[int, int]]:
     return set(curves.groupby(["config", "seed"]).groups) if len(curves) else set()
 
 
+def longest_first(plan: list[tuple[int, int]], curves: pd.DataFrame) -> list[tuple[int, tuple[int, int]]]:
+    """The plan's runs, numbered as planned, each seed's configurations longest first by the
+    seconds their earlier runs took (unknown: first, in the planned order), so that processes
+    sharing the runs do not end with one long run alone on one core."""
+    took = curves.groupby("config")["seconds"].sum() / curves.groupby("config")["seed"].nunique() if len(curves) else {}
+    numbered = list(enumerate(plan))
+    return sorted(numbered, key=lambda item: (item[1][0], -took.get(item[1][1], math.inf)))
+
+
 @contextlib.contextmanager
 def one_at_a_time(path: Path) -> Iterator[None]:
     """Wait for, then hold, `path`'s lock: two processes merging their runs into the set at once
@@ -190,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(seeds)} seeds, at most {args.epochs} epochs each; {len(done)} of {len(plan)} runs done",
           file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (seed, c) in enumerate(plan):
+    for i, (seed, c) in longest_first(plan, curves):
         if i % lanes != lane or (c, seed) in done:
             continue
         run = contextlib.ExitStack()

@@ -61,3 +61,13 @@ def test_a_space_that_searches_max_len_records_each_run_at_its_own(made, tmp_pat
     assert curves.main(made("lengths", "max_len", [4, 10], TINY)) == 0
     assert curves.runs_in(pd.read_parquet(tmp_path / "lengths" / "curves.parquet")) == {(0, 0), (1, 0)}
     assert pd.read_parquet(tmp_path / "lengths" / "configs.parquet")["max_len"].tolist() == [4, 10]
+
+
+def test_a_later_seed_trains_its_longest_runs_first_and_keeps_each_runs_number():
+    recorded = pd.DataFrame({"config": [0, 0, 1, 2, 2], "seed": [0, 0, 0, 0, 0], "seconds": [1.0, 1.0, 9.0, 4.0, 1.0]})
+    plan = [(seed, c) for seed in (0, 1) for c in range(4)]
+    order = curves.longest_first(plan, recorded)
+    # per seed: unknown (config 3) first, then 9, 5 and 2 seconds a run
+    assert [run for _, run in order] == [(0, 3), (0, 1), (0, 2), (0, 0), (1, 3), (1, 1), (1, 2), (1, 0)]
+    assert sorted(order) == list(enumerate(plan))  # every run once, under its planned number
+    assert curves.longest_first(plan, pd.DataFrame()) == list(enumerate(plan))  # nothing recorded: as planned
