@@ -5,9 +5,13 @@
 #   bash bench/replay_tables.sh bench/curves/ml-100k 100,200 10,30   # caps, patiences (default 100, the space's)
 #   bash bench/replay_tables.sh --across bench/curves/toys-8k bench/curves/ml-100k   # bench/curves/across-*.md
 #
-# Files: replay.md (every policy, 48 trials), replay-patience.md (the same at each patience), replay-searchers-{16,24}.md (random, TPE, TPE
-# multivariate), replay-workers-{16,24}.md (2 workers), replay-patience-{16,24}.md (each
-# patience), replay-hyperband.md (synchronous Hyperband beside ASHA) and settings.md.
+# Across sets (bench/replay_sets.py: each policy ranked by its worst set): 16 and 24 trials on 4
+# workers at each patience, 24 on 8 workers (tune's default --max-concurrent), every policy at 48.
+#
+# A set's files: replay.md (every policy, 48 trials), replay-patience.md (the same at each
+# patience), replay-searchers-{16,24}.md (random, TPE, TPE multivariate), replay-workers-{16,24}.md
+# (2 workers), replay-patience-{16,24}.md (each patience), replay-hyperband.md (synchronous
+# Hyperband beside ASHA) and settings.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -44,7 +48,9 @@ if [ "${1:-}" = "--across" ]; then
         write "bench/curves/across-$n.md" bench/replay_sets.py "$@" --space default --caps "$CAPS" \
             --patience "$PATIENCE" --trials "$n" --searchers random,tpe-mv --orders 100 --policies "$(policies "$GRID")"
     done
-    CAPS=100 PATIENCE=10
+    PATIENCE=10
+    write bench/curves/across-24-8workers.md bench/replay_sets.py "$@" --space default --caps "$CAPS" --trials 24 \
+        --workers 8 --searchers random,tpe-mv --orders 100 --policies "$(policies "$GRID")"
     write bench/curves/across-48.md bench/replay_sets.py "$@" --space default --caps "$CAPS"
     exit 0
 fi
