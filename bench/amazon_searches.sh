@@ -19,7 +19,7 @@ for name in ${DATASETS:-toys beauty}; do
     out="$RUNS/${name}24"
     tune=(simdiffrec tune --data "${FILE[$name]}" --space "$name" --num-samples 24 --seed 0 $FLAGS --out "$out")
     finalize=(simdiffrec finalize "$out/experiment" --seeds 3 --top 2 $FLAGS)
-    "${tune[@]}" --resume  # starts the search where none was started; a finished one only exports again
+    if [ -f "$out/search.yaml" ]; then "${tune[@]}" --resume; else "${tune[@]}"; fi  # a finished one only exports again
     python bench/keep_curves.py "$out" "${name}24" --command "${tune[*]}"
     if [ -d "$out/final" ]; then "${finalize[@]}" --resume; else "${finalize[@]}"; fi
     python bench/keep_curves.py "$out/final" "${name}24-final" --command "${finalize[*]}"
