@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every policy table BENCHMARKS.md cites for one calibration set, each file opening with the
-# command that made it, written beside the set (a few minutes on one core):
+# command that made it, written beside the set (about half an hour on one core; the TPE tables
+# take most of it):
 #
 #   bash bench/replay_tables.sh bench/curves/ml-100k 100,200 10,30   # caps, patiences (default 100, the space's)
 #   bash bench/replay_tables.sh --across bench/curves/toys-8k bench/curves/ml-100k   # bench/curves/across-*.md
@@ -56,17 +57,18 @@ if [ "${1:-}" = "--across" ]; then
 fi
 
 SET=$1 CAPS=${2:-100} PATIENCE=${3:-10}
-ALL=(--space default --caps "$CAPS" --patience "$PATIENCE")
-write "$SET/replay.md" bench/replay.py "$SET" --space default --caps "$CAPS"
+BASE=(--space default --caps "$CAPS")
+ALL=("${BASE[@]}" --patience "$PATIENCE")
+write "$SET/replay.md" bench/replay.py "$SET" "${BASE[@]}"
 [ "$PATIENCE" = 10 ] || write "$SET/replay-patience.md" bench/replay.py "$SET" "${ALL[@]}"
 for n in 16 24; do
-    (PATIENCE=10; write "$SET/replay-searchers-$n.md" bench/replay.py "$SET" --space default --caps "$CAPS" \
+    (PATIENCE=10; write "$SET/replay-searchers-$n.md" bench/replay.py "$SET" "${BASE[@]}" \
         --trials "$n" --searchers random,tpe,tpe-mv --orders 100 --policies "$(policies "$GRID")")
-    (PATIENCE=10; write "$SET/replay-workers-$n.md" bench/replay.py "$SET" --space default --caps "$CAPS" \
+    (PATIENCE=10; write "$SET/replay-workers-$n.md" bench/replay.py "$SET" "${BASE[@]}" \
         --trials "$n" --workers 2 --searchers random,tpe-mv --orders 100 --policies "$(policies "$FEW")")
     [ "$PATIENCE" = 10 ] || write "$SET/replay-patience-$n.md" bench/replay.py "$SET" "${ALL[@]}" \
         --trials "$n" --searchers random,tpe-mv --orders 100 --policies "$(policies "$FEW")"
 done
-(PATIENCE=10; write "$SET/replay-hyperband.md" bench/replay.py "$SET" --space default --caps "$CAPS" \
+(PATIENCE=10; write "$SET/replay-hyperband.md" bench/replay.py "$SET" "${BASE[@]}" \
     --workers 4 --orders 100 --policies "$(policies "$HB")")
 write "$SET/settings.md" bench/settings_effect.py "$SET"
